@@ -1,0 +1,209 @@
+"""``commkit.Buffer``: the dispatch/combine API that MoE layers call."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from commkit import validate
+from commkit.backends import BACKENDS, kernels_unavailable_reason
+from commkit.backends.base import Backend
+from commkit.errors import ConfigError
+from commkit.profiles import BufferConfig, resolve_config
+from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class Buffer:
+    """Expert-parallel dispatch and combine over a process group.
+
+    Args:
+        group: the expert-parallel ``torch.distributed`` process group (default: WORLD); R ranks.
+        num_sms: SMs given to the communication kernels (a per-call ``num_sms`` overrides it); None
+            takes a tuning profile matching this cluster, else the default (see ``buf.config``).
+        backend: "auto" (the kernels when CUDA, CuPy and an NCCL group are there, else "torch"),
+            "torch" (torch.distributed all-to-all, gloo or NCCL) or "kernels".
+        timeout_s: how long a rank waits for its peers before raising ``TimeoutError``.
+        check_values: read ``topk_idx`` to check its range and compare a handle's routing; None
+            checks CPU tensors only (on CUDA tensors the read is a host sync).
+
+    Experts are split evenly and contiguously over ranks: with E experts, rank r hosts experts
+    [r*E/R, (r+1)*E/R). See ``dispatch`` and ``combine`` for the exact semantics.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        num_sms: int | None = None,
+        backend: str = "auto",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        check_values: bool | None = None,
+    ) -> None:
+        if not dist.is_initialized():
+            raise ValueError(
+                "group: expected an initialised torch.distributed process group, got none "
+                "(call torch.distributed.init_process_group first, or use commkit.emulate for "
+                "virtual ranks on one GPU)"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        if num_sms is not None:
+            validate.check_int("num_sms", num_sms, 1)
+        self.group = group
+        self.timeout_s = float(timeout_s)
+        self.check_values = check_values
+        self.config: BufferConfig = resolve_config(num_sms)
+        self._backend: Backend = self._make_backend(backend)
+        self.rank = self._backend.rank
+        self.num_ranks = self._backend.num_ranks
+
+    def _make_backend(self, backend: str) -> Backend:
+        reason = kernels_unavailable_reason(self.group)
+        if backend == "kernels" and reason is not None:
+            raise ConfigError(f"backend: 'kernels' cannot run here: {reason}")
+        if backend == "kernels" or (backend == "auto" and reason is None):
+            from commkit.backends.kernels import KernelsBackend
+
+            return KernelsBackend(self.group, timeout_s=self.timeout_s)  # type: ignore[no-any-return]
+        from commkit.backends.torch_dist import TorchBackend
+
+        return TorchBackend(self.group, timeout_s=self.timeout_s)
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use: "torch" or "kernels"."""
+        return self._backend.name
+
+    def _check_values(self, t: torch.Tensor) -> bool:
+        return self.check_values if self.check_values is not None else t.device.type == "cpu"
+
+    def _num_sms(self, num_sms: int | None) -> int:
+        if num_sms is None:
+            return self.config.num_sms
+        return validate.check_int("num_sms", num_sms, 1)
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        """Where this rank's tokens go (local, no communication).
+
+        topk_idx: [T, K] int64 in [-1, E). Returns ``Layout``: num_tokens_per_rank [R],
+        num_tokens_per_expert [E] (a token counted once per expert), is_token_in_rank [T, R] bool.
+        """
+        num_experts = validate.check_num_experts(num_experts, self.num_ranks)
+        topk_idx = validate.check_topk_idx(topk_idx, None, num_experts, self._check_values(topk_idx))
+        return self._backend.get_dispatch_layout(topk_idx, num_experts)
+
+    def dispatch(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_experts: int,
+        *,
+        layout: Layout | None = None,
+        handle: Handle | None = None,
+        expert_alignment: int = 1,
+        num_sms: int | None = None,
+        previous_event: EventHandle | None = None,
+        async_finish: bool = False,
+    ) -> DispatchOutput:
+        """Send each token to the ranks that host its experts.
+
+        Args:
+            x: [T, H] bfloat16, or an FP8 pair (float8_e4m3fn [T, H], float32 scales [T, ceil(H/128)]).
+                A row must be a multiple of 16 bytes.
+            topk_idx: [T, K] int64, expert of each slot in [0, E), or -1 for an unused slot.
+            topk_weights: [T, K] float32, carried to the receivers unchanged.
+            num_experts: E, a multiple of R.
+            layout: this routing's ``get_dispatch_layout`` result, to skip recomputing it.
+            handle: the handle of an earlier dispatch with the same routing: skips the layout and
+                the count exchange.
+            expert_alignment: round ``num_tokens_per_expert`` up to a multiple of this.
+            num_sms: SM budget of this call (kernels backend).
+            previous_event: work the dispatch must wait for.
+            async_finish: return before the communication ends; ``out.event`` marks its end.
+
+        Returns ``DispatchOutput``: a token goes to a rank once, however many of its experts live
+        there; rows are ordered by source rank, then source token index. ``out.topk_idx`` [N_recv, K]
+        holds local expert indices (``e - rank*L``) for this rank's experts and -1 for the others;
+        ``out.topk_weights`` [N_recv, K] the source's weights; ``out.num_tokens_per_expert`` L ints,
+        received rows using each local expert, rounded up to ``expert_alignment``.
+        """
+        data, scales = validate.split_x(x)
+        num_experts = validate.check_num_experts(num_experts, self.num_ranks)
+        check_values = self._check_values(topk_idx) if isinstance(topk_idx, torch.Tensor) else True
+        topk_idx = validate.check_topk_idx(topk_idx, data.shape[0], num_experts, check_values)
+        topk_weights = validate.check_topk_weights(topk_weights, topk_idx)
+        validate.check_int("expert_alignment", expert_alignment, 1)
+        validate.check_same_device(x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales)
+        if layout is not None and not isinstance(layout, Layout):
+            raise TypeError(f"layout: expected a commkit Layout from get_dispatch_layout, got {type(layout).__name__}")
+        if layout is not None and tuple(layout.is_token_in_rank.shape) != (data.shape[0], self.num_ranks):
+            raise ValueError(
+                f"layout: expected is_token_in_rank of shape {(data.shape[0], self.num_ranks)}, "
+                f"got {tuple(layout.is_token_in_rank.shape)} (a layout of another routing)"
+            )
+        if handle is not None:
+            validate.check_handle(
+                handle,
+                buffer_id=id(self),
+                backend=self.backend,
+                num_tokens=data.shape[0],
+                num_experts=num_experts,
+                topk_idx=topk_idx,
+                check_values=check_values,
+            )
+        return self._backend.dispatch(
+            data,
+            scales,
+            topk_idx,
+            topk_weights,
+            num_experts,
+            layout=layout,
+            handle=handle,
+            expert_alignment=expert_alignment,
+            num_sms=self._num_sms(num_sms),
+            previous_event=previous_event,
+            async_finish=async_finish,
+            buffer_id=id(self),
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: Handle,
+        *,
+        num_sms: int | None = None,
+        previous_event: EventHandle | None = None,
+        async_finish: bool = False,
+    ) -> CombineOutput:
+        """Send each received row back to its source token and sum.
+
+        Args:
+            x: [N_recv, H] bfloat16, one row per row received by the dispatch, in its order (a MoE
+                layer weights its expert outputs before combine).
+            handle: ``out.handle`` of that dispatch.
+
+        Returns ``CombineOutput``: ``y.x`` [T, H] bfloat16; per token the rows that come back are
+        summed in float32 starting from +0.0, in ascending order of the rank that sends them, then
+        rounded to bfloat16. A token that went nowhere comes back as zeros.
+        """
+        validate.check_handle(handle, buffer_id=id(self), backend=self.backend)
+        x = validate.check_combine_x(x, handle)
+        return self._backend.combine(
+            x,
+            handle,
+            num_sms=self._num_sms(num_sms),
+            previous_event=previous_event,
+            async_finish=async_finish,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Buffer(rank={self.rank}, num_ranks={self.num_ranks}, backend={self.backend!r}, "
+            f"num_sms={self.config.num_sms} ({self.config.source}), timeout_s={self.timeout_s:g})"
+        )
+
