@@ -5,19 +5,13 @@ installed package as ``commkit/csrc`` and ``commkit/ptx`` so that the JIT loader
 plain (non-editable) ``pip install .``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-DEVICE_SOURCES = ("*.cuh", "*.cu", "*.h", "*.hpp", "*.md")
+DEVICE_SOURCES = ["*.cuh", "*.cu", "*.h", "*.hpp", "*.md"]
 
 setup(
-    packages=[
-        "commkit",
-        "commkit.backends",
-        "commkit.cli",
-        "commkit.csrc",
-        "commkit.ptx",
-    ],
+    packages=find_packages(include=["commkit", "commkit.*"]) + ["commkit.csrc", "commkit.ptx"],
     package_dir={"commkit.csrc": "csrc", "commkit.ptx": "ptx"},
-    package_data={"commkit.csrc": list(DEVICE_SOURCES), "commkit.ptx": list(DEVICE_SOURCES)},
+    package_data={"commkit.csrc": DEVICE_SOURCES, "commkit.ptx": DEVICE_SOURCES},
     include_package_data=False,
 )

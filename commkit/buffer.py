@@ -140,7 +140,9 @@ class Buffer:
         validate.check_int("expert_alignment", expert_alignment, 1)
         validate.check_same_device(x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales)
         if layout is not None and not isinstance(layout, Layout):
-            raise TypeError(f"layout: expected a commkit Layout from get_dispatch_layout, got {type(layout).__name__}")
+            raise TypeError(
+                f"layout: expected a commkit Layout from get_dispatch_layout, got {type(layout).__name__}"
+            )
         if layout is not None and tuple(layout.is_token_in_rank.shape) != (data.shape[0], self.num_ranks):
             raise ValueError(
                 f"layout: expected is_token_in_rank of shape {(data.shape[0], self.num_ranks)}, "
@@ -206,4 +208,3 @@ class Buffer:
             f"Buffer(rank={self.rank}, num_ranks={self.num_ranks}, backend={self.backend!r}, "
             f"num_sms={self.config.num_sms} ({self.config.source}), timeout_s={self.timeout_s:g})"
         )
-

@@ -104,7 +104,9 @@ def spawn_gloo(
     with tempfile.TemporaryDirectory(prefix="commkit-gloo-") as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [
-            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, timeout_s, args, results), daemon=True)
+            ctx.Process(
+                target=_worker, args=(fn, r, world_size, init_file, timeout_s, args, results), daemon=True
+            )
             for r in range(world_size)
         ]
         for p in procs:

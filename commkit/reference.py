@@ -109,7 +109,7 @@ def dispatch_reference(
         scales = None
         if x_scales is not None:
             scales = torch.empty(len(rows), x_scales[0].shape[1], dtype=torch.float32)
-        for i, (src, t) in enumerate(zip(srcs, rows)):
+        for i, (src, t) in enumerate(zip(srcs, rows, strict=True)):
             x[i] = xs[src][t]
             if scales is not None and x_scales is not None:
                 scales[i] = x_scales[src][t]

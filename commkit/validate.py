@@ -54,12 +54,18 @@ def split_x(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
             _fail("x[1] (scales)", f"device {data.device}", scales.device)
     else:
         if isinstance(x, torch.Tensor) and x.dtype == FP8_DTYPE:
-            _fail("x", "an (fp8 tensor, scales) pair for FP8 input", "an fp8 tensor without scales", TypeError)
+            _fail(
+                "x", "an (fp8 tensor, scales) pair for FP8 input", "an fp8 tensor without scales", TypeError
+            )
         data = check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
         scales = None
     row_bytes = data.shape[1] * data.element_size()
     if row_bytes % 16 != 0 or row_bytes == 0:
-        _fail("x", "a hidden size whose row is a non-zero multiple of 16 bytes", f"H={data.shape[1]} ({row_bytes} bytes)")
+        _fail(
+            "x",
+            "a hidden size whose row is a non-zero multiple of 16 bytes",
+            f"H={data.shape[1]} ({row_bytes} bytes)",
+        )
     return data, scales
 
 
@@ -70,7 +76,9 @@ def check_num_experts(num_experts: Any, num_ranks: int) -> int:
     return num_experts
 
 
-def check_topk_idx(topk_idx: Any, num_tokens: int | None, num_experts: int, check_values: bool) -> torch.Tensor:
+def check_topk_idx(
+    topk_idx: Any, num_tokens: int | None, num_experts: int, check_values: bool
+) -> torch.Tensor:
     """topk_idx: [T, K] int64 with values in [-1, E). ``check_values`` reads them (a host sync on GPU)."""
     topk_idx = check_tensor("topk_idx", topk_idx, dtype=torch.int64, ndim=2)
     if topk_idx.shape[1] < 1:
@@ -81,7 +89,9 @@ def check_topk_idx(topk_idx: Any, num_tokens: int | None, num_experts: int, chec
         lo, hi = (int(v) for v in torch.aminmax(topk_idx))
         if lo < -1 or hi >= num_experts:
             bad = topk_idx[(topk_idx < -1) | (topk_idx >= num_experts)][0].item()
-            _fail("topk_idx", f"values in [-1, {num_experts}) (-1: slot unused)", f"{bad} (range [{lo}, {hi}])")
+            _fail(
+                "topk_idx", f"values in [-1, {num_experts}) (-1: slot unused)", f"{bad} (range [{lo}, {hi}])"
+            )
     return topk_idx
 
 
@@ -121,7 +131,9 @@ def check_handle(
     if num_tokens is not None and handle.num_tokens != num_tokens:
         _fail("handle", f"a handle for {num_tokens} tokens", f"one for {handle.num_tokens} (another routing)")
     if num_experts is not None and handle.num_experts != num_experts:
-        _fail("handle", f"a handle for {num_experts} experts", f"one for {handle.num_experts} (another routing)")
+        _fail(
+            "handle", f"a handle for {num_experts} experts", f"one for {handle.num_experts} (another routing)"
+        )
     if topk_idx is not None and topk_idx is not handle.topk_idx:
         same_shape = topk_idx.shape == handle.topk_idx.shape
         if not same_shape or (check_values and not torch.equal(topk_idx, handle.topk_idx)):

@@ -1,0 +1,26 @@
+"""Test configuration: ``gpu`` tests run only where CUDA and CuPy are usable."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+
+def _gpu_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("cupy") is None:
+        return "needs CuPy (pip install 'commkit[cu12]' or 'commkit[cu13]')"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _gpu_missing()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
