@@ -68,7 +68,7 @@ class Buffer:
         if backend == "kernels" or (backend == "auto" and reason is None):
             from commkit.backends.kernels import KernelsBackend
 
-            return KernelsBackend(self.group, timeout_s=self.timeout_s)  # type: ignore[no-any-return]
+            return KernelsBackend(self.group, timeout_s=self.timeout_s)
         from commkit.backends.torch_dist import TorchBackend
 
         return TorchBackend(self.group, timeout_s=self.timeout_s)
@@ -148,6 +148,7 @@ class Buffer:
                 f"layout: expected is_token_in_rank of shape {(data.shape[0], self.num_ranks)}, "
                 f"got {tuple(layout.is_token_in_rank.shape)} (a layout of another routing)"
             )
+        validate.check_event("previous_event", previous_event)
         if handle is not None:
             validate.check_handle(
                 handle,
@@ -195,6 +196,7 @@ class Buffer:
         """
         validate.check_handle(handle, buffer_id=id(self), backend=self.backend)
         x = validate.check_combine_x(x, handle)
+        validate.check_event("previous_event", previous_event)
         return self._backend.combine(
             x,
             handle,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from commkit.types import Handle
+from commkit.types import EventHandle, Handle
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_BLOCK = 128  # elements of a row that share one float32 scale
@@ -148,3 +148,8 @@ def check_combine_x(x: Any, handle: Handle) -> torch.Tensor:
     if x.shape[1] % 8 != 0 or x.shape[1] == 0:
         _fail("x", "a hidden size whose bf16 row is a non-zero multiple of 16 bytes", f"H={x.shape[1]}")
     return x
+
+
+def check_event(arg: str, event: Any) -> None:
+    if event is not None and not isinstance(event, EventHandle):
+        _fail(arg, "a commkit EventHandle (an earlier out.event) or None", type(event).__name__, TypeError)
