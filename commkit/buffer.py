@@ -56,8 +56,9 @@ class Buffer:
         self.group = group
         self.timeout_s = float(timeout_s)
         self.check_values = check_values
-        self.config: BufferConfig = resolve_config(num_sms)
         self._backend: Backend = self._make_backend(backend)
+        # NOTE: the backend is chosen first: a profile tuned for one backend must not configure another.
+        self.config: BufferConfig = resolve_config(num_sms, group=group, backend=self._backend.name)
         self.rank = self._backend.rank
         self.num_ranks = self._backend.num_ranks
 

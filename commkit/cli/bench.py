@@ -1,0 +1,164 @@
+"""``python -m commkit bench``: dispatch/combine bandwidth, nccl-tests style."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Any
+
+import torch
+
+from commkit.cli._common import (
+    add_run_args,
+    add_shape_args,
+    default_shape,
+    fail,
+    out_dir,
+    shapes_from_args,
+    virtual_unavailable,
+)
+
+COLUMNS = [
+    "shape", "op", "ranks", "nodes", "tokens", "hidden", "topk", "dtype", "num_sms", "NVL MB", "RDMA MB",
+    "med us", "min us", "max us", "GB/s", "link", "#wrong", "vs torch", "vs roofline",
+]  # fmt: skip
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="dispatch/combine bandwidth against the torch backend and the copy roofline",
+        description=(
+            "Time dispatch and combine (median/min/max over repetitions, after a barrier, L2 flushed, "
+            "inputs rotated), check every run, and report GB/s of logical bytes: NVLink bytes = rows "
+            "received (dispatch) or sent back (combine) x row bytes; RDMA bytes = rows crossing nodes, "
+            "once per destination node. On CPU it spawns --ranks gloo processes (torch backend); under "
+            "torchrun each process is a rank."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_shape_args(parser, default_shape())
+    add_run_args(parser)
+    parser.add_argument(
+        "--dtype", action="append", choices=["bf16", "fp8"], help="dispatch dtype (default bf16)"
+    )
+    parser.add_argument("--num-sms", type=int, action="append", help="SM budget(s); default: buf.config")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the torch-backend baseline")
+    parser.add_argument("--no-roofline", action="store_true", help="skip the copy roofline")
+    parser.add_argument(
+        "--out", help="directory for bench.json, bench.tsv, bench.png (default bench/results/local)"
+    )
+    parser.set_defaults(func=run)
+
+
+def table_row(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["shape"], r["op"], r["ranks"], r["nodes"], r["tokens"], r["hidden"], r["topk"], r["dtype"],
+        r["num_sms"], r["nvl_bytes"] / 1e6, r["rdma_bytes"] / 1e6, r["time_median_s"] * 1e6,
+        r["time_min_s"] * 1e6, r["time_max_s"] * 1e6, r["gbps"], r["gbps_link"], r["wrong"], r["vs_torch"],
+        r["vs_roofline"],
+    ]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from commkit.tools import report
+    from commkit.tools.bench import BenchSpec, bench_rank, launch, spec_to_dict, summary
+
+    why = virtual_unavailable(args)
+    if why:
+        return fail(why)
+    spec = BenchSpec(
+        shapes=shapes_from_args(args, default_shape()),
+        dtypes=args.dtype or ["bf16"],
+        num_sms=list(args.num_sms) if args.num_sms else [None],
+        backend=args.backend,
+        baseline=not args.no_baseline,
+        roofline=not args.no_roofline,
+        num_ranks_per_node=args.ranks_per_node,
+        reps=args.reps,
+        warmup=args.warmup,
+        num_input_sets=args.input_sets,
+        skew=args.skew,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    started = time.time()
+    rows = launch(bench_rank, args.ranks, spec, timeout_s=args.timeout)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0 if all(r["wrong"] == 0 for r in rows) else 1
+    foot = summary(rows)
+    worst = foot["worst"]
+    footer = [
+        ["average", *[""] * 13, foot["avg_gbps"], "", foot["total_wrong"], foot["avg_vs_torch"],
+         foot["avg_vs_roofline"]],
+        ["worst", *table_row(worst)[1:]],
+    ]  # fmt: skip
+    report.print_table("commkit bench", COLUMNS, [table_row(r) for r in rows], footer=footer)
+    notes = sorted(
+        {r.get("vs_torch_note") for r in rows} | {r.get("vs_roofline_note") for r in rows} - {None}
+    )
+    for note in notes:
+        print(f"n/a: {note}")
+    directory = out_dir(args.out, "bench")
+    meta = run_metadata(started)
+    report.write_json(
+        directory / "bench.json", {"meta": meta, "spec": spec_to_dict(spec), "rows": rows, "summary": foot}
+    )
+    report.write_tsv(directory / "bench.tsv", COLUMNS, [table_row(r) for r in rows])
+    msg = plot_bench(rows, directory / "bench.png")
+    print(
+        f"wrote {directory / 'bench.json'}, {directory / 'bench.tsv'}"
+        + (f"; {msg}" if msg else f", {directory / 'bench.png'}")
+    )
+    if foot["total_wrong"]:
+        print(f"error: {foot['total_wrong']} wrong rows")
+        return 1
+    return 0
+
+
+def run_metadata(started: float) -> dict[str, Any]:
+    from commkit.tools import report
+
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    return {
+        "device": device,
+        "commit": report.git_commit(),
+        "torch": torch.__version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+def plot_bench(rows: list[dict[str, Any]], path: Any) -> str | None:
+    """Bar chart of GB/s per row; returns a message instead when matplotlib is missing."""
+    from commkit.tools.report import MATPLOTLIB_MISSING, load_pyplot
+
+    plt = load_pyplot()
+    if plt is None:
+        return MATPLOTLIB_MISSING
+    labels = [f"{r['shape']}\n{r['op']} {r['dtype']} sms={r['num_sms']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
+    ax.bar(
+        range(len(rows)),
+        [r["gbps"] for r in rows],
+        color=["C0" if r["op"] == "dispatch" else "C1" for r in rows],
+    )
+    for i, r in enumerate(rows):
+        if r.get("roofline_gbps"):
+            ax.plot([i - 0.4, i + 0.4], [r["roofline_gbps"]] * 2, color="k", lw=1)
+    ax.set_xticks(range(len(rows)), labels, fontsize="x-small")
+    ax.set_ylabel("GB/s (logical bytes)")
+    ax.set_title(
+        f"commkit bench ({rows[0]['backend']} backend; black: copy roofline)" if rows else "commkit bench"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

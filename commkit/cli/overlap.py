@@ -1,0 +1,81 @@
+"""``python -m commkit overlap``: GEMM and communication side by side for a sweep of SM budgets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from commkit.cli._common import add_run_args, fail, out_dir, virtual_unavailable
+from commkit.tools.shapes import SHAPES, get_shape
+
+COLUMNS = [
+    "num_sms", "GEMM TF/s alone", "GEMM TF/s along", "comm GB/s alone", "comm GB/s along",
+    "wall ms", "max alone ms", "sum alone ms", "overlap eff",
+]  # fmt: skip
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "overlap",
+        help="expert GEMM alongside dispatch/combine on k SMs, for a sweep of k (CUDA)",
+        description=(
+            "Run an expert-sized bf16 GEMM on the compute stream while dispatch+combine run with "
+            "num_sms=k on a communication stream; report GEMM TFLOP/s and communication GB/s alone "
+            "and alongside, and the combined wall time against the max and the sum of the two alone; "
+            "plot the trade-off. Needs CUDA "
+            "(real ranks under torchrun, or --virtual)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, help="tokens per rank (overrides the shape's)")
+    add_run_args(parser)
+    parser.add_argument(
+        "--num-sms", type=int, action="append", help="budgets to sweep (default 4..40 step 4)"
+    )
+    parser.add_argument("--gemm-repeats", type=int, default=4, help="GEMMs per measurement")
+    parser.add_argument(
+        "--out", help="directory for overlap.json and overlap.png (default bench/results/local)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from commkit.tools import report
+    from commkit.tools.bench import launch
+    from commkit.tools.overlap import OverlapSpec, overlap_rank, overlap_unavailable_reason, plot_overlap
+
+    why = overlap_unavailable_reason() or virtual_unavailable(args)
+    if why:
+        return fail(why)
+    if "RANK" not in os.environ:
+        return fail(
+            "overlap runs one process per GPU under torchrun "
+            "(torchrun --nproc-per-node=N -m commkit overlap), or with --virtual"
+        )
+    shape = get_shape(args.shape)
+    if args.tokens:
+        shape = shape.with_(num_tokens=args.tokens)
+    spec = OverlapSpec(
+        shape=shape, candidates=sorted(set(args.num_sms or range(4, 41, 4))), backend=args.backend,
+        gemm_repeats=args.gemm_repeats, reps=args.reps, warmup=args.warmup, seed=args.seed,
+    )  # fmt: skip
+    result = launch(overlap_rank, args.ranks, spec, timeout_s=args.timeout)
+    if dist.get_rank() != 0:
+        return 0
+    rows = [
+        [p["num_sms"], p["gemm_tflops_alone"], p["gemm_tflops_together"], p["comm_gbps_alone"],
+         p["comm_gbps_together"], p["wall_together_s"] * 1e3, p["max_alone_s"] * 1e3, p["sum_alone_s"] * 1e3,
+         p["overlap_efficiency"]]
+        for p in result["points"]
+    ]  # fmt: skip
+    report.print_table(f"commkit overlap ({shape.name})", COLUMNS, rows)
+    directory = out_dir(args.out, "overlap")
+    result["commit"] = report.git_commit()
+    report.write_json(directory / "overlap.json", result)
+    msg = plot_overlap(result, directory / "overlap.png")
+    print(f"wrote {directory / 'overlap.json'}" + (f"; {msg}" if msg else f", {directory / 'overlap.png'}"))
+    return 0

@@ -1,0 +1,128 @@
+"""``python -m commkit tune``: sweep the SM budget and save a profile keyed by the cluster signature."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from commkit.cli._common import (
+    add_run_args,
+    add_shape_args,
+    default_shape,
+    fail,
+    shapes_from_args,
+    virtual_unavailable,
+)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="sweep num_sms for this group and shapes; save a profile Buffer picks up",
+        description=(
+            "Sweep the SM budget (num_sms) with dispatch+combine on the current group and shapes and save "
+            "the choice as a JSON profile keyed by the cluster signature (device, SMs, ranks, ranks per "
+            "node, NVLink and NIC speed) in $COMMKIT_PROFILE_DIR or ~/.cache/commkit/profiles. Objectives: "
+            "'fastest', or 'hide' (smallest budget whose communication fits under --compute-ms or the GEMM "
+            "time of an overlap JSON)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_shape_args(parser, default_shape())
+    add_run_args(parser)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="dispatch dtype")
+    parser.add_argument(
+        "--num-sms",
+        type=int,
+        action="append",
+        help="candidate budgets (default: 4..48 step 4 on GPU, 8 16 24 on CPU)",
+    )
+    parser.add_argument("--objective", default="fastest", choices=["fastest", "hide"])
+    parser.add_argument("--compute-ms", type=float, help="compute time to hide under (objective hide)")
+    parser.add_argument(
+        "--overlap-json", help="take the compute time from this overlap.json (objective hide)"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=0.03, help="budgets within this of the fastest count as fastest"
+    )
+    parser.add_argument(
+        "--profile-dir",
+        help="where to save the profile (default $COMMKIT_PROFILE_DIR or ~/.cache/commkit/profiles)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the choice, save nothing")
+    parser.add_argument("--out", help="directory for tune.json (default bench/results/local)")
+    parser.set_defaults(func=run)
+
+
+def default_candidates() -> list[int]:
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return [k for k in range(4, min(48, sms // 2) + 1, 4)]
+    return [8, 16, 24]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from commkit.cli._common import out_dir
+    from commkit.profiles import save_profile
+    from commkit.tools import report
+    from commkit.tools.bench import BenchSpec, launch
+    from commkit.tools.tune import (
+        TuneSpec,
+        choose,
+        comm_time_by_budget,
+        compute_ms_from_overlap,
+        make_profile,
+        tune_rank,
+    )
+
+    why = virtual_unavailable(args)
+    if why:
+        return fail(why)
+    compute_ms = args.compute_ms
+    if args.objective == "hide" and compute_ms is None:
+        if not args.overlap_json:
+            return fail("objective 'hide' needs --compute-ms or --overlap-json")
+        with open(args.overlap_json) as fh:
+            compute_ms = compute_ms_from_overlap(json.load(fh))
+    spec = TuneSpec(
+        bench=BenchSpec(
+            shapes=shapes_from_args(args, default_shape()), dtypes=[args.dtype], backend=args.backend,
+            num_ranks_per_node=args.ranks_per_node, reps=args.reps, warmup=args.warmup,
+            num_input_sets=args.input_sets, skew=args.skew, seed=args.seed, progress=not args.no_progress,
+        ),
+        candidates=sorted(set(args.num_sms or default_candidates())),
+        objective=args.objective,
+        compute_ms=compute_ms,
+        tolerance=args.tolerance,
+    )  # fmt: skip
+    result = launch(tune_rank, args.ranks, spec, timeout_s=args.timeout)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    wrong = sum(r["wrong"] for r in result["rows"])
+    if wrong:
+        return fail(f"{wrong} wrong rows during the sweep: not saving a profile", 1)
+    choice = choose(comm_time_by_budget(result["rows"]), spec.objective, compute_ms, spec.tolerance)
+    profile = make_profile(result, spec, choice)
+    rows = [
+        [k, t * 1e3, "<- chosen" if k == choice.num_sms else ""] for k, t in sorted(choice.comm_s.items())
+    ]
+    report.print_table(
+        f"commkit tune ({result['backend']} backend, {profile.signature.key})",
+        ["num_sms", "dispatch+combine ms", ""],
+        rows,
+    )
+    print(f"chosen num_sms={choice.num_sms}: {profile.reason}")
+    print(f"per-SM GB/s: {profile.per_sm_gbps}")
+    print(f"chunk sizes: {profile.extra['chunk_sizes_note']}")
+    report.write_json(out_dir(args.out, "tune") / "tune.json", profile.to_dict())
+    if args.dry_run:
+        print("dry run: no profile saved")
+        return 0
+    path = save_profile(profile, args.profile_dir)
+    print(f"saved profile {path}")
+    return 0

@@ -1,0 +1,136 @@
+"""Sweep the SM budget for the current group and shapes; pick a budget for one of two objectives.
+
+- ``fastest``: the shortest dispatch + combine time; among budgets within ``tolerance`` of it the
+  smallest (extra SMs that buy less than the run-to-run noise are better left to compute).
+- ``hide``: the smallest budget whose dispatch + combine time fits in ``compute_ms`` (the compute it
+  must hide under, given or read from an ``overlap`` JSON); when none fits, the fastest, said so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from commkit.profiles import ClusterSignature, Profile
+from commkit.tools.bench import BenchSpec, bench_rank
+
+# NOTE: differences below 3% are within the spread seen between repetitions; do not pay SMs for them.
+DEFAULT_TOLERANCE = 0.03
+
+
+@dataclass
+class TuneSpec:
+    bench: BenchSpec
+    candidates: list[int]
+    objective: str = "fastest"  # or "hide"
+    compute_ms: float | None = None
+    tolerance: float = DEFAULT_TOLERANCE
+    chunk_sizes: list[int] = field(default_factory=list)
+
+
+def tune_rank(rank: int, num_ranks: int, spec: TuneSpec) -> dict[str, Any]:
+    """On every rank: the sweep rows, this cluster's signature and the backend name."""
+    from commkit import Buffer
+    from commkit.profiles import cluster_signature
+
+    bench = BenchSpec(
+        **{**spec.bench.__dict__, "num_sms": list(spec.candidates), "baseline": False, "roofline": False}
+    )
+    rows = bench_rank(rank, num_ranks, bench)
+    backend = Buffer(None, backend=spec.bench.backend).backend
+    return {"rows": rows, "signature": cluster_signature().to_dict(), "backend": backend}
+
+
+@dataclass
+class Choice:
+    num_sms: int
+    reason: str
+    comm_s: dict[int, float]  # budget -> summed median dispatch + combine seconds over shapes
+
+
+def comm_time_by_budget(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Sum over shapes and ops of the median time per SM budget."""
+    out: dict[int, float] = {}
+    for r in rows:
+        k = r["num_sms_requested"]
+        out[k] = out.get(k, 0.0) + r["time_median_s"]
+    return out
+
+
+def choose(comm_s: dict[int, float], objective: str, compute_ms: float | None, tolerance: float) -> Choice:
+    """Apply the objective to ``{num_sms: seconds}``."""
+    if not comm_s:
+        raise ValueError("no measurements to choose from")
+    best_k = min(comm_s, key=lambda k: comm_s[k])
+    best = comm_s[best_k]
+    near = sorted(k for k, t in comm_s.items() if t <= best * (1 + tolerance))
+    fastest = near[0]
+    fastest_reason = (
+        f"{fastest} SMs: {comm_s[fastest] * 1e3:.3f} ms dispatch+combine, within {tolerance:.0%} of the "
+        f"fastest ({best_k} SMs, {best * 1e3:.3f} ms)"
+    )
+    if objective == "fastest":
+        return Choice(fastest, fastest_reason, comm_s)
+    if objective != "hide":
+        raise ValueError(f"objective must be 'fastest' or 'hide', got {objective!r}")
+    if compute_ms is None or compute_ms <= 0:
+        raise ValueError("objective 'hide' needs a positive compute time (--compute-ms or --overlap-json)")
+    hiding = sorted(k for k, t in comm_s.items() if t * 1e3 <= compute_ms)
+    if hiding:
+        k = hiding[0]
+        return Choice(
+            k,
+            f"smallest budget whose dispatch+combine ({comm_s[k] * 1e3:.3f} ms, measured alone) fits under "
+            f"{compute_ms:.3f} ms of compute",
+            comm_s,
+        )
+    return Choice(
+        fastest,
+        f"no budget hides under {compute_ms:.3f} ms of compute; fastest instead: {fastest_reason}",
+        comm_s,
+    )
+
+
+def per_sm_gbps(rows: list[dict[str, Any]], backend: str) -> dict[str, float | None]:
+    """GB/s per SM per op: the best over budgets of GB/s / num_sms (the linear, latency-free regime).
+
+    None for a backend that does not run on a given number of SMs (the torch backend).
+    """
+    out: dict[str, float | None] = {}
+    for op in ("dispatch", "combine"):
+        vals = [r["gbps"] / r["num_sms_requested"] for r in rows if r["op"] == op]
+        out[op] = None if backend == "torch" or not vals else max(vals)
+    return out
+
+
+def compute_ms_from_overlap(data: dict[str, Any]) -> float:
+    """The GEMM time alone from an ``overlap`` JSON (median over its sweep)."""
+    times = sorted(p["gemm_alone_s"] for p in data["points"])
+    if not times:
+        raise ValueError("overlap JSON has no points")
+    return times[len(times) // 2] * 1e3
+
+
+def make_profile(result: dict[str, Any], spec: TuneSpec, choice: Choice) -> Profile:
+    backend = result["backend"]
+    objective = "fastest" if spec.objective == "fastest" else f"hide:{spec.compute_ms:g}ms"
+    reason = choice.reason
+    if backend == "torch":
+        reason += "; NOTE: the torch backend does not use num_sms, so the sweep shows run-to-run noise only"
+    return Profile(
+        signature=ClusterSignature.from_dict(result["signature"]),
+        backend=backend,
+        num_sms=choice.num_sms,
+        objective=objective,
+        reason=reason,
+        knobs={},
+        per_sm_gbps=per_sm_gbps(result["rows"], backend),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        extra={
+            "chunk_sizes_note": "not swept: Buffer exposes no chunk-size parameter yet",
+            "shapes": sorted({r["shape"] for r in result["rows"]}),
+            "comm_ms_by_num_sms": {str(k): v * 1e3 for k, v in sorted(choice.comm_s.items())},
+            "sweep": result["rows"],
+        },
+    )

@@ -1,0 +1,38 @@
+"""``Buffer`` takes its SM budget from the argument, a matching tuning profile, or the default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import commkit
+from commkit.launch import spawn_gloo
+from commkit.profiles import DEFAULT_NUM_SMS, Profile, cluster_signature, save_profile
+
+
+def configs(rank: int, world: int, profile_dir: str) -> list[tuple[int, str, str]]:
+    os.environ["COMMKIT_PROFILE_DIR"] = profile_dir
+    out = []
+    for num_sms in (None, 7):
+        cfg = commkit.Buffer(backend="torch", num_sms=num_sms).config
+        out.append((cfg.num_sms, cfg.source, cfg.reason))
+    return out
+
+
+def write_profile(rank: int, world: int, profile_dir: str) -> str:
+    sig = cluster_signature()  # this machine, this group
+    return str(save_profile(Profile(sig, "torch", 13, "fastest", "test", {}, {}, "2026-01-01"), profile_dir))
+
+
+def test_argument_beats_profile_beats_default(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (no_profile, explicit), _ = spawn_gloo(configs, 2, str(empty))
+    assert no_profile[:2] == (DEFAULT_NUM_SMS, "default") and "no num_sms given" in no_profile[2]
+    assert explicit[:2] == (7, "argument")
+
+    store = tmp_path / "profiles"
+    path = spawn_gloo(write_profile, 2, str(store))[0]
+    (from_profile, explicit), _ = spawn_gloo(configs, 2, str(store))
+    assert from_profile[:2] == (13, f"profile:{path}")
+    assert explicit[:2] == (7, "argument")

@@ -1,0 +1,134 @@
+"""Bench expectations against commkit.reference, wrong-row counting, bytes, the tune objectives, and
+end-to-end CLI runs of bench and tune on the torch backend over gloo (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from commkit.__main__ import main
+from commkit.reference import combine_reference, dispatch_reference
+from commkit.tools.bench import (
+    bytes_per_rank,
+    count_wrong_combine,
+    count_wrong_dispatch,
+    expected_combine,
+    expected_dispatch,
+    expert_output,
+    make_input_set,
+    payload_rows,
+)
+from commkit.tools.shapes import SHAPES, get_shape
+from commkit.tools.tune import choose
+
+TINY = get_shape("ci-tiny")
+
+
+def _reference(dtype: str, num_ranks: int = 2):
+    sets = [make_input_set(TINY, dtype, r, num_ranks, 5, 0.0, torch.device("cpu")) for r in range(num_ranks)]
+    ref = dispatch_reference(
+        [s.x for s in sets], sets[0].topk_idx, sets[0].topk_weights, TINY.num_experts,
+        x_scales=[s.x_scales for s in sets] if dtype == "fp8" else None,
+    )  # fmt: skip
+    return sets, ref
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_expectation_matches_reference(dtype: str) -> None:
+    sets, ref = _reference(dtype)
+    for rank, s in enumerate(sets):
+        exp = expected_dispatch(s, TINY.num_experts, rank)
+        assert torch.equal(exp.src_rank, ref[rank].src_rank) and torch.equal(
+            exp.src_token, ref[rank].src_token
+        )
+        assert torch.equal(exp.topk_idx, ref[rank].topk_idx)
+        assert count_wrong_dispatch(ref[rank], exp, TINY.hidden, dtype, s.salt) == 0
+    outs = [expert_output(r) for r in ref]
+    ys = combine_reference(outs, ref, [TINY.num_tokens] * 2)
+    for rank, s in enumerate(sets):
+        want = expected_combine(s, rank, TINY.num_experts, TINY.hidden, dtype)
+        assert count_wrong_combine(ys[rank], want) == 0
+
+
+def test_wrong_rows_are_counted() -> None:
+    sets, ref = _reference("bf16")
+    exp = expected_dispatch(sets[0], TINY.num_experts, 0)
+    got = ref[0]
+    got.x[3] = payload_rows(torch.tensor([1]), torch.tensor([0]), TINY.hidden, "bf16", 99)[0]
+    got.topk_weights[5, 0] += 1.0
+    assert count_wrong_dispatch(got, exp, TINY.hidden, "bf16", sets[0].salt) == 2
+    got.x = got.x[:-1]
+    assert count_wrong_dispatch(got, exp, TINY.hidden, "bf16", sets[0].salt) == 3
+    y = expected_combine(sets[0], 0, TINY.num_experts, TINY.hidden, "bf16")
+    bad = y.clone()
+    bad[0, 0] = bad[0, 0] + 1
+    assert count_wrong_combine(bad, y) == 1
+
+
+def test_bytes_split_nvlink_and_rdma() -> None:
+    # 4 ranks, 2 per node, 4 experts (one per rank). Rank 0's token 0 goes to experts 1 and 2 (ranks 1, 2).
+    idx = [torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, -1]])]
+    b = bytes_per_rank(idx, 4, 2, hidden=128, dtype="bf16")
+    # received rows: r0 1, r1 2, r2 2, r3 2 -> mean 7/4; rows to another node: r0 1 (node 1), others 0.
+    assert b["dispatch_nvl_bytes"] == pytest.approx(7 / 4 * 256)
+    assert b["dispatch_rdma_bytes"] == pytest.approx(1 / 4 * 256)
+    fp8 = bytes_per_rank(idx, 4, 2, hidden=128, dtype="fp8")
+    assert fp8["dispatch_nvl_bytes"] == pytest.approx(7 / 4 * (128 + 4))
+    assert fp8["combine_nvl_bytes"] == b["combine_nvl_bytes"]
+
+
+def test_tune_objectives() -> None:
+    comm = {8: 1.00e-3, 16: 0.595e-3, 24: 0.59e-3, 32: 0.58e-3}
+    fastest = choose(comm, "fastest", None, 0.03)
+    assert fastest.num_sms == 16 and "within 3%" in fastest.reason
+    assert choose(comm, "hide", 0.8, 0.03).num_sms == 16
+    assert choose(comm, "hide", 1.5, 0.03).num_sms == 8
+    none = choose(comm, "hide", 0.1, 0.03)
+    assert none.num_sms == 16 and none.reason.startswith("no budget hides")
+    with pytest.raises(ValueError, match="compute time"):
+        choose(comm, "hide", None, 0.03)
+
+
+def test_shapes_are_model_named() -> None:
+    ds = SHAPES["deepseek-v3"]
+    assert (ds.hidden, ds.num_experts, ds.top_k) == (7168, 256, 8)
+    assert TINY.with_(num_tokens=901).num_tokens == 901
+
+
+def test_bench_cli_end_to_end(tmp_path: Path) -> None:
+    code = main(["bench", "--ranks", "2", "--reps", "3", "--warmup", "1", "--input-sets", "2",
+                 "--dtype", "bf16", "--dtype", "fp8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = data["rows"]
+    assert [(r["op"], r["dtype"]) for r in rows] == [
+        ("dispatch", "bf16"), ("combine", "bf16"), ("dispatch", "fp8"), ("combine", "bf16")
+    ]  # fmt: skip
+    for r in rows:
+        assert r["wrong"] == 0 and r["backend"] == "torch" and r["ranks"] == 2
+        assert 0 < r["time_min_s"] <= r["time_median_s"] <= r["time_max_s"]
+        assert r["gbps"] == pytest.approx(r["nvl_bytes"] / r["time_median_s"] / 1e9)
+        assert r["vs_roofline"] is None and "CUDA" in r["vs_roofline_note"]
+    assert rows[2]["nvl_bytes"] < rows[0]["nvl_bytes"]  # FP8 rows are smaller
+    assert data["summary"]["total_wrong"] == 0
+    assert (tmp_path / "bench.tsv").read_text().splitlines()[0].startswith("shape\top")
+
+
+def test_tune_cli_saves_profile_buffer_config_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from commkit.profiles import ClusterSignature, Profile, resolve_config
+
+    monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(tmp_path / "profiles"))
+    code = main(["tune", "--ranks", "2", "--reps", "2", "--warmup", "1", "--input-sets", "1",
+                 "--num-sms", "4", "--num-sms", "8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    (path,) = (tmp_path / "profiles").glob("*.json")
+    prof = Profile.from_dict(json.loads(path.read_text()))
+    assert prof.backend == "torch" and prof.num_sms in (4, 8)
+    assert prof.signature == ClusterSignature("cpu", 0, 2, 2, 0.0, prof.signature.nic_gbps)
+    assert prof.per_sm_gbps == {"dispatch": None, "combine": None}
+    assert set(prof.extra["comm_ms_by_num_sms"]) == {"4", "8"}
+    cfg = resolve_config(None, signature=prof.signature, backend="torch")
+    assert cfg.num_sms == prof.num_sms and cfg.source == f"profile:{path}"
