@@ -13,6 +13,12 @@ import sys
 # name -> module; a module is imported only to build its parser.
 COMMANDS = {
     "demo": "commkit.cli.demo",
+    "bench": "commkit.cli.bench",
+    "overlap": "commkit.cli.overlap",
+    "tune": "commkit.cli.tune",
+    "monitor": "commkit.cli.monitor",
+    "info": "commkit.cli.info",
+    "model": "commkit.cli.model",
 }
 
 
