@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -13,6 +16,7 @@ from commkit.profiles import BufferConfig, resolve_config
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 DEFAULT_TIMEOUT_S = 60.0
+_buffer_ids = itertools.count(1)  # NOTE: not self.id: ids of collected objects are reused
 
 
 class Buffer:
@@ -49,11 +53,21 @@ class Buffer:
             )
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
-            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        if (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s <= 86400
+        ):
+            raise ValueError(f"timeout_s: expected a positive number of seconds up to 86400, got {timeout_s!r}")
+        if dist.get_rank(group) < 0:
+            raise ValueError(
+                f"group: expected a process group this process belongs to, got one without it "
+                f"(global rank {dist.get_rank()})"
+            )
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
         self.group = group
+        self.id = next(_buffer_ids)
         self.timeout_s = float(timeout_s)
         self.check_values = check_values
         self._backend: Backend = self._make_backend(backend)
@@ -119,9 +133,10 @@ class Buffer:
             topk_idx: [T, K] int64, expert of each slot in [0, E), or -1 for an unused slot.
             topk_weights: [T, K] float32, carried to the receivers unchanged.
             num_experts: E, a multiple of R.
-            layout: this routing's ``get_dispatch_layout`` result, to skip recomputing it.
+            layout: this routing's ``get_dispatch_layout`` result, to skip recomputing it (trusted:
+                only its shape is checked).
             handle: the handle of an earlier dispatch with the same routing: skips the layout and
-                the count exchange.
+                the count exchange. All ranks pass a handle, or none do.
             expert_alignment: round ``num_tokens_per_expert`` up to a multiple of this.
             num_sms: SM budget of this call (kernels backend).
             previous_event: work the dispatch must wait for.
@@ -139,7 +154,8 @@ class Buffer:
         topk_idx = validate.check_topk_idx(topk_idx, data.shape[0], num_experts, check_values)
         topk_weights = validate.check_topk_weights(topk_weights, topk_idx)
         validate.check_int("expert_alignment", expert_alignment, 1)
-        validate.check_same_device(x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales)
+        device = validate.check_same_device(x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales)
+        validate.check_device_type("x", device, self._backend.device_type)
         if layout is not None and not isinstance(layout, Layout):
             raise TypeError(
                 f"layout: expected a commkit Layout from get_dispatch_layout, got {type(layout).__name__}"
@@ -153,7 +169,7 @@ class Buffer:
         if handle is not None:
             validate.check_handle(
                 handle,
-                buffer_id=id(self),
+                buffer_id=self.id,
                 backend=self.backend,
                 num_tokens=data.shape[0],
                 num_experts=num_experts,
@@ -172,7 +188,7 @@ class Buffer:
             num_sms=self._num_sms(num_sms),
             previous_event=previous_event,
             async_finish=async_finish,
-            buffer_id=id(self),
+            buffer_id=self.id,
         )
 
     def combine(
@@ -195,8 +211,9 @@ class Buffer:
         summed in float32 starting from +0.0, in ascending order of the rank that sends them, then
         rounded to bfloat16. A token that went nowhere comes back as zeros.
         """
-        validate.check_handle(handle, buffer_id=id(self), backend=self.backend)
+        validate.check_handle(handle, buffer_id=self.id, backend=self.backend)
         x = validate.check_combine_x(x, handle)
+        validate.check_device_type("x", x.device, self._backend.device_type)
         validate.check_event("previous_event", previous_event)
         return self._backend.combine(
             x,

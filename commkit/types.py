@@ -71,8 +71,10 @@ class Handle:
     num_tokens:     T of the dispatch
     num_experts:    E of the dispatch
     num_recv_tokens: N_recv, rows received by this rank
-    topk_idx:       [T, K] the routing the handle was made for (kept to recognise a different routing)
+    topk_idx:       [T, K] a copy of the routing the handle was made for (to recognise another one)
     state:          backend-private data
+    topk_idx_ptr, topk_idx_version: the caller's tensor when the handle was made (data pointer and
+                    in-place version counter): the same, unwritten tensor needs no comparison
     """
 
     buffer_id: int
@@ -82,6 +84,32 @@ class Handle:
     num_recv_tokens: int
     topk_idx: torch.Tensor
     state: Any = field(repr=False)
+    topk_idx_ptr: int = 0
+    topk_idx_version: int = -1
+
+    @classmethod
+    def for_routing(
+        cls,
+        topk_idx: torch.Tensor,
+        *,
+        buffer_id: int,
+        backend: str,
+        num_experts: int,
+        num_recv_tokens: int,
+        state: Any,
+    ) -> Handle:
+        """A handle that remembers ``topk_idx`` [T, K] (a copy, and the tensor's identity and version)."""
+        return cls(
+            buffer_id=buffer_id,
+            backend=backend,
+            num_tokens=topk_idx.shape[0],
+            num_experts=num_experts,
+            num_recv_tokens=num_recv_tokens,
+            topk_idx=topk_idx.clone(),
+            state=state,
+            topk_idx_ptr=topk_idx.data_ptr(),
+            topk_idx_version=topk_idx._version,
+        )
 
 
 @dataclass

@@ -22,7 +22,7 @@ def _fail(arg: str, expected: str, got: Any, cls: type[Exception] = ValueError) 
 
 def check_int(arg: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(arg, "an int", type(value).__name__, TypeError)
+        _fail(arg, "an int", f"{value!r} ({type(value).__name__})", TypeError)
     if value < minimum:
         _fail(arg, f"an int >= {minimum}", value)
     return int(value)
@@ -134,9 +134,13 @@ def check_handle(
         _fail(
             "handle", f"a handle for {num_experts} experts", f"one for {handle.num_experts} (another routing)"
         )
-    if topk_idx is not None and topk_idx is not handle.topk_idx:
-        same_shape = topk_idx.shape == handle.topk_idx.shape
-        if not same_shape or (check_values and not torch.equal(topk_idx, handle.topk_idx)):
+    if topk_idx is not None:
+        if topk_idx.shape != handle.topk_idx.shape:
+            _fail("handle", "a handle made for the same topk_idx", "one made for another routing")
+        # The same tensor, not written since (its version counter), is the same routing; a tensor
+        # rewritten in place (a static buffer) is compared with the handle's copy whatever check_values.
+        unchanged = topk_idx.data_ptr() == handle.topk_idx_ptr and topk_idx._version == handle.topk_idx_version
+        if (check_values or not unchanged) and not torch.equal(topk_idx, handle.topk_idx):
             _fail("handle", "a handle made for the same topk_idx", "one made for another routing")
     return handle
 
@@ -153,3 +157,9 @@ def check_combine_x(x: Any, handle: Handle) -> torch.Tensor:
 def check_event(arg: str, event: Any) -> None:
     if event is not None and not isinstance(event, EventHandle):
         _fail(arg, "a commkit EventHandle (an earlier out.event) or None", type(event).__name__, TypeError)
+
+
+def check_device_type(arg: str, device: torch.device, expected: str) -> None:
+    """The backend's process group moves tensors of one device type (gloo: cpu, nccl: cuda)."""
+    if device.type != expected:
+        _fail(arg, f"a {expected} tensor for this process group", f"a tensor on {device}")

@@ -26,6 +26,7 @@ class Case:
     unused: float = 0.0
     hot_expert: int | None = None
     empty_rank: int | None = None  # no token picks an expert of this rank
+    duplicates: bool = False  # every token names its first expert twice
     expert_alignment: int = 1
     seed: int = 0
 
@@ -48,6 +49,8 @@ def make_inputs(case: Case, rank: int):
     if case.hot_expert is not None:
         topk_idx[:] = -1
         topk_idx[:, 0] = case.hot_expert
+    if case.duplicates and k > 1:
+        topk_idx[:, 1] = topk_idx[:, 0]
     if case.unused:
         drop = torch.rand(num_tokens, k, generator=gen) < case.unused
         topk_idx = torch.where(drop, -1, topk_idx)
@@ -59,8 +62,25 @@ def make_inputs(case: Case, rank: int):
 
 
 def expert_output(recv_x: torch.Tensor, rank: int) -> torch.Tensor:
-    """A rank-dependent stand-in for the experts: [N, H] -> [N, H] bf16."""
-    return (recv_x.to(torch.float32) * (rank + 1) - 0.375).to(torch.bfloat16)
+    """A rank-dependent stand-in for the experts: [N, H] -> [N, H] bf16.
+
+    NOTE: ranks scale by 1, 2**30, -2**30 in turn, so that a token's rows cancel or not depending
+    on the order in which the ranks' rows are added (the order is part of the semantics).
+    """
+    scale = (1.0, 2.0**30, -(2.0**30))[rank % 3]
+    return (recv_x.to(torch.float32) * scale - 0.375).to(torch.bfloat16)
+
+
+def combine_in_order(x_experts, dispatched, num_tokens, ranks) -> list[torch.Tensor]:
+    """Combine summing the ranks' rows in the given order (tests that the order matters)."""
+    hidden = x_experts[0].shape[1]
+    sums = [torch.zeros(n, hidden) for n in num_tokens]
+    for r in ranks:
+        d = dispatched[r]
+        for i in range(d.src_rank.shape[0]):
+            src, t = int(d.src_rank[i]), int(d.src_token[i])
+            sums[src][t] = sums[src][t] + x_experts[r][i].float()
+    return [s.to(torch.bfloat16) for s in sums]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,15 @@ def bad_calls(buf, other):
     out = buf.dispatch(x, idx, w, E)
     other_out = other.dispatch(x, idx, w, E)
     other_routing = buf.dispatch(x, idx.flip(0).contiguous(), w, E)
+    # A static routing buffer rewritten in place: caught even when values are not checked.
+    unchecked = commkit.Buffer(backend="torch", timeout_s=30, check_values=False)
+    static_idx = idx.clone()
+    static_handle = unchecked.dispatch(x, static_idx, w, E).handle
+
+    def rewritten_in_place():
+        static_idx.copy_(idx.flip(0))
+        return unchecked.dispatch(x, static_idx, w, E, handle=static_handle)
+
     return {
         "x dtype": lambda: buf.dispatch(x.float(), idx, w, E),
         "x dims": lambda: buf.dispatch(x.view(T, 2, H // 2), idx, w, E),
@@ -54,6 +63,7 @@ def bad_calls(buf, other):
         ),
         "handle from another buffer": lambda: buf.combine(out.x, other_out.handle),
         "handle for another routing": lambda: buf.dispatch(x, idx, w, E, handle=other_routing.handle),
+        "handle after routing rewritten in place": rewritten_in_place,
         "handle type": lambda: buf.combine(out.x, "handle"),
         "combine rows": lambda: buf.combine(out.x[:-1].contiguous(), out.handle),
         "combine dtype": lambda: buf.combine(out.x.float(), out.handle),
@@ -61,6 +71,15 @@ def bad_calls(buf, other):
         "layout num_experts": lambda: buf.get_dispatch_layout(idx, 3),
         "buffer backend": lambda: commkit.Buffer(backend="mpi"),
         "buffer timeout": lambda: commkit.Buffer(timeout_s=0),
+        "buffer timeout inf": lambda: commkit.Buffer(timeout_s=float("inf")),
+        "x pair length": lambda: buf.dispatch((*fp8(x), x), idx, w, E),
+        "x pair with bf16 data": lambda: buf.dispatch((x, fp8(x)[1]), idx, w, E),
+        "topk_idx no slots": lambda: buf.dispatch(x, idx[:, :0].contiguous(), w[:, :0].contiguous(), E),
+        "topk_idx 1-D": lambda: buf.dispatch(x, idx[:, 0].contiguous(), w, E),
+        "topk_idx not a tensor": lambda: buf.dispatch(x, idx.tolist(), w, E),
+        "layout type": lambda: buf.dispatch(x, idx, w, E, layout={}),
+        "dispatch with another buffer's handle": lambda: buf.dispatch(x, idx, w, E, handle=other_out.handle),
+        "num_sms type": lambda: buf.dispatch(x, idx, w, E, num_sms=2.5),
         "buffer num_sms": lambda: commkit.Buffer(num_sms=0),
         "buffer kernels without GPU": lambda: commkit.Buffer(backend="kernels"),
     }
@@ -91,13 +110,29 @@ EXPECTED = {
     "layout of another routing": (ValueError, "layout: expected is_token_in_rank of shape (6, 2)"),
     "handle from another buffer": (ValueError, "handle: expected a handle made by this Buffer"),
     "handle for another routing": (ValueError, "handle: expected a handle made for the same topk_idx"),
+    "handle after routing rewritten in place": (
+        ValueError,
+        "handle: expected a handle made for the same topk_idx",
+    ),
     "handle type": (TypeError, "handle: expected a commkit Handle from Buffer.dispatch, got str"),
-    "combine rows": (ValueError, "x: expected"),
+    "combine rows": (ValueError, "rows (those received by the dispatch), got"),
     "combine dtype": (TypeError, "x: expected dtype torch.bfloat16, got torch.float32"),
     "previous_event type": (TypeError, "previous_event: expected a commkit EventHandle"),
     "layout num_experts": (ValueError, "num_experts: expected a multiple of the number of ranks (2), got 3"),
     "buffer backend": (ValueError, "backend: expected one of ('auto', 'torch', 'kernels'), got 'mpi'"),
-    "buffer timeout": (ValueError, "timeout_s: expected a positive number of seconds, got 0"),
+    "buffer timeout": (ValueError, "timeout_s: expected a positive number of seconds up to 86400, got 0"),
+    "buffer timeout inf": (ValueError, "got inf"),
+    "x pair length": (
+        ValueError,
+        "x: expected a bf16 tensor or an (fp8 tensor, scales) pair, got a sequence of 3",
+    ),
+    "x pair with bf16 data": (TypeError, "x[0]: expected dtype torch.float8_e4m3fn, got torch.bfloat16"),
+    "topk_idx no slots": (ValueError, "topk_idx: expected at least one top-k slot"),
+    "topk_idx 1-D": (ValueError, "topk_idx: expected 2 dimensions, got shape (6,)"),
+    "topk_idx not a tensor": (TypeError, "topk_idx: expected a torch.Tensor, got list"),
+    "layout type": (TypeError, "layout: expected a commkit Layout from get_dispatch_layout, got dict"),
+    "dispatch with another buffer's handle": (ValueError, "handle: expected a handle made by this Buffer"),
+    "num_sms type": (TypeError, "num_sms: expected an int, got 2.5 (float)"),
     "buffer num_sms": (ValueError, "num_sms: expected an int >= 1, got 0"),
     "buffer kernels without GPU": (commkit.ConfigError, "backend: 'kernels' cannot run here"),
 }
@@ -168,6 +203,32 @@ def test_peer_that_never_arrives_raises_within_timeout(mode: str) -> None:
     if mode == "hangs":
         assert cls == "CommTimeoutError", message
         assert issubclass(commkit.CommTimeoutError, TimeoutError)
+        assert elapsed >= TIMEOUT_S - 0.5, f"gave up after {elapsed:.1f} s, timeout_s={TIMEOUT_S}"
     else:
-        assert cls in ("CommError", "CommTimeoutError"), message
+        assert cls == "CommError", message
+        assert "a peer may have died" in message
     assert elapsed < TIMEOUT_S + 5, f"waited {elapsed:.1f} s for a peer, timeout_s={TIMEOUT_S}"
+
+
+def disagreeing_ranks(rank: int, world: int, what: str) -> tuple[str, str]:
+    buf = commkit.Buffer(backend="torch", timeout_s=20)
+    x, idx, w = good()
+    num_experts = E
+    if what == "num_experts" and rank == 1:
+        num_experts, idx = 2 * E, torch.where(idx >= 0, idx * 2, -1)
+    if what == "hidden" and rank == 1:
+        x = torch.randn(T, 2 * H).to(torch.bfloat16)
+    try:
+        buf.dispatch(x, idx, w, num_experts)
+        return "no error", ""
+    except Exception as err:  # noqa: BLE001
+        return type(err).__name__, str(err)
+
+
+@pytest.mark.parametrize("what", ["num_experts", "hidden"])
+def test_ranks_that_disagree_get_an_error_not_garbage(what: str) -> None:
+    got = spawn_gloo(disagreeing_ranks, 2, what, timeout_s=60)
+    for rank, (cls, message) in enumerate(got):
+        assert cls == "ValueError", message
+        assert "dispatch: expected every rank to pass the same" in message
+        assert f"from rank {1 - rank}" in message

@@ -22,6 +22,7 @@ class Backend(Protocol):
     name: str
     rank: int
     num_ranks: int
+    device_type: str  # "cpu" or "cuda": where the tensors it moves must live
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout: ...
 

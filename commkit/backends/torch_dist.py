@@ -78,6 +78,7 @@ class TorchBackend:
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
     # -- communication -------------------------------------------------------------------------
 
@@ -93,7 +94,12 @@ class TorchBackend:
         try:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             assert work is not None
-            work.wait(timeout=self.timeout)
+            if self.device_type == "cuda":
+                # NOTE: NCCL's wait orders the current stream after the collective; a host-side
+                # timeout here would busy-wait. The group's own timeout (init_process_group) applies.
+                work.wait()
+            else:
+                work.wait(timeout=self.timeout)
         except RuntimeError as err:
             where = f"rank {self.rank} of {self.num_ranks}, phase '{phase}'"
             if "timed out" in str(err).lower() or "timeout" in str(err).lower():
@@ -109,8 +115,10 @@ class TorchBackend:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def _plan(self, topk_idx: torch.Tensor, num_experts: int, layout: Layout | None) -> _TorchState:
-        """Send order and count exchange for a new routing."""
+    def _plan(
+        self, topk_idx: torch.Tensor, num_experts: int, layout: Layout | None, row_format: tuple[int, ...]
+    ) -> _TorchState:
+        """Send order and count exchange for a new routing; ``row_format`` must agree on all ranks."""
         if layout is None:
             layout = compute_layout(topk_idx, num_experts, self.num_ranks)
         in_rank = layout.is_token_in_rank  # [T, R]
@@ -126,9 +134,20 @@ class TorchBackend:
             rows = (send_round == j).nonzero(as_tuple=True)[0]
             rounds.append((rows, send_token_idx[rows]))
         send_counts = layout.num_tokens_per_rank.to(torch.int64)
-        recv_counts = torch.empty_like(send_counts)
-        self._all_to_all(recv_counts, send_counts, None, None, "dispatch: count exchange")
-        return _TorchState(send_token_idx, rounds, send_counts.tolist(), recv_counts.tolist(), layout)
+        # With the counts go the row format and E: ranks that disagree would corrupt rows silently.
+        send_meta = torch.tensor([list(row_format)] * self.num_ranks, dtype=torch.int64, device=send_counts.device)
+        send = torch.cat([send_counts[:, None], send_meta], dim=1)  # [R, 1 + len(row_format)]
+        recv = torch.empty_like(send)
+        self._all_to_all(recv, send, None, None, "dispatch: count exchange")
+        mismatch = (recv[:, 1:] != send_meta).any(dim=1).nonzero(as_tuple=True)[0].tolist()
+        if mismatch:
+            names = "(num_experts, hidden, top-k, x bytes per element, scales per row)"
+            peer = mismatch[0]
+            raise ValueError(
+                f"dispatch: expected every rank to pass the same {names} = {tuple(row_format)}, "
+                f"got {tuple(recv[peer, 1:].tolist())} from rank {peer}"
+            )
+        return _TorchState(send_token_idx, rounds, send_counts.tolist(), recv[:, 0].tolist(), layout)
 
     def dispatch(
         self,
@@ -149,8 +168,13 @@ class TorchBackend:
         del num_sms  # the collective library decides its own resources
         if previous_event is not None:
             previous_event.current_stream_wait()
-        state = handle.state if handle is not None else self._plan(topk_idx, num_experts, layout)
         hidden, num_topk = x.shape[1], topk_idx.shape[1]
+        num_scales = x_scales.shape[1] if x_scales is not None else 0
+        if handle is not None:
+            state = handle.state
+        else:
+            row_format = (num_experts, hidden, num_topk, x.element_size(), num_scales)
+            state = self._plan(topk_idx, num_experts, layout, row_format)
 
         # Pack each sent row's bytes: x | scales | topk_idx | topk_weights.
         tok = state.send_token_idx
@@ -183,13 +207,12 @@ class TorchBackend:
         counts = uses[:, :experts_per_rank].sum(dim=0).tolist()
         num_tokens_per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts]
 
-        new_handle = handle or Handle(
+        new_handle = handle or Handle.for_routing(
+            topk_idx,
             buffer_id=buffer_id,
             backend=self.name,
-            num_tokens=x.shape[0],
             num_experts=num_experts,
             num_recv_tokens=num_recv,
-            topk_idx=topk_idx,
             state=state,
         )
         return DispatchOutput(

@@ -40,6 +40,10 @@ def _check_args(cfg: DemoConfig) -> None:
     for name in ("ranks", "tokens", "hidden", "ffn", "experts", "topk", "iters"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name}: expected >= 1, got {getattr(cfg, name)}")
+    if cfg.hidden % 8:
+        raise SystemExit(
+            f"--hidden: expected a multiple of 8 (bf16 rows of 16-byte multiples), got {cfg.hidden}"
+        )
     if cfg.topk > cfg.experts:
         raise SystemExit(f"--topk: expected <= --experts ({cfg.experts}), got {cfg.topk}")
 
