@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.distributed as dist
@@ -58,7 +57,9 @@ class Buffer:
             or not isinstance(timeout_s, int | float)
             or not 0 < timeout_s <= 86400
         ):
-            raise ValueError(f"timeout_s: expected a positive number of seconds up to 86400, got {timeout_s!r}")
+            raise ValueError(
+                f"timeout_s: expected a positive number of seconds up to 86400, got {timeout_s!r}"
+            )
         if dist.get_rank(group) < 0:
             raise ValueError(
                 f"group: expected a process group this process belongs to, got one without it "
@@ -154,7 +155,9 @@ class Buffer:
         topk_idx = validate.check_topk_idx(topk_idx, data.shape[0], num_experts, check_values)
         topk_weights = validate.check_topk_weights(topk_weights, topk_idx)
         validate.check_int("expert_alignment", expert_alignment, 1)
-        device = validate.check_same_device(x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales)
+        device = validate.check_same_device(
+            x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales
+        )
         validate.check_device_type("x", device, self._backend.device_type)
         if layout is not None and not isinstance(layout, Layout):
             raise TypeError(

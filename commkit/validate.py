@@ -139,7 +139,9 @@ def check_handle(
             _fail("handle", "a handle made for the same topk_idx", "one made for another routing")
         # The same tensor, not written since (its version counter), is the same routing; a tensor
         # rewritten in place (a static buffer) is compared with the handle's copy whatever check_values.
-        unchanged = topk_idx.data_ptr() == handle.topk_idx_ptr and topk_idx._version == handle.topk_idx_version
+        unchanged = (
+            topk_idx.data_ptr() == handle.topk_idx_ptr and topk_idx._version == handle.topk_idx_version
+        )
         if (check_values or not unchanged) and not torch.equal(topk_idx, handle.topk_idx):
             _fail("handle", "a handle made for the same topk_idx", "one made for another routing")
     return handle

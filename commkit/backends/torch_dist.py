@@ -135,7 +135,9 @@ class TorchBackend:
             rounds.append((rows, send_token_idx[rows]))
         send_counts = layout.num_tokens_per_rank.to(torch.int64)
         # With the counts go the row format and E: ranks that disagree would corrupt rows silently.
-        send_meta = torch.tensor([list(row_format)] * self.num_ranks, dtype=torch.int64, device=send_counts.device)
+        send_meta = torch.tensor(row_format, dtype=torch.int64, device=send_counts.device).expand(
+            self.num_ranks, -1
+        )
         send = torch.cat([send_counts[:, None], send_meta], dim=1)  # [R, 1 + len(row_format)]
         recv = torch.empty_like(send)
         self._all_to_all(recv, send, None, None, "dispatch: count exchange")
