@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -11,11 +12,17 @@ from commkit import validate
 from commkit.backends import BACKENDS, kernels_unavailable_reason
 from commkit.backends.base import Backend
 from commkit.errors import ConfigError
-from commkit.profiles import BufferConfig, resolve_config
+from commkit.profiles import BufferConfig, cluster_signature, resolve_config
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 DEFAULT_TIMEOUT_S = 60.0
 _buffer_ids = itertools.count(1)  # NOTE: not self.id: ids of collected objects are reused
+
+
+def _check_timeout(timeout_s: float) -> float:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 86400:
+        raise ValueError(f"timeout_s: expected a positive number of seconds up to 86400, got {timeout_s!r}")
+    return float(timeout_s)
 
 
 class Buffer:
@@ -52,30 +59,49 @@ class Buffer:
             )
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, int | float)
-            or not 0 < timeout_s <= 86400
-        ):
-            raise ValueError(
-                f"timeout_s: expected a positive number of seconds up to 86400, got {timeout_s!r}"
-            )
         if dist.get_rank(group) < 0:
             raise ValueError(
                 f"group: expected a process group this process belongs to, got one without it "
                 f"(global rank {dist.get_rank()})"
             )
+        self.group = group
+        self.timeout_s = _check_timeout(timeout_s)
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
-        self.group = group
-        self.id = next(_buffer_ids)
-        self.timeout_s = float(timeout_s)
-        self.check_values = check_values
-        self._backend: Backend = self._make_backend(backend)
+        self._setup(self._make_backend(backend), check_values)
         # NOTE: the backend is chosen first: a profile tuned for one backend must not configure another.
-        self.config: BufferConfig = resolve_config(num_sms, group=group, backend=self._backend.name)
-        self.rank = self._backend.rank
-        self.num_ranks = self._backend.num_ranks
+        self.config: BufferConfig = resolve_config(num_sms, group=group, backend=self.backend)
+
+    @classmethod
+    def from_backend(
+        cls,
+        backend: Backend,
+        *,
+        num_sms: int | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        check_values: bool | None = None,
+    ) -> Buffer:
+        """A Buffer over a backend object that is one rank of its own group, e.g. a virtual rank:
+        ``commkit.emulate.EmulatedGroup(8).spawn(lambda rank: work(Buffer.from_backend(rank)))``.
+        Profiles are matched with the backend's ranks, all on this node."""
+        self = cls.__new__(cls)
+        self.group = None
+        self.timeout_s = _check_timeout(timeout_s)
+        if num_sms is not None:
+            validate.check_int("num_sms", num_sms, 1)
+        self._setup(backend, check_values)
+        signature = dataclasses.replace(
+            cluster_signature(), num_ranks=backend.num_ranks, num_ranks_per_node=backend.num_ranks
+        )
+        self.config = resolve_config(num_sms, signature=signature, backend=backend.name)
+        return self
+
+    def _setup(self, backend: Backend, check_values: bool | None) -> None:
+        self.id = next(_buffer_ids)
+        self.check_values = check_values
+        self._backend = backend
+        self.rank = backend.rank
+        self.num_ranks = backend.num_ranks
 
     def _make_backend(self, backend: str) -> Backend:
         reason = kernels_unavailable_reason(self.group)
@@ -88,6 +114,11 @@ class Buffer:
         from commkit.backends.torch_dist import TorchBackend
 
         return TorchBackend(self.group, timeout_s=self.timeout_s)
+
+    @property
+    def device_type(self) -> str:
+        """Where the tensors passed to this buffer live: "cpu" (gloo) or "cuda"."""
+        return self._backend.device_type
 
     @property
     def backend(self) -> str:
@@ -125,6 +156,8 @@ class Buffer:
         num_sms: int | None = None,
         previous_event: EventHandle | None = None,
         async_finish: bool = False,
+        cast_to_fp8: bool = False,
+        num_worst_tokens: int | None = None,
     ) -> DispatchOutput:
         """Send each token to the ranks that host its experts.
 
@@ -142,6 +175,12 @@ class Buffer:
             num_sms: SM budget of this call (kernels backend).
             previous_event: work the dispatch must wait for.
             async_finish: return before the communication ends; ``out.event`` marks its end.
+            cast_to_fp8: send bf16 ``x`` as FP8 (``commkit.fp8.cast_to_fp8``: e4m3 with a float32
+                scale per 128 elements, H % 128 == 0); ``out.x`` is then the FP8 pair's data.
+            num_worst_tokens: size the outputs for this many received rows instead of reading the
+                receive count back (no host sync: CUDA-graph capturable). ``out.x`` and the others
+                then have ``num_worst_tokens`` rows of which the first N_recv are valid, and
+                ``out.num_tokens_per_expert`` is empty.
 
         Returns ``DispatchOutput``: a token goes to a rank once, however many of its experts live
         there; rows are ordered by source rank, then source token index. ``out.topk_idx`` [N_recv, K]
@@ -155,6 +194,10 @@ class Buffer:
         topk_idx = validate.check_topk_idx(topk_idx, data.shape[0], num_experts, check_values)
         topk_weights = validate.check_topk_weights(topk_weights, topk_idx)
         validate.check_int("expert_alignment", expert_alignment, 1)
+        if cast_to_fp8:
+            validate.check_fp8_cast(data, scales)
+        if num_worst_tokens is not None:
+            validate.check_int("num_worst_tokens", num_worst_tokens, 0)
         device = validate.check_same_device(
             x=data, topk_idx=topk_idx, topk_weights=topk_weights, x_scales=scales
         )
@@ -192,6 +235,8 @@ class Buffer:
             previous_event=previous_event,
             async_finish=async_finish,
             buffer_id=self.id,
+            cast_to_fp8=cast_to_fp8,
+            num_worst_tokens=num_worst_tokens,
         )
 
     def combine(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import commkit
 
@@ -42,13 +43,14 @@ class MoEWeights:
     w_out: torch.Tensor
 
 
-def make_weights(cfg: DemoConfig) -> MoEWeights:
+def make_weights(cfg: DemoConfig, device: torch.device | None = None) -> MoEWeights:
+    """The same weights on every rank (drawn on the CPU from the seed, then moved to ``device``)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     scale_in, scale_out = cfg.hidden**-0.5, cfg.ffn**-0.5
     return MoEWeights(
-        router=torch.randn(cfg.hidden, cfg.experts, generator=gen),
-        w_in=torch.randn(cfg.experts, cfg.hidden, cfg.ffn, generator=gen) * scale_in,
-        w_out=torch.randn(cfg.experts, cfg.ffn, cfg.hidden, generator=gen) * scale_out,
+        router=torch.randn(cfg.hidden, cfg.experts, generator=gen).to(device),
+        w_in=(torch.randn(cfg.experts, cfg.hidden, cfg.ffn, generator=gen) * scale_in).to(device),
+        w_out=(torch.randn(cfg.experts, cfg.ffn, cfg.hidden, generator=gen) * scale_out).to(device),
     )
 
 
@@ -60,15 +62,14 @@ def make_tokens(cfg: DemoConfig, rank: int) -> torch.Tensor:
 
 def route(x: torch.Tensor, weights: MoEWeights, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax router with top-k: x [T, H] -> topk_idx [T, K] int64, gate weights [T, K] float32."""
-    probs = torch.softmax(x.float() @ weights.router.to(x.device), dim=-1)
+    probs = torch.softmax(x.float() @ weights.router, dim=-1)
     gate, idx = probs.topk(topk, dim=-1)
     return idx, gate / gate.sum(dim=-1, keepdim=True)
 
 
 def expert(x: torch.Tensor, weights: MoEWeights, e: int) -> torch.Tensor:
     """One expert MLP in float32: [N, H] -> [N, H]."""
-    w_in, w_out = weights.w_in[e].to(x.device), weights.w_out[e].to(x.device)
-    return torch.nn.functional.gelu(x.float() @ w_in) @ w_out
+    return torch.nn.functional.gelu(x.float() @ weights.w_in[e]) @ weights.w_out[e]
 
 
 def dense_layer(x: torch.Tensor, weights: MoEWeights, topk: int) -> torch.Tensor:
@@ -95,36 +96,46 @@ def local_experts(
     return out.to(torch.bfloat16)
 
 
-def run_rank(rank: int, world: int, cfg: DemoConfig) -> dict:
-    """One rank of the demo over the current process group: outputs and timings."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    buf = commkit.Buffer(backend=cfg.backend)
-    weights = make_weights(cfg)
+def run_rank(rank: int, world: int, cfg: DemoConfig, buf: commkit.Buffer, barrier: Callable[[], Any]) -> dict:
+    """One rank of the demo: routes, dispatches, applies its experts, combines, checks its output.
+
+    ``barrier`` lines the ranks up before each timed repetition (``torch.distributed.barrier`` for
+    processes, a thread barrier for virtual ranks).
+    """
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if buf.device_type == "cuda"
+        else torch.device("cpu")
+    )
+    weights = make_weights(cfg, device)
     x = make_tokens(cfg, rank).to(device)
     topk_idx, gate = route(x, weights, cfg.topk)
     per_rank = cfg.experts // world
     times, y = [], None
     for _ in range(cfg.iters):
-        dist.barrier()
-        if device is not None:
-            torch.cuda.synchronize()
+        barrier()
+        _sync(device)
         start = time.perf_counter()
         recv = buf.dispatch(x, topk_idx, gate, cfg.experts)
+        _sync(device)
         mid = time.perf_counter()
         expert_out = local_experts(recv, weights, rank, per_rank)
-        if device is not None:
-            torch.cuda.synchronize()
+        _sync(device)
         resumed = time.perf_counter()
         y = buf.combine(expert_out, recv.handle).x
-        if device is not None:
-            torch.cuda.synchronize()
+        _sync(device)
         times.append((mid - start) + (time.perf_counter() - resumed))
     assert y is not None
-    want = dense_layer(make_tokens(cfg, rank), weights, cfg.topk)
+    want = dense_layer(make_tokens(cfg, rank), make_weights(cfg), cfg.topk)
     err = (y.cpu().float() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
     row_bytes = cfg.hidden * 2
     moved = (recv.x.shape[0] + expert_out.shape[0]) * row_bytes  # received rows + rows sent back
     return {"err": err, "seconds": statistics.median(times), "bytes": moved, "backend": buf.backend}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def summarize(cfg: DemoConfig, results: list[dict]) -> dict:

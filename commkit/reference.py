@@ -13,6 +13,10 @@ Semantics (every backend follows them bit for bit):
   lives on rank r and -1 for the others; ``topk_weights`` is the source row of weights, unchanged.
 - ``num_tokens_per_expert[e]`` counts received rows that use local expert e (once per row), rounded
   up to a multiple of ``expert_alignment``.
+- ``dispatch(x, ..., cast_to_fp8=True)`` dispatches ``cast_to_fp8(x)`` (``commkit.fp8``: e4m3 with a
+  float32 scale per 128 elements).
+- ``num_worst_tokens`` pads the outputs to that many rows (zeros, ``topk_idx`` -1) and leaves
+  ``num_tokens_per_expert`` empty; the first N_r rows are those above.
 - Combine sends every received row back to its source token. Per token, the returned rows are summed
   in float32, starting from +0.0 and adding in ascending order of the rank that sends them back; the
   sum is rounded to bfloat16 (round to nearest even). A token that went nowhere comes back as zeros.
@@ -23,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from commkit.fp8 import cast_to_fp8  # noqa: F401 - the FP8 cast of ``dispatch(cast_to_fp8=True)``
 
 
 @dataclass

@@ -165,3 +165,11 @@ def check_device_type(arg: str, device: torch.device, expected: str) -> None:
     """The backend's process group moves tensors of one device type (gloo: cpu, nccl: cuda)."""
     if device.type != expected:
         _fail(arg, f"a {expected} tensor for this process group", f"a tensor on {device}")
+
+
+def check_fp8_cast(x: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """cast_to_fp8 takes bf16 rows of whole 128-element groups."""
+    if scales is not None:
+        _fail("cast_to_fp8", "bf16 x (the dispatch casts it)", "x that is already an FP8 pair")
+    if x.shape[1] % FP8_BLOCK:
+        _fail("x", f"a hidden size that is a multiple of {FP8_BLOCK} with cast_to_fp8", f"H={x.shape[1]}")

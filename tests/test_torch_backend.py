@@ -137,3 +137,36 @@ def test_torch_backend_matches_reference(world: int) -> None:
     cases = cases_for(world)
     got = spawn_gloo(run_cases, world, cases, timeout_s=300)
     check_against_reference(world, cases, got)
+
+
+def cast_and_worst(rank: int, world: int, case: Case, worst: int) -> dict:
+    buf = commkit.Buffer(backend="torch", timeout_s=60)
+    x, topk_idx, weights = make_inputs(case, rank)
+    out = buf.dispatch(x, topk_idx, weights, case.num_experts, cast_to_fp8=True, num_worst_tokens=worst)
+    y = buf.combine(expert_output(out.x.to(torch.bfloat16), rank), out.handle)
+    return dict(x=out.x, x_scales=out.x_scales, topk_idx=out.topk_idx, topk_weights=out.topk_weights,
+                counts=out.num_tokens_per_expert, y=y.x)  # fmt: skip
+
+
+def test_cast_to_fp8_and_num_worst_tokens() -> None:
+    from commkit.reference import cast_to_fp8
+
+    world, worst = 3, 200
+    case = Case("cast", (50, 61, 7), hidden=256, num_experts=12, unused=0.2, seed=12)
+    got = spawn_gloo(cast_and_worst, world, case, worst, timeout_s=120)
+    inputs = [make_inputs(case, r) for r in range(world)]
+    casts = [cast_to_fp8(inp[0]) for inp in inputs]
+    ref = dispatch_reference(
+        [c[0] for c in casts], [inp[1] for inp in inputs], [inp[2] for inp in inputs], case.num_experts,
+        x_scales=[c[1] for c in casts],
+    )  # fmt: skip
+    x_experts = [expert_output(d.x.to(torch.bfloat16), r) for r, d in enumerate(ref)]
+    ys = combine_reference(x_experts, ref, list(case.tokens))
+    for r in range(world):
+        g, n = got[r], ref[r].x.shape[0]
+        assert g["x"].shape[0] == worst and g["counts"] == []
+        valid = {k: v[:n] for k, v in g.items() if k not in ("counts", "y")}
+        valid["num_tokens_per_expert"] = ref[r].num_tokens_per_expert  # empty by contract, checked above
+        check_dispatch(valid, ref[r], True, f"rank {r}")
+        assert torch.all(g["topk_idx"][n:] == -1) and torch.all(g["x"][n:].view(torch.uint8) == 0)
+        assert torch.equal(bits(g["y"]), bits(ys[r])), f"rank {r}"

@@ -41,6 +41,8 @@ class Backend(Protocol):
         previous_event: EventHandle | None,
         async_finish: bool,
         buffer_id: int,
+        cast_to_fp8: bool = False,
+        num_worst_tokens: int | None = None,
     ) -> DispatchOutput: ...
 
     def combine(

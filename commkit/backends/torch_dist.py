@@ -11,6 +11,7 @@ side) so that one all-to-all moves everything, whatever the dtype, on every torc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from commkit.errors import CommError, CommTimeoutError
+from commkit.fp8 import cast_to_fp8 as cast_bf16_to_fp8
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 
@@ -65,6 +67,15 @@ def _from_bytes(col: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tens
     """[N, width * element size] uint8 columns -> a new [N, width] tensor of ``dtype``."""
     out = torch.empty(col.shape[0], width, dtype=dtype, device=col.device)
     out.view(torch.uint8).view(col.shape[0], col.shape[1]).copy_(col)
+    return out
+
+
+def _pad_rows(t: torch.Tensor, num_rows: int, value: float) -> torch.Tensor:
+    """[N, C] -> [num_rows, C], rows past N filled with ``value``."""
+    if t.dtype == torch.float8_e4m3fn:  # no fill kernels for float8: pad its bytes
+        return _pad_rows(t.view(torch.uint8), num_rows, 0).view(t.dtype)
+    out = torch.full((num_rows, t.shape[1]), value, dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
     return out
 
 
@@ -166,10 +177,14 @@ class TorchBackend:
         previous_event: EventHandle | None,
         async_finish: bool,
         buffer_id: int,
+        cast_to_fp8: bool = False,
+        num_worst_tokens: int | None = None,
     ) -> DispatchOutput:
         del num_sms  # the collective library decides its own resources
         if previous_event is not None:
             previous_event.current_stream_wait()
+        if cast_to_fp8:
+            x, x_scales = cast_bf16_to_fp8(x)
         hidden, num_topk = x.shape[1], topk_idx.shape[1]
         num_scales = x_scales.shape[1] if x_scales is not None else 0
         if handle is not None:
@@ -209,14 +224,32 @@ class TorchBackend:
         counts = uses[:, :experts_per_rank].sum(dim=0).tolist()
         num_tokens_per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts]
 
-        new_handle = handle or Handle.for_routing(
-            topk_idx,
-            buffer_id=buffer_id,
-            backend=self.name,
-            num_experts=num_experts,
-            num_recv_tokens=num_recv,
-            state=state,
-        )
+        num_rows = num_recv
+        if num_worst_tokens is not None:
+            if num_recv > num_worst_tokens:
+                raise ValueError(
+                    f"num_worst_tokens: expected at least the {num_recv} rows rank {self.rank} receives, "
+                    f"got {num_worst_tokens}"
+                )
+            num_rows = num_worst_tokens
+            recv_x, recv_idx, recv_weights = (
+                _pad_rows(recv_x, num_rows, 0),
+                _pad_rows(recv_idx, num_rows, -1),
+                _pad_rows(recv_weights, num_rows, 0),
+            )
+            recv_scales = _pad_rows(recv_scales, num_rows, 0) if recv_scales is not None else None
+            num_tokens_per_expert = []  # the graph-capturable contract: nothing read back
+        if handle is not None:
+            new_handle = dataclasses.replace(handle, num_recv_tokens=num_rows)
+        else:
+            new_handle = Handle.for_routing(
+                topk_idx,
+                buffer_id=buffer_id,
+                backend=self.name,
+                num_experts=num_experts,
+                num_recv_tokens=num_rows,
+                state=state,
+            )
         return DispatchOutput(
             x=recv_x,
             x_scales=recv_scales,
@@ -242,6 +275,7 @@ class TorchBackend:
         if previous_event is not None:
             previous_event.current_stream_wait()
         state: _TorchState = handle.state
+        x = x[: sum(state.recv_counts)]  # rows past the received ones pad a num_worst_tokens dispatch
         hidden = x.shape[1]
         back = torch.empty(len(state.send_token_idx), hidden, dtype=x.dtype, device=x.device)
         self._all_to_all(

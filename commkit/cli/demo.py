@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
+import commkit
+from commkit.backends import kernels_unavailable_reason
 from commkit.demo import DemoConfig, run_rank, summarize
 
 
@@ -19,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run a small MoE layer through dispatch/combine and check it against a dense computation",
         description=(
             "Runs a MoE layer (softmax router with top-k, experts as MLPs) through dispatch -> experts "
-            "-> combine on N ranks: CPU processes over gloo without a GPU, or the ranks of torchrun. "
+            "-> combine on N ranks: virtual ranks of one GPU running the kernels (commkit.emulate) "
+            "when CUDA and CuPy are there, else CPU processes over gloo; under torchrun, its ranks. "
             "Exits non-zero when the result differs from a dense single-process computation."
         ),
     )
@@ -49,7 +53,8 @@ def _check_args(cfg: DemoConfig) -> None:
 
 
 def _spawned_rank(rank: int, world: int, cfg: DemoConfig) -> dict:
-    return run_rank(rank, world, cfg)
+    buf = commkit.Buffer(backend=cfg.backend)
+    return run_rank(rank, world, cfg, buf, dist.barrier)
 
 
 def _under_torchrun(cfg: DemoConfig) -> list[dict] | None:
@@ -59,12 +64,27 @@ def _under_torchrun(cfg: DemoConfig) -> list[dict] | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     try:
-        res = run_rank(dist.get_rank(), dist.get_world_size(), cfg)
-        gathered: list[dict | None] = [None] * dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        res = run_rank(rank, world, cfg, commkit.Buffer(backend=cfg.backend), dist.barrier)
+        gathered: list[dict | None] = [None] * world
         dist.all_gather_object(gathered, res)
-        return [g for g in gathered if g is not None] if dist.get_rank() == 0 else None
+        return [g for g in gathered if g is not None] if rank == 0 else None
     finally:
         dist.destroy_process_group()
+
+
+def _on_virtual_ranks(cfg: DemoConfig) -> list[dict]:
+    """The kernels on ``cfg.ranks`` virtual ranks of this GPU (``commkit.emulate``)."""
+    from commkit.emulate import EmulatedGroup
+
+    group = EmulatedGroup(cfg.ranks)
+    lineup = threading.Barrier(cfg.ranks)
+
+    def rank_fn(virtual_rank) -> dict:
+        buf = commkit.Buffer.from_backend(virtual_rank, num_sms=group.num_sms)
+        return run_rank(virtual_rank.rank, cfg.ranks, cfg, buf, lineup.wait)
+
+    return group.spawn(rank_fn)
 
 
 def print_row(row: dict) -> None:
@@ -109,9 +129,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         if cfg.experts % cfg.ranks:
             raise SystemExit(f"--experts: expected a multiple of --ranks ({cfg.ranks}), got {cfg.experts}")
-        from commkit.launch import spawn_gloo
+        reason = kernels_unavailable_reason()
+        if cfg.backend == "kernels" and reason is not None:
+            raise SystemExit(f"--backend kernels: cannot run here: {reason}")
+        if cfg.backend != "torch" and reason is None:
+            results = _on_virtual_ranks(cfg)
+        else:
+            from commkit.launch import spawn_gloo
 
-        results = spawn_gloo(_spawned_rank, cfg.ranks, cfg, timeout_s=300)
+            results = spawn_gloo(_spawned_rank, cfg.ranks, cfg, timeout_s=300)
     row = summarize(cfg, results)
     print_row(row)
     return 0 if row["ok"] else 1

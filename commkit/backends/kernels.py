@@ -1,0 +1,580 @@
+"""The ``kernels`` backend: dispatch and combine with the JIT-compiled kernels of ``csrc/``.
+
+``KernelEngine`` runs the kernels for a run of ranks of one EP group whose symmetric buffers are given
+by base pointers: one rank per process (``KernelsBackend``, buffers exchanged through CUDA IPC), or all
+ranks on one GPU (``commkit.emulate``, buffers carved out of one allocation). The kernels are the
+same; a launch covers ``num_local`` ranks starting at ``rank_base`` with ``num_sms`` blocks each.
+
+Per dispatch: ``layout`` kernel (counts, ``is_token_in_rank``, send positions) -> ``notify`` (count
+exchange, barrier, prefix sums) -> host reads the receive counts (skipped with ``num_worst_tokens``)
+-> ``dispatch``. With a handle: ``cached_notify`` (barrier only) -> ``dispatch``. Per combine:
+``cached_notify`` -> ``combine``. All on the communication stream; CuPy is imported lazily.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from commkit.backends import kernels_layout as kl
+from commkit.errors import CommTimeoutError, ConfigError
+from commkit.jit.compiler import KernelSpec
+from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
+
+DEFAULT_CLOCK_HZ = 2.0e9  # above any H100 SM clock: a cycle budget from it is never shorter than asked
+
+
+def _u64(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def _cupy_stream(stream: torch.cuda.Stream, device_index: int) -> Any:
+    """The CuPy view of a torch stream: the CUDA stream protocol where torch has it (CuPy >= 14
+    deprecates ExternalStream), else ExternalStream on the raw handle."""
+    import cupy
+
+    if hasattr(stream, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
+
+
+@dataclass
+class KernelState:
+    """Backend-private part of a handle (tensors packed over the ranks of the launch).
+
+    send_pos:          [sum T, R] int32, position of each token among those sent to each rank, or -1
+    meta:              [num_local, 2R + 1 + L] int32 (see csrc/notify.cuh)
+    token_offsets:     [num_local + 1] int32, token rows of each rank in the packed inputs
+    recv_row_offsets:  [num_local] int32, received rows of each rank in the packed outputs
+    recv_src_token:    [sum N_recv] int32, source token of each received row
+    recv_counts:       N_recv per rank (None with num_worst_tokens: not read back)
+    expert_counts:     unaligned rows per local expert, per rank (None with num_worst_tokens)
+    """
+
+    send_pos: torch.Tensor
+    meta: torch.Tensor
+    token_offsets: torch.Tensor
+    token_counts: list[int]
+    recv_row_offsets: torch.Tensor
+    recv_src_token: torch.Tensor
+    recv_counts: list[int] | None
+    expert_counts: list[list[int]] | None
+    num_worst_tokens: int | None
+
+
+@dataclass
+class DispatchResult:
+    x: torch.Tensor
+    x_scales: torch.Tensor | None
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    row_offsets: list[int]  # rows of each rank in the packed outputs (length num_local + 1)
+    state: KernelState
+
+
+class SymmetricBuffers:
+    """One buffer per rank, same layout everywhere; ``peer_bases`` [R] uint64 on the device."""
+
+    max_channels: int = 0
+    max_slot_bytes: int = 0
+    peer_bases: torch.Tensor | None = None
+
+    def ensure(self, num_channels: int, slot_bytes: int) -> None:
+        """Grow (all ranks together) so that num_channels channels of slot_bytes slots fit."""
+        raise NotImplementedError
+
+
+class KernelEngine:
+    """Launches the kernels for ranks [rank_base, rank_base + num_local) of a num_ranks-rank group."""
+
+    def __init__(
+        self,
+        num_ranks: int,
+        rank_base: int,
+        num_local: int,
+        buffers: SymmetricBuffers,
+        *,
+        timeout_s: float,
+        device: torch.device,
+    ) -> None:
+        if not 1 <= num_ranks <= kl.MAX_RANKS:
+            raise ConfigError(f"num_ranks: the kernels support 1 to {kl.MAX_RANKS} ranks, got {num_ranks}")
+        self.num_ranks = num_ranks
+        self.rank_base = rank_base
+        self.num_local = num_local
+        self.buffers = buffers
+        self.timeout_s = timeout_s
+        self.device = device
+        self._num_sms_device = torch.cuda.get_device_properties(device).multi_processor_count
+        self._timeout_cycles = int(timeout_s * self._clock_hz())
+        self._offsets_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # Tests set this: outputs are filled with 0xFF bytes before the kernels run, so unwritten
+        # rows show (NaN for floats, -1 for integers).
+        self.poison_outputs = False
+
+    # ------------------------------------------------------------------ helpers
+    def _clock_hz(self) -> float:
+        try:
+            from cupy_backends.cuda.api import runtime
+
+            khz = runtime.deviceGetAttribute(runtime.cudaDevAttrClockRate, self.device.index or 0)
+            return max(float(khz) * 1e3, 1e8)
+        except Exception:  # noqa: BLE001 - attribute removed in some CUDA versions
+            return DEFAULT_CLOCK_HZ
+
+    def _kernel(self, header: str, name: str, *args: int) -> Any:
+        from commkit.jit.loader import get_kernel
+
+        return get_kernel(KernelSpec(header, name, tuple(args)))
+
+    def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
+        import cupy
+
+        if num_blocks == 0:
+            return
+        stream = _cupy_stream(torch.cuda.current_stream(self.device), self.device.index or 0)
+        with cupy.cuda.Device(self.device.index or 0), stream:
+            kernel((num_blocks,), (num_threads,), args)
+
+    def _check_budget(self, kernel: Any, num_sms: int) -> None:
+        """All blocks of a launch must be resident at once (they wait for each other)."""
+        if not 1 <= num_sms <= self._num_sms_device:
+            raise ConfigError(
+                f"num_sms: expected 1 to {self._num_sms_device} (the device's SMs), got {num_sms}"
+            )
+        per_sm = self._blocks_per_sm(kernel)
+        capacity = per_sm * self._num_sms_device
+        if self.num_local * num_sms > capacity:
+            raise ConfigError(
+                f"num_sms: {self.num_local} ranks x {num_sms} SMs = {self.num_local * num_sms} blocks "
+                f"must be resident at once, but this GPU holds {capacity} ({per_sm} per SM x "
+                f"{self._num_sms_device} SMs for {kl.NUM_THREADS}-thread blocks); "
+                f"use num_sms <= {capacity // self.num_local}"
+            )
+
+    def _blocks_per_sm(self, kernel: Any) -> int:
+        try:
+            from cupy_backends.cuda.api import driver
+
+            return int(driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, kl.NUM_THREADS, 0))
+        except Exception:  # noqa: BLE001 - fall back to the register file bound
+            regs = max(1, int(kernel.attributes.get("num_regs", 128)))
+            return max(0, min(2048 // kl.NUM_THREADS, 65536 // (regs * kl.NUM_THREADS)))
+
+    def _device_offsets(self, values: list[int]) -> torch.Tensor:
+        key = tuple(values)
+        cached = self._offsets_cache.get(key)
+        if cached is None:
+            if len(self._offsets_cache) > 256:
+                self._offsets_cache.clear()
+            cached = torch.tensor(values, dtype=torch.int32, device=self.device)
+            self._offsets_cache[key] = cached
+        return cached
+
+    def _wait(self, phase: str) -> None:
+        """Bounded host wait for the work queued so far on the current stream."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        deadline = time.monotonic() + self.timeout_s
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(
+                    f"{phase}: the GPU work did not finish within timeout_s={self.timeout_s:g}s "
+                    f"(ranks {self.rank_base}..{self.rank_base + self.num_local - 1}; a peer may not have "
+                    "called the same operation)"
+                )
+            time.sleep(20e-6)
+
+    def _poison(self, *tensors: torch.Tensor | None) -> None:
+        if self.poison_outputs:
+            for t in tensors:
+                if t is not None and t.numel():
+                    t.view(torch.uint8).fill_(0xFF)
+
+    def _check_shapes(self, num_experts: int, hidden: int, num_topk: int, fp8: bool) -> None:
+        if num_experts % self.num_ranks or num_experts > kl.MAX_EXPERTS:
+            raise ConfigError(
+                f"num_experts: the kernels need E % R == 0 and E <= {kl.MAX_EXPERTS}, got {num_experts}"
+            )
+        if num_experts // self.num_ranks > kl.MAX_LOCAL_EXPERTS:
+            raise ConfigError(
+                f"num_experts: the kernels support up to {kl.MAX_LOCAL_EXPERTS} experts per rank"
+            )
+        if hidden % 8 or (fp8 and hidden % kl.FP8_GROUP_SIZE):
+            raise ConfigError(f"hidden: the kernels need H % 8 == 0 (H % 128 == 0 for FP8), got {hidden}")
+        if not 1 <= num_topk <= 32:
+            raise ConfigError(f"top-k: the kernels support 1 to 32 slots, got {num_topk}")
+
+    # ------------------------------------------------------------------ layout
+    def layout(
+        self, topk_idx: torch.Tensor, token_counts: list[int], num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed layout of the launch's ranks: per-rank counts [num_local, R], per-expert counts
+        [num_local, E], is_token_in_rank [sum T, R], send_pos [sum T, R], token_offsets."""
+        num_tokens, num_topk = topk_idx.shape
+        token_offsets = self._device_offsets(
+            np.concatenate([[0], np.cumsum(token_counts)]).astype(int).tolist()
+        )
+        per_rank = torch.empty(self.num_local, self.num_ranks, dtype=torch.int32, device=self.device)
+        per_expert = torch.empty(self.num_local, num_experts, dtype=torch.int32, device=self.device)
+        in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+        send_pos = torch.empty(num_tokens, self.num_ranks, dtype=torch.int32, device=self.device)
+        kernel = self._kernel("csrc/layout.cuh", "layout_kernel", self.num_ranks, num_topk)
+        args = (
+            _u64(topk_idx),
+            _u64(token_offsets),
+            _i32(num_experts),
+            _u64(per_rank),
+            _u64(per_expert),
+            _u64(in_rank),
+            _u64(send_pos),
+        )
+        self._launch(kernel, self.num_local, 512, args)
+        return per_rank, per_expert, in_rank, send_pos, token_offsets
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        token_counts: list[int],
+        num_experts: int,
+        *,
+        state: KernelState | None,
+        num_sms: int,
+        cast_to_fp8: bool = False,
+        num_worst_tokens: int | None = None,
+    ) -> DispatchResult:
+        """x: [sum T, H] packed over the launch's ranks (token_counts[l] rows each)."""
+        hidden, num_topk, num_ranks = x.shape[1], topk_idx.shape[1], self.num_ranks
+        fp8_in = x.dtype == torch.float8_e4m3fn
+        dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
+        self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
+        slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
+        self.buffers.ensure(num_sms, slot_bytes)
+        kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
+        self._check_budget(kernel, num_sms)
+        peer_bases = self.buffers.peer_bases
+        stride = kl.meta_stride(num_ranks, num_experts)
+
+        if state is None:
+            per_rank, per_expert, _, send_pos, token_offsets = self.layout(
+                topk_idx, token_counts, num_experts
+            )
+            meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
+            notify = self._kernel("csrc/notify.cuh", "notify_kernel", num_ranks)
+            args: tuple[Any, ...] = (
+                _u64(peer_bases),
+                _i32(self.rank_base),
+                _i32(num_experts),
+                _u64(token_offsets),
+                _u64(per_rank),
+                _u64(per_expert),
+                _i32(1),
+                _i32(-1 if num_worst_tokens is None else num_worst_tokens),
+                _u64(meta),
+                np.int64(self._timeout_cycles),
+            )
+            self._launch(notify, self.num_local, 128, args)
+            recv_counts = expert_counts = None
+        else:
+            send_pos, meta, token_offsets = state.send_pos, state.meta, state.token_offsets
+            recv_counts, expert_counts = state.recv_counts, state.expert_counts
+            self._cached_notify()
+
+        if num_worst_tokens is None:
+            if recv_counts is None:
+                self._wait("dispatch: count exchange (notify)")
+                meta_host = meta.cpu().tolist()
+                recv_counts = [row[num_ranks] for row in meta_host]
+                expert_counts = [row[2 * num_ranks + 1 :] for row in meta_host]
+            row_offsets = np.concatenate([[0], np.cumsum(recv_counts)]).astype(int).tolist()
+        else:
+            row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
+        recv_row_offsets = self._device_offsets(row_offsets[:-1])
+        num_rows = row_offsets[-1]
+
+        out_fp8 = dtype_code != kl.DTYPE_BF16
+        out_x = torch.empty(
+            num_rows, hidden, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=self.device
+        )
+        out_scales = (
+            torch.empty(num_rows, hidden // kl.FP8_GROUP_SIZE, dtype=torch.float32, device=self.device)
+            if out_fp8
+            else None
+        )
+        out_idx = torch.empty(num_rows, num_topk, dtype=torch.int64, device=self.device)
+        out_weights = torch.empty(num_rows, num_topk, dtype=torch.float32, device=self.device)
+        out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
+        self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
+        args = (
+            _u64(peer_bases),
+            _i32(self.rank_base),
+            _i32(num_sms),
+            _i32(self.buffers.max_channels),
+            _i32(num_experts),
+            _u64(token_offsets),
+            _u64(x),
+            _u64(x_scales),
+            _u64(topk_idx),
+            _u64(topk_weights),
+            _u64(send_pos),
+            _u64(meta),
+            _u64(recv_row_offsets),
+            _u64(out_x),
+            _u64(out_scales),
+            _u64(out_idx),
+            _u64(out_weights),
+            _u64(out_src_token),
+            np.int64(self._timeout_cycles),
+        )
+        self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
+        new_state = KernelState(
+            send_pos=send_pos,
+            meta=meta,
+            token_offsets=token_offsets,
+            token_counts=list(token_counts),
+            recv_row_offsets=recv_row_offsets,
+            recv_src_token=out_src_token,
+            recv_counts=recv_counts if num_worst_tokens is None else None,
+            expert_counts=expert_counts if num_worst_tokens is None else None,
+            num_worst_tokens=num_worst_tokens,
+        )
+        return DispatchResult(out_x, out_scales, out_idx, out_weights, row_offsets, new_state)
+
+    def _cached_notify(self) -> None:
+        kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
+        args = (_u64(self.buffers.peer_bases), _i32(self.rank_base), np.int64(self._timeout_cycles))
+        self._launch(kernel, self.num_local, 128, args)
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, state: KernelState, num_experts: int, *, num_sms: int) -> torch.Tensor:
+        """x: [sum N_recv, H] bf16 packed like the dispatch outputs -> [sum T, H] bf16."""
+        hidden = x.shape[1]
+        self._check_shapes(num_experts, hidden, 1, False)
+        self.buffers.ensure(num_sms, kl.combine_slot_bytes(hidden))
+        kernel = self._kernel("csrc/combine.cuh", "combine_kernel", self.num_ranks, hidden)
+        self._check_budget(kernel, num_sms)
+        out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
+        self._poison(out)
+        self._cached_notify()
+        args = (
+            _u64(self.buffers.peer_bases),
+            _i32(self.rank_base),
+            _i32(num_sms),
+            _i32(self.buffers.max_channels),
+            _i32(num_experts),
+            _u64(state.token_offsets),
+            _u64(x),
+            _u64(state.recv_row_offsets),
+            _u64(state.recv_src_token),
+            _u64(state.meta),
+            _u64(state.send_pos),
+            _u64(out),
+            np.int64(self._timeout_cycles),
+        )
+        self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
+        return out
+
+
+def aligned_counts(counts: list[int], alignment: int) -> list[int]:
+    return [-(-c // alignment) * alignment for c in counts]
+
+
+# ---------------------------------------------------------------------- real ranks: CUDA IPC buffers
+class IpcBuffers(SymmetricBuffers):
+    """A cudaMalloc'ed buffer per rank; IPC handles exchanged over the process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        self.group = group
+        self.device = device
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self._own_ptr = 0
+        self._peer_ptrs: list[int] = []
+
+    def ensure(self, num_channels: int, slot_bytes: int) -> None:
+        if self._own_ptr and num_channels <= self.max_channels and slot_bytes <= self.max_slot_bytes:
+            return
+        from cupy_backends.cuda.api import runtime
+
+        max_channels = max(num_channels, self.max_channels)
+        max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
+        # NOTE: every rank reaches here in the same call (same arguments), so this is collective
+        torch.cuda.synchronize(self.device)
+        dist.barrier(self.group)
+        self.close()
+        size = kl.total_bytes(max_channels, max_slot_bytes)
+        with torch.cuda.device(self.device):
+            ptr = runtime.malloc(size)
+            runtime.memset(ptr, 0, size)
+            runtime.deviceSynchronize()
+            handle = runtime.ipcGetMemHandle(ptr)
+            handles: list[Any] = [None] * self.num_ranks
+            dist.all_gather_object(handles, handle, group=self.group)
+            ptrs = [
+                ptr
+                if r == self.rank
+                else runtime.ipcOpenMemHandle(handles[r], runtime.cudaIpcMemLazyEnablePeerAccess)
+                for r in range(self.num_ranks)
+            ]
+        self._own_ptr, self._peer_ptrs = ptr, ptrs
+        self.max_channels, self.max_slot_bytes = max_channels, max_slot_bytes
+        self.peer_bases = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
+        dist.barrier(self.group)
+
+    def close(self) -> None:
+        if not self._own_ptr:
+            return
+        from cupy_backends.cuda.api import runtime
+
+        for r, p in enumerate(self._peer_ptrs):
+            if r != self.rank:
+                runtime.ipcCloseMemHandle(p)
+        runtime.free(self._own_ptr)
+        self._own_ptr, self._peer_ptrs, self.peer_bases = 0, [], None
+
+
+class KernelsBackend:
+    """Backend protocol (``commkit.backends.base``) with the kernels, one rank per process."""
+
+    name = "kernels"
+    device_type = "cuda"  # the device of the tensors it takes
+
+    def __init__(
+        self, group: dist.ProcessGroup | None, *, timeout_s: float, device: torch.device | None = None
+    ):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.buffers = IpcBuffers(group, self.device)
+        self.engine = KernelEngine(
+            self.num_ranks, self.rank, 1, self.buffers, timeout_s=timeout_s, device=self.device
+        )
+        self.comm_stream = torch.cuda.Stream(self.device)
+
+    # Ordering with the caller's stream (see the module docstring of commkit.types.EventHandle)
+    def _begin(self, previous_event: EventHandle | None) -> torch.cuda.Stream:
+        caller = torch.cuda.current_stream(self.device)
+        if previous_event is not None and previous_event.event is not None:
+            self.comm_stream.wait_event(previous_event.event)
+        else:
+            self.comm_stream.wait_stream(caller)
+        return caller
+
+    def _end(self, caller: torch.cuda.Stream, async_finish: bool, inputs: list, outputs: list) -> EventHandle:
+        event = EventHandle.record(self.comm_stream)
+        for t in outputs:
+            if t is not None:
+                t.record_stream(caller)
+        if async_finish:
+            for t in inputs:
+                if t is not None:
+                    t.record_stream(self.comm_stream)
+        else:
+            caller.wait_stream(self.comm_stream)
+        return event
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        caller = self._begin(None)
+        with torch.cuda.stream(self.comm_stream):
+            per_rank, per_expert, in_rank, _, _ = self.engine.layout(
+                topk_idx, [topk_idx.shape[0]], num_experts
+            )
+            layout = Layout(per_rank[0].to(torch.int64), per_expert[0].to(torch.int64), in_rank)
+        self._end(
+            caller, False, [topk_idx], [layout.num_tokens_per_rank, layout.num_tokens_per_expert, in_rank]
+        )
+        return layout
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_experts: int,
+        *,
+        layout: Layout | None,
+        handle: Handle | None,
+        expert_alignment: int,
+        num_sms: int,
+        previous_event: EventHandle | None,
+        async_finish: bool,
+        buffer_id: int,
+        cast_to_fp8: bool = False,
+        num_worst_tokens: int | None = None,
+    ) -> DispatchOutput:
+        """``layout`` is not needed (the layout kernel also computes the send positions); with
+        ``num_worst_tokens`` the outputs have that many rows (the first N_recv are valid) and
+        ``num_tokens_per_expert`` is empty (nothing is read back: CUDA-graph capturable)."""
+        state = handle.state if handle is not None else None
+        caller = self._begin(previous_event)
+        with torch.cuda.stream(self.comm_stream):
+            result = self.engine.dispatch(
+                x,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                [x.shape[0]],
+                num_experts,
+                state=state,
+                num_sms=num_sms,
+                cast_to_fp8=cast_to_fp8,
+                num_worst_tokens=num_worst_tokens,
+            )
+        outputs = [
+            result.x,
+            result.x_scales,
+            result.topk_idx,
+            result.topk_weights,
+            result.state.recv_src_token,
+        ]
+        event = self._end(caller, async_finish, [x, x_scales, topk_idx, topk_weights], outputs)
+        st = result.state
+        new_handle = Handle.for_routing(
+            topk_idx,
+            buffer_id=buffer_id,
+            backend=self.name,
+            num_experts=num_experts,
+            num_recv_tokens=result.x.shape[0],
+            state=st,
+        )
+        counts = aligned_counts(st.expert_counts[0], expert_alignment) if st.expert_counts else []
+        return DispatchOutput(
+            result.x, result.x_scales, result.topk_idx, result.topk_weights, counts, new_handle, event
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: Handle,
+        *,
+        num_sms: int,
+        previous_event: EventHandle | None,
+        async_finish: bool,
+    ) -> CombineOutput:
+        caller = self._begin(previous_event)
+        with torch.cuda.stream(self.comm_stream):
+            out = self.engine.combine(x, handle.state, handle.num_experts, num_sms=num_sms)
+        event = self._end(caller, async_finish, [x], [out])
+        return CombineOutput(out, event)
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.buffers.close()

@@ -1,0 +1,233 @@
+"""Generate a few-line source that instantiates a kernel template, compile it with nvcc, cache the cubin.
+
+The kernels are header templates under ``csrc/`` (+ ``ptx/``); compile-time values (ranks, hidden,
+top-k, dtype) are template arguments. For one instantiation this module writes::
+
+    #include "csrc/dispatch.cuh"
+    static void instantiate() {
+        (void)reinterpret_cast<const void*>(&commkit::dispatch_kernel<8, 7168, 8, 0>);
+    }
+
+compiles it with ``nvcc -cubin -arch=sm_90 -Xptxas -v`` and keeps the cubin and the ptxas report in
+the cache. The cache key is the sha256 of the source, the content of every file under the include
+root's ``ptx/`` and ``csrc/`` (so any header edit rebuilds), the options and ``nvcc --version``. An
+entry is written in a temporary directory and moved into place with ``os.replace``, so concurrent
+processes never see half an entry.
+
+Environment: ``COMMKIT_CACHE_DIR`` (default ``~/.cache/commkit``), ``COMMKIT_INCLUDE_ROOT`` (a
+directory holding ``ptx/`` and ``csrc/``; default: the installed package or the repository),
+``COMMKIT_NVCC`` (default: ``nvcc`` on PATH, else ``$CUDA_HOME/bin/nvcc``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import commkit
+
+ARCH = "sm_90"
+DEFAULT_OPTIONS = ("-std=c++17", "-O3", "-lineinfo", "--diag-suppress=177")
+HEADER_DIRS = ("ptx", "csrc")
+HEADER_SUFFIXES = (".cuh", ".h", ".hpp", ".cu")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel instantiation: header (relative to the include root), C++ name and template args."""
+
+    header: str
+    name: str
+    template_args: tuple[int | str, ...]
+
+    def expression(self) -> str:
+        return f"commkit::{self.name}<{', '.join(str(a) for a in self.template_args)}>"
+
+
+@dataclass(frozen=True)
+class PtxasStats:
+    """ptxas -v figures of one entry function."""
+
+    registers: int
+    stack_frame_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    smem_bytes: int
+
+
+@dataclass
+class CompileResult:
+    cubin_path: Path
+    entries: list[str]  # mangled names of the entry functions, in ptxas order
+    stats: dict[str, PtxasStats] = field(default_factory=dict)
+    ptxas_log: str = ""
+    cache_hit: bool = False
+
+
+def generate_source(specs: list[KernelSpec]) -> str:
+    """The source that instantiates ``specs`` (taking a kernel's address instantiates it)."""
+    headers = sorted({s.header for s in specs})
+    lines = [f'#include "{h}"' for h in headers]
+    lines.append("static void instantiate() {")
+    lines += [f"    (void)reinterpret_cast<const void*>(&{s.expression()});" for s in specs]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def include_root() -> Path:
+    """The directory that holds ``ptx/`` and ``csrc/``."""
+    env = os.environ.get("COMMKIT_INCLUDE_ROOT")
+    candidates = [Path(env)] if env else []
+    package_dir = Path(commkit.__file__).resolve().parent
+    candidates += [package_dir, package_dir.parent]  # installed wheel, then repository / editable install
+    for root in candidates:
+        if all((root / d).is_dir() for d in HEADER_DIRS):
+            return root
+    raise FileNotFoundError(f"no directory with {HEADER_DIRS} among {[str(c) for c in candidates]}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMMKIT_CACHE_DIR") or Path.home() / ".cache" / "commkit")
+
+
+def nvcc_path() -> str | None:
+    """nvcc to use, or None when there is none."""
+    env = os.environ.get("COMMKIT_NVCC")
+    if env:
+        return env
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(cuda_home) / "bin" / "nvcc"
+    return str(candidate) if candidate.exists() else None
+
+
+@functools.lru_cache(maxsize=4)
+def _nvcc_version(nvcc: str) -> str:
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+def _headers_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for sub in HEADER_DIRS:
+        for path in sorted((root / sub).rglob("*")):
+            if path.is_file() and path.suffix in HEADER_SUFFIXES:
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(b"\0")
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(source: str, options: tuple[str, ...], root: Path, nvcc: str) -> str:
+    digest = hashlib.sha256()
+    for part in (source, "\0".join(options), _headers_digest(root), _nvcc_version(nvcc), ARCH):
+        digest.update(part.encode())
+        digest.update(b"\x01")
+    return digest.hexdigest()
+
+
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
+_PROPS_RE = re.compile(r"Function properties for (\S+)")
+_STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers(.*)")
+_SMEM_RE = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> dict[str, PtxasStats]:
+    """Per entry function: registers, stack frame, spills and shared memory from ``ptxas -v``."""
+    stats: dict[str, PtxasStats] = {}
+    current: str | None = None
+    props_of: str | None = None  # the function whose properties the next stack line describes
+    stack = (0, 0, 0)
+    for line in log.splitlines():
+        if m := _ENTRY_RE.search(line):
+            current, stack = m.group(1), (0, 0, 0)
+        elif m := _PROPS_RE.search(line):
+            props_of = m.group(1)
+        elif current and props_of == current and (m := _STACK_RE.search(line)):
+            stack = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        elif current and (m := _REGS_RE.search(line)):
+            smem = _SMEM_RE.search(m.group(2))
+            stats[current] = PtxasStats(int(m.group(1)), *stack, int(smem.group(1)) if smem else 0)
+            current = None
+    return stats
+
+
+def compile_source(
+    source: str,
+    *,
+    options: tuple[str, ...] = DEFAULT_OPTIONS,
+    root: Path | None = None,
+    cache: Path | None = None,
+) -> CompileResult:
+    """Compile ``source`` to a cubin for sm_90, through the on-disk cache."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found: install the CUDA toolkit, or set COMMKIT_NVCC or CUDA_HOME")
+    root = (root or include_root()).resolve()
+    cache = cache or cache_dir()
+    key = cache_key(source, options, root, nvcc)
+    entry_dir = cache / key[:2] / key
+    meta_path = entry_dir / "kernel.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return CompileResult(
+            cubin_path=entry_dir / "kernel.cubin",
+            entries=meta["entries"],
+            stats={k: PtxasStats(**v) for k, v in meta["stats"].items()},
+            ptxas_log=meta["ptxas_log"],
+            cache_hit=True,
+        )
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
+        tmp_dir = Path(tmp)
+        (tmp_dir / "kernel.cu").write_text(source)
+        cmd = [
+            nvcc,
+            "-cubin",
+            f"-arch={ARCH}",
+            *options,
+            "-Xptxas",
+            "-v",
+            "-I",
+            str(root),
+            "-o",
+            str(tmp_dir / "kernel.cubin"),
+            str(tmp_dir / "kernel.cu"),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
+        log = proc.stdout + proc.stderr
+        stats = parse_ptxas_log(log)
+        meta = {"entries": list(stats), "stats": {k: vars(v) for k, v in stats.items()}, "ptxas_log": log}
+        (tmp_dir / "kernel.json").write_text(json.dumps(meta, indent=1))
+        # Move into place: the cubin first, the json (the completion mark) last
+        staged = cache / key[:2] / f".{key}.{os.getpid()}"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        os.replace(tmp_dir / "kernel.cu", staged / "kernel.cu")
+        os.replace(tmp_dir / "kernel.cubin", staged / "kernel.cubin")
+        os.replace(tmp_dir / "kernel.json", staged / "kernel.json")
+        try:
+            os.replace(staged, entry_dir)  # atomic when entry_dir does not exist
+        except OSError:
+            shutil.rmtree(staged, ignore_errors=True)  # another process won the race: same content
+    return CompileResult(entry_dir / "kernel.cubin", meta["entries"], stats, log, cache_hit=False)
+
+
+def compile_spec(spec: KernelSpec, **kwargs: object) -> CompileResult:
+    """Compile one instantiation (through the cache); its entry is ``result.entries[0]``."""
+    return compile_source(generate_source([spec]), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,31 @@
+"""Shared helpers for the CPU compile tests (nvcc present, representative kernel matrix)."""
+
+from __future__ import annotations
+
+import pytest
+
+from commkit.jit.compiler import KernelSpec, nvcc_path
+
+requires_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not found (CUDA toolkit not installed)")
+
+RANKS = (2, 4, 8)
+HIDDEN_TOPK = ((2048, 1), (4096, 4), (7168, 8))  # hidden 2048 to 7168, top-k 1 to 8
+DTYPES = (0, 1, 2)  # bf16, FP8, bf16 cast to FP8 in the kernel
+
+
+def representative_specs() -> dict[str, list[KernelSpec]]:
+    """Kernel family -> the instantiations CI compiles."""
+    return {
+        "layout": [KernelSpec("csrc/layout.cuh", "layout_kernel", (r, k)) for r in RANKS for k in (1, 4, 8)],
+        "notify": [KernelSpec("csrc/notify.cuh", "notify_kernel", (r,)) for r in RANKS]
+        + [KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (r,)) for r in RANKS],
+        "dispatch": [
+            KernelSpec("csrc/dispatch.cuh", "dispatch_kernel", (r, h, k, d))
+            for r in RANKS
+            for (h, k) in HIDDEN_TOPK
+            for d in DTYPES
+        ],
+        "combine": [
+            KernelSpec("csrc/combine.cuh", "combine_kernel", (r, h)) for r in RANKS for (h, _) in HIDDEN_TOPK
+        ],
+    }

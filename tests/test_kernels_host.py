@@ -1,0 +1,436 @@
+"""CPU: the host side of the kernels backend (commkit.emulate + KernelEngine) with CPU stand-ins.
+
+The kernels cannot run here, so each launch is executed by a small torch function that follows the
+kernel's documented contract (inputs, ``meta`` layout, ``send_pos``, row placement); CUDA streams and
+events are replaced by no-ops. This checks the Python around the kernels: packing of the ranks'
+inputs, output sizes and slices, handles, cached dispatch, ``num_worst_tokens``, expert counts and
+alignment, combine packing, against ``commkit.reference``. The kernels themselves are checked by the
+GPU tests and, for their protocol, by ``test_protocol_model.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+
+from commkit import reference
+from commkit.backends import kernels as kmod
+from commkit.backends import kernels_layout as kl
+from commkit.fp8 import cast_to_fp8
+
+
+class FakeKernels:
+    """Runs 'launches' on CPU tensors found through their data pointers."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.launches: list[str] = []
+
+    def u64(self, t: torch.Tensor | None) -> Any:
+        if t is not None:
+            self.tensors[t.data_ptr()] = t
+        return 0 if t is None else t.data_ptr()
+
+    def t(self, ptr: Any) -> torch.Tensor:
+        return self.tensors[int(ptr)]
+
+    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
+        name, targs = kernel
+        self.launches.append(name)
+        getattr(self, name)(targs, num_blocks, *args)
+
+    # ---------------------------------------------------------------- kernel contracts
+    def layout_kernel(
+        self, targs, blocks, topk, offsets, num_experts, per_rank, per_expert, in_rank, send_pos
+    ):
+        num_ranks, _ = targs
+        topk, offsets = self.t(topk), self.t(offsets).tolist()
+        per_rank, per_expert, in_rank, send_pos = map(self.t, (per_rank, per_expert, in_rank, send_pos))
+        for lr in range(blocks):
+            rows = topk[offsets[lr] : offsets[lr + 1]]
+            lay = reference.layout_reference(rows, int(num_experts), num_ranks)
+            per_rank[lr] = lay.num_tokens_per_rank.to(torch.int32)
+            per_expert[lr] = lay.num_tokens_per_expert.to(torch.int32)
+            in_rank[offsets[lr] : offsets[lr + 1]] = lay.is_token_in_rank
+            pos = torch.cumsum(lay.is_token_in_rank.to(torch.int32), 0) - 1
+            send_pos[offsets[lr] : offsets[lr + 1]] = torch.where(lay.is_token_in_rank, pos, -1).to(
+                torch.int32
+            )
+
+    def notify_kernel(
+        self,
+        targs,
+        blocks,
+        peers,
+        rank_base,
+        num_experts,
+        offsets,
+        per_rank,
+        per_expert,
+        align,
+        max_rows,
+        meta,
+        timeout,
+    ):
+        (num_ranks,) = targs
+        assert blocks == num_ranks and int(rank_base) == 0  # virtual ranks: every rank in the launch
+        num_local_experts = int(num_experts) // num_ranks
+        offsets, per_rank, per_expert, meta = (
+            self.t(offsets).tolist(),
+            self.t(per_rank),
+            self.t(per_expert),
+            self.t(meta),
+        )
+        for dst in range(num_ranks):
+            acc = 0
+            for src in range(num_ranks):
+                meta[dst, src] = acc
+                acc += int(per_rank[src, dst])
+                meta[dst, num_ranks + 1 + src] = offsets[src + 1] - offsets[src]
+            meta[dst, num_ranks] = acc
+            assert int(max_rows) < 0 or acc <= int(max_rows)
+            lo = dst * num_local_experts
+            counts = per_expert[:, lo : lo + num_local_experts].sum(0)
+            meta[dst, 2 * num_ranks + 1 :] = (counts + int(align) - 1) // int(align) * int(align)
+
+    def cached_notify_kernel(self, targs, blocks, peers, rank_base, timeout):
+        pass
+
+    def dispatch_kernel(
+        self,
+        targs,
+        blocks,
+        peers,
+        rank_base,
+        num_channels,
+        max_channels,
+        num_experts,
+        offsets,
+        x,
+        scales,
+        topk,
+        weights,
+        send_pos,
+        meta,
+        recv_rows,
+        out_x,
+        out_scales,
+        out_idx,
+        out_w,
+        out_src,
+        timeout,
+    ):
+        num_ranks, hidden, num_topk, dtype = targs
+        assert blocks == num_ranks * int(num_channels) and int(num_channels) <= int(max_channels)
+        offsets, x, topk, weights = self.t(offsets).tolist(), self.t(x), self.t(topk), self.t(weights)
+        send_pos, meta, recv_rows = self.t(send_pos), self.t(meta), self.t(recv_rows).tolist()
+        out_x, out_idx, out_w, out_src = self.t(out_x), self.t(out_idx), self.t(out_w), self.t(out_src)
+        scales = self.t(scales) if dtype == kl.DTYPE_FP8 else None
+        out_scales = self.t(out_scales) if dtype != kl.DTYPE_BF16 else None
+        num_local = int(num_experts) // num_ranks
+        for dst in range(num_ranks):
+            for src in range(num_ranks):
+                for t in range(offsets[src], offsets[src + 1]):
+                    pos = int(send_pos[t, dst])
+                    if pos < 0:
+                        continue
+                    row = recv_rows[dst] + int(meta[dst, src]) + pos
+                    if dtype == kl.DTYPE_BF16_CAST_FP8:
+                        q, s = cast_to_fp8(x[t : t + 1])
+                        out_x[row], out_scales[row] = q[0], s[0]
+                    else:
+                        out_x[row] = x[t]
+                        if scales is not None:
+                            out_scales[row] = scales[t]
+                    local = topk[t] - dst * num_local
+                    out_idx[row] = torch.where((local >= 0) & (local < num_local) & (topk[t] >= 0), local, -1)
+                    out_w[row] = weights[t]
+                    out_src[row] = t - offsets[src]
+
+    def combine_kernel(
+        self,
+        targs,
+        blocks,
+        peers,
+        rank_base,
+        num_channels,
+        max_channels,
+        num_experts,
+        offsets,
+        x,
+        recv_rows,
+        recv_src,
+        meta,
+        send_pos,
+        out,
+        timeout,
+    ):
+        num_ranks, _ = targs
+        offsets, x, recv_rows = self.t(offsets).tolist(), self.t(x), self.t(recv_rows).tolist()
+        recv_src, meta, send_pos, out = self.t(recv_src), self.t(meta), self.t(send_pos), self.t(out)
+        for src in range(num_ranks):
+            for t in range(offsets[src], offsets[src + 1]):
+                acc = torch.zeros(x.shape[1], dtype=torch.float32)
+                for d in range(num_ranks):
+                    pos = int(send_pos[t, d])
+                    if pos >= 0:
+                        row = recv_rows[d] + int(meta[d, src]) + pos
+                        assert int(recv_src[row]) == t - offsets[src]
+                        acc = acc + x[row].float()
+                out[t] = acc.to(torch.bfloat16)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
+    import commkit.backends
+    import commkit.emulate as emulate
+
+    fk = FakeKernels()
+    monkeypatch.setattr(kmod, "_u64", fk.u64)
+    monkeypatch.setattr(kmod.KernelEngine, "_kernel", lambda self, header, name, *a: (name, a))
+    monkeypatch.setattr(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
+    monkeypatch.setattr(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
+    monkeypatch.setattr(kmod.KernelEngine, "_wait", lambda self, phase: None)
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(commkit.backends, "kernels_unavailable_reason", lambda group=None: None)
+    monkeypatch.setattr(emulate.EmulatedGroup, "_run", lambda self, ev: None)
+    monkeypatch.setattr(emulate.EmulatedGroup, "_finish", lambda self, caller, a, tensors: None)
+    return fk
+
+
+def _inputs(tokens, hidden, num_topk, num_experts, seed, unused=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    xs, idxs, ws = [], [], []
+    for num_tokens in tokens:
+        xs.append((torch.randn(num_tokens, hidden, generator=gen) * 2).to(torch.bfloat16))
+        scores = torch.rand(num_tokens, num_experts, generator=gen)
+        idx = (
+            scores.topk(num_topk, dim=1).indices
+            if num_tokens
+            else torch.empty(0, num_topk, dtype=torch.int64)
+        )
+        idx = torch.where(torch.rand(num_tokens, num_topk, generator=gen) < unused, -1, idx)
+        idxs.append(idx.to(torch.int64).contiguous())
+        ws.append(torch.rand(num_tokens, num_topk, generator=gen))
+    return xs, idxs, ws
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(
+        {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float8_e4m3fn: torch.uint8}.get(
+            t.dtype, t.dtype
+        )
+    )
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8", "cast"])
+@pytest.mark.parametrize("worst", [False, True])
+def test_emulated_group_host_logic(fake: FakeKernels, dtype: str, worst: bool) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    tokens, hidden, num_topk, num_experts, align = (37, 0, 12, 5), 256, 3, 8, 4
+    xs, idxs, ws = _inputs(tokens, hidden, num_topk, num_experts, seed=1, unused=0.2)
+    scales = None
+    if dtype == "fp8":
+        pairs = [cast_to_fp8(x) for x in xs]
+        xs, scales = [p[0] for p in pairs], [p[1] for p in pairs]
+    ref_xs, ref_scales = (
+        (xs, scales)
+        if dtype != "cast"
+        else ([cast_to_fp8(x)[0] for x in xs], [cast_to_fp8(x)[1] for x in xs])
+    )
+    want = reference.dispatch_reference(
+        ref_xs, idxs, ws, num_experts, x_scales=ref_scales, expert_alignment=align
+    )
+
+    group = EmulatedGroup(4, num_sms=3, device="cpu")
+    worst_rows = sum(tokens) if worst else None
+    outs = None
+    for round_idx in range(2):  # the second round reuses the handles
+        outs = group.dispatch(
+            xs,
+            idxs,
+            ws,
+            num_experts,
+            x_scales=scales,
+            cast_to_fp8=dtype == "cast",
+            handles=[o.handle for o in outs] if outs else None,
+            expert_alignment=align,
+            num_worst_tokens=worst_rows,
+        )
+        expected_launches = ["cached_notify_kernel"] if round_idx else ["layout_kernel", "notify_kernel"]
+        assert fake.launches[-2 - (round_idx == 0) :] == [*expected_launches, "dispatch_kernel"]
+        for r, (o, w) in enumerate(zip(outs, want, strict=True)):
+            n = w.x.shape[0]
+            assert o.x.shape[0] == (worst_rows if worst else n)
+            assert torch.equal(_bits(o.x[:n]), _bits(w.x)), r
+            assert torch.equal(o.topk_idx[:n], w.topk_idx), r
+            assert torch.equal(_bits(o.topk_weights[:n]), _bits(w.topk_weights)), r
+            if w.x_scales is not None:
+                assert torch.equal(_bits(o.x_scales[:n]), _bits(w.x_scales)), r
+            assert o.num_tokens_per_expert == ([] if worst else w.num_tokens_per_expert), r
+            assert o.handle.num_tokens == tokens[r]
+
+    ys = [(torch.randn(o.x.shape[0], hidden) * (r + 1)).to(torch.bfloat16) for r, o in enumerate(outs)]
+    want_y = reference.combine_reference(
+        [y[: w.x.shape[0]] for y, w in zip(ys, want, strict=True)], want, list(tokens)
+    )
+    got = group.combine(ys, [o.handle for o in outs])
+    assert fake.launches[-2:] == ["cached_notify_kernel", "combine_kernel"]
+    for s, (g, w) in enumerate(zip(got, want_y, strict=True)):
+        assert torch.equal(_bits(g.x), _bits(w)), s
+
+
+def test_layout_host_logic(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    xs, idxs, _ = _inputs((9, 4, 0), 64, 2, 6, seed=2)
+    got = EmulatedGroup(3, num_sms=1, device="cpu").get_dispatch_layout(idxs, 6)
+    for r, g in enumerate(got):
+        w = reference.layout_reference(idxs[r], 6, 3)
+        assert torch.equal(g.num_tokens_per_rank, w.num_tokens_per_rank)
+        assert torch.equal(g.num_tokens_per_expert, w.num_tokens_per_expert)
+        assert torch.equal(g.is_token_in_rank, w.is_token_in_rank)
+
+
+def test_budget_and_shape_checks(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+    from commkit.errors import ConfigError
+
+    xs, idxs, ws = _inputs((8, 8), 64, 2, 4, seed=3)
+    group = EmulatedGroup(2, num_sms=100, device="cpu")  # 200 blocks on 132 SMs x 1
+    with pytest.raises(ConfigError, match=r"resident at once.*num_sms <= 66"):
+        group.dispatch(xs, idxs, ws, 4)
+    with pytest.raises(ConfigError, match="H % 128"):
+        EmulatedGroup(2, num_sms=1, device="cpu").dispatch(xs, idxs, ws, 4, cast_to_fp8=True)
+    with pytest.raises(ValueError, match="one entry per rank"):
+        group.dispatch(xs[:1], idxs, ws, 4)
+
+
+def test_spawn_runs_per_rank_code(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    tokens, hidden, num_experts = (21, 3, 0), 128, 6
+    xs, idxs, ws = _inputs(tokens, hidden, 2, num_experts, seed=4)
+    want = reference.dispatch_reference(xs, idxs, ws, num_experts)
+    group = EmulatedGroup(3, num_sms=2, device="cpu")
+
+    def per_rank(backend):
+        r = backend.rank
+        layout = backend.get_dispatch_layout(idxs[r], num_experts)
+        out = backend.dispatch(
+            xs[r],
+            None,
+            idxs[r],
+            ws[r],
+            num_experts,
+            layout=layout,
+            handle=None,
+            expert_alignment=1,
+            num_sms=2,
+            previous_event=None,
+            async_finish=False,
+            buffer_id=1234,
+        )
+        y = backend.combine(out.x, out.handle, num_sms=2, previous_event=None, async_finish=False)
+        return layout, out, y
+
+    results = group.spawn(per_rank)
+    want_y = reference.combine_reference([w.x for w in want], want, list(tokens))
+    for r, (layout, out, y) in enumerate(results):
+        assert torch.equal(
+            layout.is_token_in_rank, reference.layout_reference(idxs[r], num_experts, 3).is_token_in_rank
+        )
+        assert torch.equal(_bits(out.x), _bits(want[r].x)) and out.handle.buffer_id == 1234
+        assert torch.equal(_bits(y.x), _bits(want_y[r]))
+
+
+def test_spawn_reports_mismatched_calls(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    xs, idxs, ws = _inputs((4, 4), 64, 1, 2, seed=5)
+    group = EmulatedGroup(2, num_sms=1, device="cpu", timeout_s=5.0)
+
+    def per_rank(backend):
+        if backend.rank == 0:
+            return backend.get_dispatch_layout(idxs[0], 2)
+        raise ValueError("rank 1 fails before the collective")
+
+    with pytest.raises(ValueError, match="rank 1 fails"):
+        group.spawn(per_rank)
+    # The group stays usable
+    assert len(group.spawn(lambda b: b.get_dispatch_layout(idxs[b.rank], 2))) == 2
+
+
+def test_kernels_backend_single_rank_glue(
+    fake: FakeKernels, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        _single_rank_glue(monkeypatch)
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_rank_glue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from commkit.types import EventHandle
+
+    def ensure(self, num_channels, slot_bytes):
+        self.max_channels, self.max_slot_bytes = max(num_channels, self.max_channels), slot_bytes
+        self.peer_bases = torch.zeros(1, dtype=torch.int64)
+
+    monkeypatch.setattr(kmod.IpcBuffers, "ensure", ensure)
+    monkeypatch.setattr(kmod.KernelsBackend, "_begin", lambda self, ev: None)
+    monkeypatch.setattr(kmod.KernelsBackend, "_end", lambda self, caller, a, i, o: EventHandle(None))
+    backend = kmod.KernelsBackend(None, timeout_s=5.0, device=torch.device("cpu"))
+    xs, idxs, ws = _inputs((50,), 128, 4, 8, seed=6, unused=0.3)
+    want = reference.dispatch_reference(xs, idxs, ws, 8, expert_alignment=8)
+    kwargs = dict(
+        layout=None, expert_alignment=8, num_sms=2, previous_event=None, async_finish=False, buffer_id=7
+    )
+    out = backend.dispatch(xs[0], None, idxs[0], ws[0], 8, handle=None, **kwargs)
+    again = backend.dispatch(xs[0], None, idxs[0], ws[0], 8, handle=out.handle, **kwargs)
+    for o in (out, again):
+        assert torch.equal(_bits(o.x), _bits(want[0].x)) and torch.equal(o.topk_idx, want[0].topk_idx)
+        assert o.num_tokens_per_expert == want[0].num_tokens_per_expert
+    y = backend.combine(out.x, out.handle, num_sms=2, previous_event=None, async_finish=False)
+    assert torch.equal(_bits(y.x), _bits(reference.combine_reference([want[0].x], want, [50])[0]))
+    layout = backend.get_dispatch_layout(idxs[0], 8)
+    assert torch.equal(
+        layout.num_tokens_per_expert, reference.layout_reference(idxs[0], 8, 1).num_tokens_per_expert
+    )
+
+
+def test_buffer_over_virtual_ranks_runs_the_demo(fake: FakeKernels) -> None:
+    """Buffer.from_backend over virtual ranks: the demo's per-rank code, with the API's checks."""
+    import threading
+
+    import commkit
+    from commkit.demo import DemoConfig, run_rank, summarize
+    from commkit.emulate import EmulatedGroup
+
+    cfg = DemoConfig(ranks=3, tokens=40, hidden=128, ffn=64, experts=6, topk=2, iters=2)
+    group = EmulatedGroup(cfg.ranks, num_sms=2, device="cpu")
+    lineup = threading.Barrier(cfg.ranks)
+
+    def rank_fn(virtual_rank):
+        buf = commkit.Buffer.from_backend(virtual_rank, num_sms=2)
+        assert buf.backend == "kernels" and buf.config.source == "argument"
+        with pytest.raises(ValueError, match="num_experts: expected a multiple of the number of ranks"):
+            buf.dispatch(torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.int64),
+                         torch.zeros(4, 2), 4)  # fmt: skip
+        return run_rank(virtual_rank.rank, cfg.ranks, cfg, buf, lineup.wait)
+
+    row = summarize(cfg, group.spawn(rank_fn))
+    assert row["ok"] and row["backend"] == "kernels", row
