@@ -17,13 +17,19 @@ def routings(draw):
     num_experts = num_ranks * experts_per_rank
     num_topk = draw(st.integers(1, min(4, num_experts)))
     hidden = 8 * draw(st.integers(1, 3))
+    # Experts the tokens may pick: all of them, a few (heavy skew, ranks that receive nothing), or
+    # a single one (all tokens on one expert); -1 marks an unused slot.
+    pool = draw(
+        st.one_of(
+            st.just(list(range(num_experts))),
+            st.lists(st.integers(0, num_experts - 1), min_size=1, max_size=2, unique=True),
+        )
+    )
+    slot = st.one_of(st.sampled_from(pool), st.just(-1))
     xs, idxs, weights = [], [], []
     for _ in range(num_ranks):
         num_tokens = draw(st.integers(0, 9))
-        rows = []
-        for _ in range(num_tokens):
-            row = draw(st.lists(st.integers(-1, num_experts - 1), min_size=num_topk, max_size=num_topk))
-            rows.append(row)
+        rows = [draw(st.lists(slot, min_size=num_topk, max_size=num_topk)) for _ in range(num_tokens)]
         idxs.append(torch.tensor(rows, dtype=torch.int64).view(num_tokens, num_topk))
         x = draw(st.lists(st.integers(-64, 64), min_size=num_tokens * hidden, max_size=num_tokens * hidden))
         xs.append((torch.tensor(x, dtype=torch.float32) / 8).to(torch.bfloat16).view(num_tokens, hidden))
