@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from fake_kernels import fake  # noqa: F401 - shared fixture of the host tests (tests/fake_kernels.py)
 
 
 def _gpu_missing() -> str | None:

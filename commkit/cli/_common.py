@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "--ranks-per-node", type=int, help="for byte accounting (default: $LOCAL_WORLD_SIZE or all)"
     )
     parser.add_argument(
-        "--virtual", type=int, metavar="N", help="N virtual ranks on one GPU (needs commkit.emulate and CUDA)"
+        "--virtual",
+        type=int,
+        metavar="N",
+        help="N virtual ranks on one GPU instead of --ranks (commkit.emulate: the kernels backend, every "
+        "rank's buffer a region of one allocation, all ranks in one launch of N x num_sms blocks; "
+        "needs CUDA and CuPy)",
     )
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "kernels"])
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
@@ -62,16 +68,26 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def virtual_unavailable(args: argparse.Namespace) -> str | None:
     """Why ``--virtual`` cannot run here, or None."""
-    if not getattr(args, "virtual", None):
+    n = getattr(args, "virtual", None)
+    if n is None:
         return None
+    if n < 1:
+        return f"--virtual: expected a positive number of virtual ranks, got {n}"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "--virtual runs N ranks in this one process; do not start it under torchrun"
+    if getattr(args, "backend", "auto") not in ("auto", "kernels"):
+        return (
+            f"--virtual runs the kernels backend; --backend {args.backend} needs a process group "
+            "(use --ranks or torchrun)"
+        )
     if not torch.cuda.is_available():
         return "--virtual needs a CUDA GPU: torch.cuda.is_available() is False"
-    import importlib.util
+    from commkit.backends import kernels_unavailable_reason
 
-    if importlib.util.find_spec("commkit.emulate") is None:
-        return "--virtual needs commkit.emulate, which this build does not have"
-    # TODO: wire commkit.emulate's launcher in once its API is settled (it runs fn per virtual rank).
-    return "--virtual: commkit.emulate is present but the tools are not wired to it yet"
+    reason = kernels_unavailable_reason(None)
+    if reason is not None:
+        return f"--virtual needs the kernels: {reason}"
+    return None
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -34,7 +34,12 @@ def register(subparsers: Any) -> None:
             "inputs rotated), check every run, and report GB/s of logical bytes: NVLink bytes = rows "
             "received (dispatch) or sent back (combine) x row bytes; RDMA bytes = rows crossing nodes, "
             "once per destination node. On CPU it spawns --ranks gloo processes (torch backend); under "
-            "torchrun each process is a rank."
+            "torchrun each process is a rank. With --virtual N: N virtual ranks of the kernels on one GPU "
+            "(rows marked virtual; HBM is the link; a repetition is the one launch serving all ranks); "
+            "'vs torch' is then torch ops doing the same work on the same GPU (index_select per "
+            "destination, index_add_ back), since the torch backend needs a process group, and "
+            "'vs roofline' a copy kernel on N x num_sms SMs moving all N ranks' bytes (the SMs and bytes "
+            "of the one launch)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -44,8 +49,16 @@ def register(subparsers: Any) -> None:
         "--dtype", action="append", choices=["bf16", "fp8"], help="dispatch dtype (default bf16)"
     )
     parser.add_argument("--num-sms", type=int, action="append", help="SM budget(s); default: buf.config")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the torch-backend baseline")
-    parser.add_argument("--no-roofline", action="store_true", help="skip the copy roofline")
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the torch baseline (the torch backend; torch ops on the GPU with --virtual)",
+    )
+    parser.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="skip the copy roofline (on num_sms SMs; N x num_sms SMs and N ranks' bytes with --virtual)",
+    )
     parser.add_argument(
         "--out", help="directory for bench.json, bench.tsv, bench.png (default bench/results/local)"
     )
@@ -63,7 +76,7 @@ def table_row(r: dict[str, Any]) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     from commkit.tools import report
-    from commkit.tools.bench import BenchSpec, bench_rank, launch, spec_to_dict, summary
+    from commkit.tools.bench import BenchSpec, bench_rank, bench_virtual, launch, spec_to_dict, summary
 
     why = virtual_unavailable(args)
     if why:
@@ -82,9 +95,13 @@ def run(args: argparse.Namespace) -> int:
         skew=args.skew,
         seed=args.seed,
         progress=not args.no_progress,
+        virtual=args.virtual,
     )
     started = time.time()
-    rows = launch(bench_rank, args.ranks, spec, timeout_s=args.timeout)
+    if args.virtual:
+        rows = bench_virtual(args.virtual, spec, timeout_s=args.timeout)
+    else:
+        rows = launch(bench_rank, args.ranks, spec, timeout_s=args.timeout)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -96,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
          foot["avg_vs_roofline"]],
         ["worst", *table_row(worst)[1:]],
     ]  # fmt: skip
-    report.print_table("commkit bench", COLUMNS, [table_row(r) for r in rows], footer=footer)
+    title = f"commkit bench ({args.virtual} virtual ranks on one GPU)" if args.virtual else "commkit bench"
+    report.print_table(title, COLUMNS, [table_row(r) for r in rows], footer=footer)
     notes = sorted(
         {r.get("vs_torch_note") for r in rows} | {r.get("vs_roofline_note") for r in rows} - {None}
     )

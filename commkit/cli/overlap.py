@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
             "num_sms=k on a communication stream; report GEMM TFLOP/s and communication GB/s alone "
             "and alongside, and the combined wall time against the max and the sum of the two alone; "
             "plot the trade-off. Needs CUDA "
-            "(real ranks under torchrun, or --virtual)."
+            "(real ranks under torchrun, or --virtual N: N virtual ranks on one GPU, whose dispatch/combine "
+            "run in one launch on N x k SMs while one GEMM over all ranks' received rows runs beside it)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -46,12 +47,18 @@ def run(args: argparse.Namespace) -> int:
 
     from commkit.tools import report
     from commkit.tools.bench import launch
-    from commkit.tools.overlap import OverlapSpec, overlap_rank, overlap_unavailable_reason, plot_overlap
+    from commkit.tools.overlap import (
+        OverlapSpec,
+        overlap_rank,
+        overlap_unavailable_reason,
+        overlap_virtual,
+        plot_overlap,
+    )
 
     why = overlap_unavailable_reason() or virtual_unavailable(args)
     if why:
         return fail(why)
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not args.virtual:
         return fail(
             "overlap runs one process per GPU under torchrun "
             "(torchrun --nproc-per-node=N -m commkit overlap), or with --virtual"
@@ -63,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
         shape=shape, candidates=sorted(set(args.num_sms or range(4, 41, 4))), backend=args.backend,
         gemm_repeats=args.gemm_repeats, reps=args.reps, warmup=args.warmup, seed=args.seed,
     )  # fmt: skip
-    result = launch(overlap_rank, args.ranks, spec, timeout_s=args.timeout)
-    if dist.get_rank() != 0:
-        return 0
+    if args.virtual:
+        result = overlap_virtual(args.virtual, spec, timeout_s=args.timeout)
+    else:
+        result = launch(overlap_rank, args.ranks, spec, timeout_s=args.timeout)
+        if dist.get_rank() != 0:
+            return 0
     rows = [
         [p["num_sms"], p["gemm_tflops_alone"], p["gemm_tflops_together"], p["comm_gbps_alone"],
          p["comm_gbps_together"], p["wall_together_s"] * 1e3, p["max_alone_s"] * 1e3, p["sum_alone_s"] * 1e3,

@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
             "the choice as a JSON profile keyed by the cluster signature (device, SMs, ranks, ranks per "
             "node, NVLink and NIC speed) in $COMMKIT_PROFILE_DIR or ~/.cache/commkit/profiles. Objectives: "
             "'fastest', or 'hide' (smallest budget whose communication fits under --compute-ms or the GEMM "
-            "time of an overlap JSON)."
+            "time of an overlap JSON). With --virtual N the sweep runs on N virtual ranks of one GPU and "
+            "the profile is keyed with N ranks, N per node (what Buffer.from_backend looks up)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         compute_ms_from_overlap,
         make_profile,
         tune_rank,
+        tune_virtual,
     )
 
     why = virtual_unavailable(args)
@@ -94,13 +96,17 @@ def run(args: argparse.Namespace) -> int:
             shapes=shapes_from_args(args, default_shape()), dtypes=[args.dtype], backend=args.backend,
             num_ranks_per_node=args.ranks_per_node, reps=args.reps, warmup=args.warmup,
             num_input_sets=args.input_sets, skew=args.skew, seed=args.seed, progress=not args.no_progress,
+            virtual=args.virtual,
         ),
         candidates=sorted(set(args.num_sms or default_candidates())),
         objective=args.objective,
         compute_ms=compute_ms,
         tolerance=args.tolerance,
     )  # fmt: skip
-    result = launch(tune_rank, args.ranks, spec, timeout_s=args.timeout)
+    if args.virtual:
+        result = tune_virtual(args.virtual, spec, timeout_s=args.timeout)
+    else:
+        result = launch(tune_rank, args.ranks, spec, timeout_s=args.timeout)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     wrong = sum(r["wrong"] for r in result["rows"])

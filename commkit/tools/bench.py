@@ -15,6 +15,13 @@ expected rows (``#wrong``: rows that differ in any field, plus missing or extra 
 
 Payloads encode (source rank, token, column) so that each receiver knows what it must get from the
 routing alone (every rank regenerates all ranks' routings from the seed, a few KiB).
+
+Virtual ranks (``bench_virtual``, ``--virtual N``: N ranks on one GPU through ``commkit.emulate``; rows
+have ``"virtual": true``): the bytes and GB/s are per rank as above, with all ranks on one node (HBM is
+the link); the time per repetition is the one launch that serves all ranks (``RankContext``); ``vs_torch``
+compares with torch ops doing all ranks' work on the same GPU (``commkit.tools.torch_ops``), as the torch
+backend needs a process group; the copy roofline moves all ranks' bytes on all ranks' SMs
+(N x num_sms blocks, as one launch runs N x num_sms blocks), expressed per rank.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import L2Flusher, TimeStats, gbps, time_collective
+
+if TYPE_CHECKING:
+    from commkit.tools.ranks import RankContext
 
 FP8_BLOCK = 128
 TORCH_BASELINE = "torch"
@@ -53,6 +63,7 @@ class BenchSpec:
     skew: float = 0.0
     seed: int = 0
     progress: bool = True
+    virtual: int | None = None  # N: run on N virtual ranks of one GPU (commkit.emulate)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -236,32 +247,20 @@ class Measured:
     wrong: int
 
 
-def _collectives(group: Any, device: torch.device) -> tuple[Callable[[], None], Callable[[float], float]]:
-    def barrier() -> None:
-        dist.barrier(group=group)
-
-    def max_across(value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return float(t.item())
-
-    return barrier, max_across
-
-
 def measure_backend(
+    ctx: RankContext,
     buf: Any,
     sets: list[InputSet],
     shape: MoEShape,
     dtype: str,
     num_sms: int | None,
     spec: BenchSpec,
-    device: torch.device,
 ) -> tuple[Measured, Measured]:
     """Dispatch and combine times over rotated input sets; every repetition checked."""
-    rank, group = dist.get_rank(), buf.group
-    barrier, max_across = _collectives(group, device)
+    rank, device = ctx.rank, ctx.device
     cuda = device.type == "cuda"
-    flush = L2Flusher(device) if cuda else None
+    # NOTE: virtual ranks share one GPU (and its L2): one rank flushes, the barrier after it orders the rest.
+    flush = L2Flusher(device) if cuda and (not ctx.virtual or rank == 0) else None
     layouts = [buf.get_dispatch_layout(s.topk_idx[rank], shape.num_experts) for s in sets]
     expects = [expected_dispatch(s, shape.num_experts, rank) for s in sets]
     combine_wants = [expected_combine(s, rank, shape.num_experts, shape.hidden, dtype) for s in sets]
@@ -288,8 +287,8 @@ def measure_backend(
         wrong += count_wrong_dispatch(out, expects[i % len(sets)], shape.hidden, dtype, s.salt)
 
     d_times = time_collective(
-        dispatch, reps=spec.reps, warmup=spec.warmup, barrier=barrier, max_across_ranks=max_across,
-        before=before, after=check_dispatch, cuda=cuda,
+        dispatch, reps=spec.reps, warmup=spec.warmup, barrier=ctx.barrier,
+        max_across_ranks=ctx.collective_time, before=before, after=check_dispatch, cuda=cuda,
     )  # fmt: skip
     d_wrong = wrong
 
@@ -307,47 +306,165 @@ def measure_backend(
         wrong += count_wrong_combine(y.x, combine_wants[i % len(sets)])
 
     c_times = time_collective(
-        combine, reps=spec.reps, warmup=spec.warmup, barrier=barrier, max_across_ranks=max_across,
-        before=before, after=check_combine, cuda=cuda,
+        combine, reps=spec.reps, warmup=spec.warmup, barrier=ctx.barrier,
+        max_across_ranks=ctx.collective_time, before=before, after=check_combine, cuda=cuda,
     )  # fmt: skip
     # NOTE: every rank counts its own wrong rows; the row reports the sum over ranks.
-    totals = torch.tensor([d_wrong, wrong], dtype=torch.int64, device=device)
-    dist.all_reduce(totals, group=group)
-    return Measured(d_times, int(totals[0])), Measured(c_times, int(totals[1]))
+    return Measured(d_times, ctx.sum_across(d_wrong)), Measured(c_times, ctx.sum_across(wrong))
 
 
-def _roofline_times(nbytes: float, num_sms: int, spec: BenchSpec, device: torch.device) -> list[float]:
+def _no_barrier() -> None:
+    pass
+
+
+def _identity(value: float) -> float:
+    return value
+
+
+def measure_torch_ops(
+    sets: list[InputSet], shape: MoEShape, dtype: str, spec: BenchSpec, device: torch.device
+) -> tuple[Measured, Measured]:
+    """The torch-ops baseline of virtual ranks (``commkit.tools.torch_ops``), on one thread: dispatch
+    and combine of all ranks' tokens with torch ops on the same device, checked like the kernels."""
+    from commkit.tools import torch_ops
+
+    cuda = device.type == "cuda"
+    flush = L2Flusher(device) if cuda else None
+    num_ranks, num_tokens = len(sets[0].topk_idx), shape.num_tokens
+    src_rank = torch.arange(num_ranks, device=device).repeat_interleave(num_tokens)
+    src_token = torch.arange(num_tokens, device=device).repeat(num_ranks)
+    prepared = []
+    for s in sets:
+        topk_idx, topk_weights = torch.cat(s.topk_idx), torch.cat(s.topk_weights)
+        x = payload_rows(src_rank, src_token, shape.hidden, dtype, s.salt)
+        scales = payload_scales(src_rank, src_token, shape.hidden, s.salt) if dtype == "fp8" else None
+        dst_rows = torch_ops.destination_rows(token_in_rank(topk_idx, shape.num_experts, num_ranks))
+        expects = [expected_dispatch(s, shape.num_experts, d) for d in range(num_ranks)]
+        # Every rank's expected combine, from that rank's rows (``expected_combine`` reads ``x`` as its own).
+        wants = [
+            expected_combine(
+                dataclasses.replace(s, x=x[r * num_tokens : (r + 1) * num_tokens], x_scales=None),
+                r, shape.num_experts, shape.hidden, dtype,
+            )
+            for r in range(num_ranks)
+        ]  # fmt: skip
+        prepared.append((s, topk_idx, topk_weights, x, scales, dst_rows, expects, torch.cat(wants)))
+
+    def before(_: int) -> None:
+        if flush is not None:
+            flush()
+
+    def dispatch(i: int) -> Any:
+        s, topk_idx, topk_weights, x, scales, dst_rows, _, _ = prepared[i % len(prepared)]
+        return torch_ops.dispatch_all(x, scales, topk_idx, topk_weights, dst_rows, shape.num_experts)
+
+    wrong = 0
+
+    def check_dispatch(i: int, outs: Any) -> None:
+        nonlocal wrong
+        s, expects = prepared[i % len(prepared)][0], prepared[i % len(prepared)][6]
+        wrong += sum(
+            count_wrong_dispatch(o, e, shape.hidden, dtype, s.salt)
+            for o, e in zip(outs, expects, strict=True)
+        )
+
+    d_times = time_collective(
+        dispatch, reps=spec.reps, warmup=spec.warmup, barrier=_no_barrier, max_across_ranks=_identity,
+        before=before, after=check_dispatch, cuda=cuda,
+    )  # fmt: skip
+    d_wrong, wrong = wrong, 0
+    experts = [[expert_output(o) for o in dispatch(i)] for i in range(len(prepared))]
+
+    def combine(i: int) -> Any:
+        j = i % len(prepared)
+        return torch_ops.combine_rows(experts[j], prepared[j][5], num_ranks * num_tokens)
+
+    def check_combine(i: int, y: Any) -> None:
+        nonlocal wrong
+        wrong += count_wrong_combine(y, prepared[i % len(prepared)][7])
+
+    c_times = time_collective(
+        combine, reps=spec.reps, warmup=spec.warmup, barrier=_no_barrier, max_across_ranks=_identity,
+        before=before, after=check_combine, cuda=cuda,
+    )  # fmt: skip
+    return Measured(d_times, d_wrong), Measured(c_times, wrong)
+
+
+def _roofline_times(
+    ctx: RankContext, nbytes: float, num_sms: int, spec: BenchSpec, device: torch.device
+) -> list[float]:
+    """Copy of ``nbytes`` on ``num_sms`` blocks: on every real rank at once (its own GPU), or for
+    virtual ranks on rank 0 alone (the caller passes all ranks' bytes and SMs; one GPU)."""
     from commkit.tools.roofline import CopyRoofline
 
-    copy = CopyRoofline(int(nbytes), device)
-    flush = L2Flusher(device)
-    barrier, max_across = _collectives(None, device)
-    return time_collective(
-        lambda _: copy(num_sms), reps=spec.reps, warmup=spec.warmup, barrier=barrier,
-        max_across_ranks=max_across, before=lambda _: flush(), cuda=True,
-    )  # fmt: skip
+    def run() -> list[float]:
+        copy = CopyRoofline(int(nbytes), device)
+        flush = L2Flusher(device)
+        return time_collective(
+            lambda _: copy(num_sms), reps=spec.reps, warmup=spec.warmup,
+            barrier=_no_barrier if ctx.virtual else ctx.barrier,
+            max_across_ranks=_identity if ctx.virtual else ctx.max_across,
+            before=lambda _: flush(), cuda=True,
+        )  # fmt: skip
+
+    return ctx.once(run) if ctx.virtual else run()
 
 
 def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[dict[str, Any]]:
     """Run on every rank (inside an initialised process group); returns the rows (same on every rank)."""
-    from commkit import Buffer
+    from commkit.tools.ranks import DistRanks
+
+    ctx = DistRanks.current()
+    assert (ctx.rank, ctx.num_ranks) == (rank, num_ranks), ((ctx.rank, ctx.num_ranks), (rank, num_ranks))
+    return bench_ranks(ctx, spec)
+
+
+def bench_virtual(num_ranks: int, spec: BenchSpec, *, timeout_s: float = 60.0, device: Any = None) -> list:
+    """``bench_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's rows."""
+    from commkit.tools.ranks import run_virtual
+
+    budgets = [k for k in spec.num_sms if k is not None]
+    return run_virtual(
+        num_ranks, lambda ctx: bench_ranks(ctx, spec), num_sms=max(budgets, default=None),
+        timeout_s=timeout_s, device=device,
+    )[0]  # fmt: skip
+
+
+VIRTUAL_TORCH_NOTE = (
+    "virtual ranks: vs torch = torch ops on the same GPU doing the same work for all ranks (index_select "
+    "per destination, index_add_ back; commkit.tools.torch_ops), not the torch backend (no process group)"
+)
+VIRTUAL_ROOFLINE_NOTE = (
+    "virtual ranks: roofline = one copy kernel on ranks x num_sms blocks moving ranks x the per-rank bytes "
+    "(all virtual ranks run in one launch on one GPU); roofline_gbps is per rank like gbps"
+)
+
+
+def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
+    """Run on every rank of ``ctx``; returns the rows (same on every rank)."""
     from commkit.tools.roofline import roofline_unavailable_reason
 
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
+    rank, num_ranks, device = ctx.rank, ctx.num_ranks, ctx.device
+    num_ranks_per_node = (
+        num_ranks
+        if ctx.virtual
+        else spec.num_ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", num_ranks))
     )
-    num_ranks_per_node = spec.num_ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", num_ranks))
     if num_ranks % num_ranks_per_node:
         raise ValueError(f"ranks per node {num_ranks_per_node} must divide ranks {num_ranks}")
-    buf = Buffer(None, backend=spec.backend)
+    buf = ctx.make_buffer(spec.backend)
     baseline = (
-        Buffer(None, backend=TORCH_BASELINE) if spec.baseline and buf.backend != TORCH_BASELINE else None
+        ctx.make_buffer(TORCH_BASELINE)
+        if spec.baseline and buf.backend != TORCH_BASELINE and not ctx.virtual
+        else None
     )
     roofline_reason = roofline_unavailable_reason() if spec.roofline else "disabled (--no-roofline)"
     if roofline_reason is None and device.type != "cuda":
-        roofline_reason = "the process group is not on CUDA devices"
+        roofline_reason = (
+            "the virtual ranks are not on a CUDA device"
+            if ctx.virtual
+            else "the process group is not on CUDA devices"
+        )
 
     configs = [(s, d, k) for s in spec.shapes for d in spec.dtypes for k in spec.num_sms]
     rows: list[dict[str, Any]] = []
@@ -361,8 +478,12 @@ def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[dict[str, Any
         ]
         nbytes = bytes_per_rank(sets[0].topk_idx, shape.num_experts, num_ranks_per_node, shape.hidden, dtype)
         effective_sms = num_sms if num_sms is not None else buf.config.num_sms
-        d, c = measure_backend(buf, sets, shape, dtype, num_sms, spec, device)
-        base = measure_backend(baseline, sets, shape, dtype, None, spec, device) if baseline else None
+        d, c = measure_backend(ctx, buf, sets, shape, dtype, num_sms, spec)
+        base: tuple[Measured, Measured] | None = None
+        if baseline is not None:
+            base = measure_backend(ctx, baseline, sets, shape, dtype, None, spec)
+        elif ctx.virtual and spec.baseline:
+            base = ctx.once(lambda: measure_torch_ops(sets, shape, dtype, spec, device))  # noqa: B023
         num_nodes = num_ranks // num_ranks_per_node
         for op, meas, base_meas in (("dispatch", d, base and base[0]), ("combine", c, base and base[1])):
             link = "rdma" if num_nodes > 1 else "nvl"
@@ -370,6 +491,7 @@ def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[dict[str, Any
             stats = TimeStats.of(meas.times_s)
             row: dict[str, Any] = {
                 "shape": shape.name, "op": op, "backend": buf.backend, "ranks": num_ranks, "nodes": num_nodes,
+                "virtual": ctx.virtual,
                 "tokens": shape.num_tokens, "hidden": shape.hidden, "experts": shape.num_experts,
                 "topk": shape.top_k, "dtype": dtype if op == "dispatch" else "bf16",
                 "num_sms": effective_sms if buf.backend != TORCH_BASELINE else None,
@@ -386,10 +508,21 @@ def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[dict[str, Any
             else:
                 row["vs_torch"] = TimeStats.of(base_meas.times_s).median_s / stats.median_s
                 row["torch_wrong"] = base_meas.wrong
+                if ctx.virtual:
+                    row["vs_torch_baseline"] = "torch-ops"
+                    row["torch_time_median_s"] = TimeStats.of(base_meas.times_s).median_s
+                    row["vs_torch_note"] = VIRTUAL_TORCH_NOTE
             if roofline_reason is None and buf.backend != TORCH_BASELINE:
-                copy = TimeStats.of(_roofline_times(link_bytes, effective_sms, spec, device))
+                # Virtual ranks: all ranks' bytes on all ranks' SMs, in one copy (see VIRTUAL_ROOFLINE_NOTE).
+                scale = num_ranks if ctx.virtual else 1
+                copy = TimeStats.of(
+                    _roofline_times(ctx, link_bytes * scale, effective_sms * scale, spec, device)
+                )
                 row["roofline_gbps"] = gbps(link_bytes, copy.median_s)
                 row["vs_roofline"] = row["gbps"] / row["roofline_gbps"]
+                if ctx.virtual:
+                    row["roofline_sms"], row["roofline_bytes"] = effective_sms * scale, link_bytes * scale
+                    row["vs_roofline_note"] = VIRTUAL_ROOFLINE_NOTE
             else:
                 row["vs_roofline"] = None
                 row["vs_roofline_note"] = roofline_reason or "the torch backend does not run on a set of SMs"

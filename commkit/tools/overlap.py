@@ -8,13 +8,16 @@ of both together against the max (perfect overlap) and the sum (no overlap) of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
+from commkit.tools.bench import bytes_per_rank, expert_output, make_input_set
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import gbps, tflops
+
+if TYPE_CHECKING:
+    from commkit.tools.ranks import RankContext
 
 
 def overlap_unavailable_reason() -> str | None:
@@ -61,25 +64,58 @@ def overlap_point(
 
 def overlap_rank(rank: int, num_ranks: int, spec: OverlapSpec) -> dict[str, Any]:
     """On every rank of an NCCL group (one GPU per rank): the sweep; rank 0's numbers are returned."""
-    from commkit import Buffer
-    from commkit.tools.bench import bytes_per_rank, expert_output, make_input_set
+    from commkit.tools.ranks import DistRanks
+
+    return overlap_ranks(DistRanks.current(), spec)
+
+
+def overlap_virtual(num_ranks: int, spec: OverlapSpec, *, timeout_s: float = 60.0) -> dict[str, Any]:
+    """``overlap_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result."""
+    from commkit.tools.ranks import run_virtual
 
     reason = overlap_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
-    device = torch.device("cuda", torch.cuda.current_device())
+    return run_virtual(
+        num_ranks, lambda ctx: overlap_ranks(ctx, spec), num_sms=max(spec.candidates, default=None),
+        timeout_s=timeout_s,
+    )[0]  # fmt: skip
+
+
+def overlap_ranks(ctx: RankContext, spec: OverlapSpec) -> dict[str, Any]:
+    """On every rank of ``ctx``: the sweep; rank 0's numbers are returned.
+
+    Real ranks: every rank runs its own GEMM on its own GPU alongside its communication. Virtual ranks
+    (one GPU): rank 0 runs one GEMM over the rows all virtual ranks receive (the compute of all of
+    them, as the communication of all of them runs in one launch on ranks x k SMs) on the compute
+    stream, while every virtual rank's dispatch/combine runs on one shared communication stream.
+    """
+    reason = overlap_unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    rank, num_ranks, device = ctx.rank, ctx.num_ranks, ctx.device
+    if device.type != "cuda":
+        raise RuntimeError(f"overlap needs CUDA devices, the ranks are on {device}")
     shape = spec.shape
-    buf = Buffer(None, backend=spec.backend)
+    buf = ctx.make_buffer(spec.backend)
     inputs = make_input_set(shape, "bf16", rank, num_ranks, spec.seed, 0.0, device)
     layout = buf.get_dispatch_layout(inputs.topk_idx[rank], shape.num_experts)
     nbytes = bytes_per_rank(inputs.topk_idx, shape.num_experts, num_ranks, shape.hidden, "bf16")
     comm_bytes = nbytes["dispatch_nvl_bytes"] + nbytes["combine_nvl_bytes"]
-    # Expert GEMM: the rows a rank receives times the fused gate+up projection [H, 2I].
-    m = max(1, int(nbytes["mean_recv_rows"]))
-    a = torch.randn(m, shape.hidden, device=device, dtype=torch.bfloat16)
-    w = torch.randn(shape.hidden, 2 * shape.moe_intermediate, device=device, dtype=torch.bfloat16)
+    # Expert GEMM: the rows a rank receives times the fused gate+up projection [H, 2I]; on virtual ranks
+    # the rows all of them receive (one GEMM on the one GPU).
+    m = max(1, int(nbytes["mean_recv_rows"] * (num_ranks if ctx.virtual else 1)))
+    runs_gemm = not ctx.virtual or rank == 0
+    a = torch.randn(m, shape.hidden, device=device, dtype=torch.bfloat16) if runs_gemm else None
+    w = (
+        torch.randn(shape.hidden, 2 * shape.moe_intermediate, device=device, dtype=torch.bfloat16)
+        if runs_gemm
+        else None
+    )
     gemm_flops = 2.0 * m * shape.hidden * 2 * shape.moe_intermediate * spec.gemm_repeats
-    comm_stream = torch.cuda.Stream(device)
+    # NOTE: virtual ranks share one communication stream; the current stream is per thread, so every
+    # rank's thread enters it, and the launch (made by whichever thread arrives last) follows it.
+    comm_stream = ctx.once(lambda: torch.cuda.Stream(device)) if ctx.virtual else torch.cuda.Stream(device)
     compute_stream = torch.cuda.current_stream(device)
 
     def gemm() -> None:
@@ -97,32 +133,39 @@ def overlap_rank(rank: int, num_ranks: int, spec: OverlapSpec) -> dict[str, Any]
         )
         buf.combine(expert_output(out), out.handle, num_sms=k)
 
-    def timed(fn: Any, stream: torch.cuda.Stream) -> float:
+    def timed(fn: Any, stream: torch.cuda.Stream, collective: bool = True) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
-        dist.barrier()
+        if collective:
+            ctx.barrier()
         with torch.cuda.stream(stream):
             start.record(stream)
             fn()
             end.record(stream)
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        local = start.elapsed_time(end) / 1e3
+        # Real ranks: this rank's own time (rank 0's is reported); virtual: the one launch (RankContext).
+        return ctx.collective_time(local) if collective and ctx.virtual else local
 
-    def median(fn: Any, stream: torch.cuda.Stream) -> float:
+    def median(fn: Any, stream: torch.cuda.Stream, collective: bool = True) -> float:
         for _ in range(spec.warmup):
-            timed(fn, stream)
-        times = sorted(timed(fn, stream) for _ in range(spec.reps))
+            timed(fn, stream, collective)
+        times = sorted(timed(fn, stream, collective) for _ in range(spec.reps))
         return times[len(times) // 2]
 
     def together(k: int) -> tuple[float, float, float]:
         torch.cuda.synchronize()
-        dist.barrier()
+        ctx.barrier()
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        ev[0].record(compute_stream)
-        comm_stream.wait_event(ev[0])
+        if runs_gemm:
+            ev[0].record(compute_stream)
+            comm_stream.wait_event(ev[0])
         with torch.cuda.stream(comm_stream):
             comm(k)
-            ev[1].record(comm_stream)
+            if runs_gemm:
+                ev[1].record(comm_stream)
+        if not runs_gemm:  # a virtual rank other than 0: its part of the launch is done
+            return (0.0, 0.0, 0.0)
         gemm()
         ev[2].record(compute_stream)
         compute_stream.wait_event(ev[1])
@@ -134,22 +177,31 @@ def overlap_rank(rank: int, num_ranks: int, spec: OverlapSpec) -> dict[str, Any]
             ev[0].elapsed_time(ev[3]) / 1e3,
         )
 
-    gemm_alone = median(gemm, compute_stream)
+    gemm_alone = median(gemm, compute_stream, collective=not ctx.virtual) if runs_gemm else 0.0
+    ctx.barrier()
     points = []
     for k in spec.candidates:
         comm_alone = median(lambda k=k: comm(k), comm_stream)
         for _ in range(spec.warmup):
             together(k)
         runs = sorted((together(k) for _ in range(spec.reps)), key=lambda r: r[2])
-        g, c, wall = runs[len(runs) // 2]
-        points.append(overlap_point(k, gemm_alone, g, comm_alone, c, wall, gemm_flops, comm_bytes))
-    return {
+        if runs_gemm:
+            g, c, wall = runs[len(runs) // 2]
+            points.append(overlap_point(k, gemm_alone, g, comm_alone, c, wall, gemm_flops, comm_bytes))
+    result = {
         "backend": buf.backend,
         "device": torch.cuda.get_device_name(device),
         "gemm": {"m": m, "k": shape.hidden, "n": 2 * shape.moe_intermediate, "repeats": spec.gemm_repeats},
         "comm_bytes": comm_bytes,
         "points": points,
     }
+    if ctx.virtual:
+        result["virtual"], result["ranks"] = True, num_ranks
+        result["note"] = (
+            f"{num_ranks} virtual ranks on one GPU: communication on {num_ranks} x num_sms SMs (one launch), "
+            "one GEMM over all ranks' received rows; comm_bytes and GB/s are per rank"
+        )
+    return result
 
 
 def plot_overlap(result: dict[str, Any], path: Any) -> str | None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from commkit.profiles import ClusterSignature, Profile
-from commkit.tools.bench import BenchSpec, bench_rank
+from commkit.tools.bench import BenchSpec, bench_ranks
+
+if TYPE_CHECKING:
+    from commkit.tools.ranks import RankContext
 
 # NOTE: differences below 3% are within the spread seen between repetitions; do not pay SMs for them.
 DEFAULT_TOLERANCE = 0.03
@@ -30,16 +33,31 @@ class TuneSpec:
 
 
 def tune_rank(rank: int, num_ranks: int, spec: TuneSpec) -> dict[str, Any]:
-    """On every rank: the sweep rows, this cluster's signature and the backend name."""
-    from commkit import Buffer
-    from commkit.profiles import cluster_signature
+    """On every rank of the process group: the sweep rows, this cluster's signature and the backend name."""
+    from commkit.tools.ranks import DistRanks
 
+    return tune_ranks(DistRanks.current(), spec)
+
+
+def tune_virtual(num_ranks: int, spec: TuneSpec, *, timeout_s: float = 60.0, device: Any = None) -> dict:
+    """``tune_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result. The signature has
+    ``num_ranks = num_ranks_per_node = N``, as ``Buffer.from_backend`` looks profiles up."""
+    from commkit.tools.ranks import run_virtual
+
+    return run_virtual(
+        num_ranks, lambda ctx: tune_ranks(ctx, spec), num_sms=max(spec.candidates, default=None),
+        timeout_s=timeout_s, device=device,
+    )[0]  # fmt: skip
+
+
+def tune_ranks(ctx: RankContext, spec: TuneSpec) -> dict[str, Any]:
+    """On every rank of ``ctx``: the sweep rows, the signature of this group and the backend name."""
     bench = BenchSpec(
         **{**spec.bench.__dict__, "num_sms": list(spec.candidates), "baseline": False, "roofline": False}
     )
-    rows = bench_rank(rank, num_ranks, bench)
-    backend = Buffer(None, backend=spec.bench.backend).backend
-    return {"rows": rows, "signature": cluster_signature().to_dict(), "backend": backend}
+    rows = bench_ranks(ctx, bench)
+    backend = ctx.make_buffer(spec.bench.backend).backend
+    return {"rows": rows, "signature": ctx.signature().to_dict(), "backend": backend}
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 
 from commkit.backends.kernels import _cupy_stream
 from commkit.emulate import EmulatedGroup
+from commkit.tools import torch_ops
 
 COPY_SRC = r"""
 extern "C" __global__ void __launch_bounds__(512)
@@ -129,16 +130,11 @@ def bench(num_ranks: int, num_sms: int, dtype: str, warmup: int, iters: int) -> 
         return run
 
     # torch ops doing the same work: gather rows per destination, then scatter-add back
-    send_pos = state.send_pos  # [R*T, R]
-    src_rows = [torch.nonzero(send_pos[:, d] >= 0).squeeze(1) for d in range(num_ranks)]
+    src_rows = torch_ops.destination_rows(state.send_pos >= 0)  # send_pos [R*T, R]
 
     def run_torch():
         with torch.cuda.stream(stream):
-            recv = [x.index_select(0, rows) for rows in src_rows]
-            acc = torch.zeros(num_ranks * TOKENS, HIDDEN, dtype=torch.float32, device=device)
-            for d in range(num_ranks):
-                acc.index_add_(0, src_rows[d], recv[d].float())
-            acc.to(torch.bfloat16)
+            torch_ops.dispatch_combine(x, src_rows)
 
     blocks = num_ranks * num_sms
     t = {}

@@ -1,0 +1,226 @@
+"""Where the per-rank code of the tools runs: ranks of a ``torch.distributed`` group, or virtual ranks.
+
+``bench``, ``tune`` and ``overlap`` run the same per-rank function on every rank; it reaches its peers
+only through a ``RankContext``:
+
+- ``DistRanks``: this process is one rank of the initialised default group (torchrun, or the gloo
+  processes of ``commkit.launch``); barrier and reductions are ``torch.distributed`` collectives.
+- ``VirtualRanks``: one thread per virtual rank of a ``commkit.emulate.EmulatedGroup`` (all ranks on
+  one GPU); barrier and reductions meet the other threads of the group (``threading.Barrier``), and
+  the buffer is ``Buffer.from_backend(virtual_rank)``. ``run_virtual(N, fn)`` runs ``fn(ctx)`` on N
+  virtual ranks.
+
+Timing differs in one point (``collective_time``): real ranks report the slowest rank's time (a
+collective ends when its last rank does); virtual ranks are served by one launch that starts when the
+last thread arrives, so the shortest per-thread time is the one with the least host-side waiting
+(threads leave a barrier one by one under the GIL) and is the one reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from commkit.errors import CommTimeoutError, ConfigError
+
+
+@dataclass
+class RankContext:
+    """One rank's view of its group. ``virtual``: the ranks are threads sharing one device."""
+
+    rank: int
+    num_ranks: int
+    device: torch.device
+    virtual: bool = False
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def max_across(self, value: float) -> float:
+        raise NotImplementedError
+
+    def min_across(self, value: float) -> float:
+        raise NotImplementedError
+
+    def sum_across(self, value: int) -> int:
+        raise NotImplementedError
+
+    def once(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only; every rank returns its result (collective)."""
+        raise NotImplementedError
+
+    def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
+        """A ``commkit.Buffer`` for this rank."""
+        raise NotImplementedError
+
+    def signature(self) -> Any:
+        """The ``ClusterSignature`` tuning profiles of this group are keyed by."""
+        raise NotImplementedError
+
+    def collective_time(self, local_s: float) -> float:
+        """A repetition's time from every rank's own measurement (see the module docstring)."""
+        return self.min_across(local_s) if self.virtual else self.max_across(local_s)
+
+
+@dataclass
+class DistRanks(RankContext):
+    """This process as one rank of a ``torch.distributed`` group (None: the default group)."""
+
+    group: Any = None
+
+    @classmethod
+    def current(cls, group: Any = None) -> DistRanks:
+        """The initialised group; CUDA devices on NCCL, else CPU."""
+        import torch.distributed as dist
+
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
+        return cls(dist.get_rank(group), dist.get_world_size(group), device, False, group)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+
+    def _reduce(self, value: float, op: Any, dtype: torch.dtype) -> Any:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=dtype, device=self.device)
+        dist.all_reduce(t, op=op, group=self.group)
+        return t.item()
+
+    def max_across(self, value: float) -> float:
+        import torch.distributed as dist
+
+        return float(self._reduce(value, dist.ReduceOp.MAX, torch.float64))
+
+    def min_across(self, value: float) -> float:
+        import torch.distributed as dist
+
+        return float(self._reduce(value, dist.ReduceOp.MIN, torch.float64))
+
+    def sum_across(self, value: int) -> int:
+        import torch.distributed as dist
+
+        return int(self._reduce(value, dist.ReduceOp.SUM, torch.int64))
+
+    def once(self, fn: Callable[[], Any]) -> Any:
+        import torch.distributed as dist
+
+        box = [fn() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
+        from commkit import Buffer
+
+        return Buffer(self.group, backend=backend, num_sms=num_sms)
+
+    def signature(self) -> Any:
+        from commkit.profiles import cluster_signature
+
+        return cluster_signature(self.group)
+
+
+class _Meeting:
+    """What the threads of one ``run_virtual`` share: a barrier and one slot per rank."""
+
+    def __init__(self, num_ranks: int, timeout_s: float) -> None:
+        self.barrier = threading.Barrier(num_ranks)
+        self.slots: list[Any] = [None] * num_ranks
+        self.timeout_s = timeout_s
+
+    def wait(self, rank: int, what: str) -> None:
+        try:
+            self.barrier.wait(timeout=self.timeout_s)
+        except threading.BrokenBarrierError:
+            raise CommTimeoutError(
+                f"{what}: virtual rank {rank} waited {self.timeout_s:g}s for the other virtual ranks "
+                "(or one of them failed)"
+            ) from None
+
+
+@dataclass
+class VirtualRanks(RankContext):
+    """One virtual rank (a thread) of an ``EmulatedGroup``; ``backend`` is its ``VirtualRank``."""
+
+    backend: Any = None
+    timeout_s: float = 60.0
+    meeting: _Meeting = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def _gather(self, value: Any, what: str) -> list[Any]:
+        self.meeting.slots[self.rank] = value
+        self.meeting.wait(self.rank, what)
+        values = list(self.meeting.slots)
+        self.meeting.wait(self.rank, what)  # nobody writes the next value before all have read
+        return values
+
+    def barrier(self) -> None:
+        self.meeting.wait(self.rank, "barrier")
+
+    def max_across(self, value: float) -> float:
+        return float(max(self._gather(value, "max_across")))
+
+    def min_across(self, value: float) -> float:
+        return float(min(self._gather(value, "min_across")))
+
+    def sum_across(self, value: int) -> int:
+        return int(sum(self._gather(int(value), "sum_across")))
+
+    def once(self, fn: Callable[[], Any]) -> Any:
+        result = fn() if self.rank == 0 else None
+        return self._gather(result, "once")[0]
+
+    def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
+        from commkit import Buffer
+
+        if backend not in ("auto", "kernels"):
+            raise ConfigError(
+                f"backend: virtual ranks run the kernels; {backend!r} needs a process group "
+                "(use torchrun or --ranks instead of --virtual)"
+            )
+        return Buffer.from_backend(self.backend, num_sms=num_sms, timeout_s=self.timeout_s)
+
+    def signature(self) -> Any:
+        """As ``Buffer.from_backend`` matches profiles: N ranks, all on this node."""
+        from commkit.profiles import cluster_signature
+
+        return dataclasses.replace(
+            cluster_signature(), num_ranks=self.num_ranks, num_ranks_per_node=self.num_ranks
+        )
+
+
+def run_virtual(
+    num_ranks: int,
+    fn: Callable[[RankContext], Any],
+    *,
+    num_sms: int | None = None,
+    timeout_s: float = 60.0,
+    device: torch.device | str | None = None,
+) -> list[Any]:
+    """Run ``fn(ctx)`` on ``num_ranks`` virtual ranks of one GPU (``commkit.emulate``); the results by
+    rank. ``num_sms``: the group's default budget (a Buffer passes its own on every call)."""
+    from commkit.emulate import DEFAULT_NUM_SMS, EmulatedGroup
+
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ValueError(f"num_ranks: expected a positive number of virtual ranks, got {num_ranks!r}")
+    group = EmulatedGroup(num_ranks, num_sms=num_sms or DEFAULT_NUM_SMS, timeout_s=timeout_s, device=device)
+    meeting = _Meeting(num_ranks, timeout_s)
+
+    def body(virtual_rank: Any) -> Any:
+        ctx = VirtualRanks(virtual_rank.rank, num_ranks, group.device, True, virtual_rank, timeout_s, meeting)
+        try:
+            return fn(ctx)
+        except BaseException:
+            meeting.barrier.abort()  # the other threads must not wait for this one
+            raise
+
+    return group.spawn(body)

@@ -1,0 +1,203 @@
+"""CPU stand-ins for the kernel launches of ``commkit.backends.kernels`` (shared by the host tests).
+
+The kernels cannot run without a GPU, so each launch is executed by a small torch function that
+follows the kernel's documented contract (inputs, ``meta`` layout, ``send_pos``, row placement); CUDA
+streams and events are replaced by no-ops. With the ``fake`` fixture, ``commkit.emulate.EmulatedGroup``
+works on ``device="cpu"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+
+from commkit import reference
+from commkit.backends import kernels as kmod
+from commkit.backends import kernels_layout as kl
+from commkit.fp8 import cast_to_fp8
+
+
+class FakeKernels:
+    """Runs 'launches' on CPU tensors found through their data pointers."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.launches: list[str] = []
+
+    def u64(self, t: torch.Tensor | None) -> Any:
+        if t is not None:
+            self.tensors[t.data_ptr()] = t
+        return 0 if t is None else t.data_ptr()
+
+    def t(self, ptr: Any) -> torch.Tensor:
+        return self.tensors[int(ptr)]
+
+    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
+        name, targs = kernel
+        self.launches.append(name)
+        getattr(self, name)(targs, num_blocks, *args)
+
+    # ---------------------------------------------------------------- kernel contracts
+    def layout_kernel(
+        self, targs, blocks, topk, offsets, num_experts, per_rank, per_expert, in_rank, send_pos
+    ):
+        num_ranks, _ = targs
+        topk, offsets = self.t(topk), self.t(offsets).tolist()
+        per_rank, per_expert, in_rank, send_pos = map(self.t, (per_rank, per_expert, in_rank, send_pos))
+        for lr in range(blocks):
+            rows = topk[offsets[lr] : offsets[lr + 1]]
+            lay = reference.layout_reference(rows, int(num_experts), num_ranks)
+            per_rank[lr] = lay.num_tokens_per_rank.to(torch.int32)
+            per_expert[lr] = lay.num_tokens_per_expert.to(torch.int32)
+            in_rank[offsets[lr] : offsets[lr + 1]] = lay.is_token_in_rank
+            pos = torch.cumsum(lay.is_token_in_rank.to(torch.int32), 0) - 1
+            send_pos[offsets[lr] : offsets[lr + 1]] = torch.where(lay.is_token_in_rank, pos, -1).to(
+                torch.int32
+            )
+
+    def notify_kernel(
+        self,
+        targs,
+        blocks,
+        peers,
+        rank_base,
+        num_experts,
+        offsets,
+        per_rank,
+        per_expert,
+        align,
+        max_rows,
+        meta,
+        timeout,
+    ):
+        (num_ranks,) = targs
+        assert blocks == num_ranks and int(rank_base) == 0  # virtual ranks: every rank in the launch
+        num_local_experts = int(num_experts) // num_ranks
+        offsets, per_rank, per_expert, meta = (
+            self.t(offsets).tolist(),
+            self.t(per_rank),
+            self.t(per_expert),
+            self.t(meta),
+        )
+        for dst in range(num_ranks):
+            acc = 0
+            for src in range(num_ranks):
+                meta[dst, src] = acc
+                acc += int(per_rank[src, dst])
+                meta[dst, num_ranks + 1 + src] = offsets[src + 1] - offsets[src]
+            meta[dst, num_ranks] = acc
+            assert int(max_rows) < 0 or acc <= int(max_rows)
+            lo = dst * num_local_experts
+            counts = per_expert[:, lo : lo + num_local_experts].sum(0)
+            meta[dst, 2 * num_ranks + 1 :] = (counts + int(align) - 1) // int(align) * int(align)
+
+    def cached_notify_kernel(self, targs, blocks, peers, rank_base, timeout):
+        pass
+
+    def dispatch_kernel(
+        self,
+        targs,
+        blocks,
+        peers,
+        rank_base,
+        num_channels,
+        max_channels,
+        num_experts,
+        offsets,
+        x,
+        scales,
+        topk,
+        weights,
+        send_pos,
+        meta,
+        recv_rows,
+        out_x,
+        out_scales,
+        out_idx,
+        out_w,
+        out_src,
+        timeout,
+    ):
+        num_ranks, hidden, num_topk, dtype = targs
+        assert blocks == num_ranks * int(num_channels) and int(num_channels) <= int(max_channels)
+        offsets, x, topk, weights = self.t(offsets).tolist(), self.t(x), self.t(topk), self.t(weights)
+        send_pos, meta, recv_rows = self.t(send_pos), self.t(meta), self.t(recv_rows).tolist()
+        out_x, out_idx, out_w, out_src = self.t(out_x), self.t(out_idx), self.t(out_w), self.t(out_src)
+        scales = self.t(scales) if dtype == kl.DTYPE_FP8 else None
+        out_scales = self.t(out_scales) if dtype != kl.DTYPE_BF16 else None
+        num_local = int(num_experts) // num_ranks
+        for dst in range(num_ranks):
+            for src in range(num_ranks):
+                for t in range(offsets[src], offsets[src + 1]):
+                    pos = int(send_pos[t, dst])
+                    if pos < 0:
+                        continue
+                    row = recv_rows[dst] + int(meta[dst, src]) + pos
+                    if dtype == kl.DTYPE_BF16_CAST_FP8:
+                        q, s = cast_to_fp8(x[t : t + 1])
+                        out_x[row], out_scales[row] = q[0], s[0]
+                    else:
+                        out_x[row] = x[t]
+                        if scales is not None:
+                            out_scales[row] = scales[t]
+                    local = topk[t] - dst * num_local
+                    out_idx[row] = torch.where((local >= 0) & (local < num_local) & (topk[t] >= 0), local, -1)
+                    out_w[row] = weights[t]
+                    out_src[row] = t - offsets[src]
+
+    def combine_kernel(
+        self,
+        targs,
+        blocks,
+        peers,
+        rank_base,
+        num_channels,
+        max_channels,
+        num_experts,
+        offsets,
+        x,
+        recv_rows,
+        recv_src,
+        meta,
+        send_pos,
+        out,
+        timeout,
+    ):
+        num_ranks, _ = targs
+        offsets, x, recv_rows = self.t(offsets).tolist(), self.t(x), self.t(recv_rows).tolist()
+        recv_src, meta, send_pos, out = self.t(recv_src), self.t(meta), self.t(send_pos), self.t(out)
+        for src in range(num_ranks):
+            for t in range(offsets[src], offsets[src + 1]):
+                acc = torch.zeros(x.shape[1], dtype=torch.float32)
+                for d in range(num_ranks):
+                    pos = int(send_pos[t, d])
+                    if pos >= 0:
+                        row = recv_rows[d] + int(meta[d, src]) + pos
+                        assert int(recv_src[row]) == t - offsets[src]
+                        acc = acc + x[row].float()
+                out[t] = acc.to(torch.bfloat16)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
+    import commkit.backends
+    import commkit.emulate as emulate
+
+    fk = FakeKernels()
+    monkeypatch.setattr(kmod, "_u64", fk.u64)
+    monkeypatch.setattr(kmod.KernelEngine, "_kernel", lambda self, header, name, *a: (name, a))
+    monkeypatch.setattr(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
+    monkeypatch.setattr(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
+    monkeypatch.setattr(kmod.KernelEngine, "_wait", lambda self, phase: None)
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(commkit.backends, "kernels_unavailable_reason", lambda group=None: None)
+    monkeypatch.setattr(emulate.EmulatedGroup, "_run", lambda self, ev: None)
+    monkeypatch.setattr(emulate.EmulatedGroup, "_finish", lambda self, caller, a, tensors: None)
+    return fk
