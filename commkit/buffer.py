@@ -179,7 +179,8 @@ class Buffer:
                 scale per 128 elements, H % 128 == 0); ``out.x`` is then the FP8 pair's data.
             num_worst_tokens: size the outputs for this many received rows instead of reading the
                 receive count back (no host sync: CUDA-graph capturable). ``out.x`` and the others
-                then have ``num_worst_tokens`` rows of which the first N_recv are valid, and
+                then have ``num_worst_tokens`` rows of which the first N_recv are valid (past them
+                ``topk_idx`` is -1, ``topk_weights`` 0, ``x`` unspecified), and
                 ``out.num_tokens_per_expert`` is empty.
 
         Returns ``DispatchOutput``: a token goes to a rank once, however many of its experts live

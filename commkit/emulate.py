@@ -38,6 +38,13 @@ from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, La
 DEFAULT_NUM_SMS = 16
 
 
+def _keep_for_stream(tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
+    """Keeps the caller's tensors allocated until the work queued so far on ``stream`` ends."""
+    for t in tensors:
+        if t.is_cuda:
+            t.record_stream(stream)
+
+
 def _cat_rows(xs: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat along rows, also for float8 (concatenated as bytes)."""
     if xs[0].dtype == torch.float8_e4m3fn:
@@ -209,6 +216,8 @@ class EmulatedGroup:
                 cast_to_fp8=cast_to_fp8,
                 num_worst_tokens=num_worst_tokens,
             )
+        if async_finish:  # the comm stream still reads the caller's tensors (torch.cat above)
+            _keep_for_stream([*xs, *(x_scales or []), *topk_idxs, *topk_weights], self.comm_stream)
         event = self._finish(
             caller, async_finish, [result.x, result.x_scales, result.topk_idx, result.topk_weights]
         )
@@ -262,6 +271,8 @@ class EmulatedGroup:
             out = self.engine.combine(
                 torch.cat(xs), state, handles[0].num_experts, num_sms=num_sms or self.num_sms
             )
+        if async_finish:  # the comm stream still reads the caller's tensors (torch.cat above)
+            _keep_for_stream(list(xs), self.comm_stream)
         event = self._finish(caller, async_finish, [out])
         return [CombineOutput(y, event) for y in torch.split(out, state.token_counts)]
 

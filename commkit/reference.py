@@ -15,8 +15,9 @@ Semantics (every backend follows them bit for bit):
   up to a multiple of ``expert_alignment``.
 - ``dispatch(x, ..., cast_to_fp8=True)`` dispatches ``cast_to_fp8(x)`` (``commkit.fp8``: e4m3 with a
   float32 scale per 128 elements).
-- ``num_worst_tokens`` pads the outputs to that many rows (zeros, ``topk_idx`` -1) and leaves
-  ``num_tokens_per_expert`` empty; the first N_r rows are those above.
+- ``num_worst_tokens`` sizes the outputs for that many rows: the first N_r are those above; past
+  them ``topk_idx`` is -1 and ``topk_weights`` 0, while ``x`` and ``x_scales`` are unspecified (not
+  written by the kernels); ``num_tokens_per_expert`` is empty.
 - Combine sends every received row back to its source token. Per token, the returned rows are summed
   in float32, starting from +0.0 and adding in ascending order of the rank that sends them back; the
   sum is rounded to bfloat16 (round to nearest even). A token that went nowhere comes back as zeros.

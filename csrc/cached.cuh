@@ -10,9 +10,9 @@ namespace commkit {
 
 template <int kNumRanks>
 __global__ void __launch_bounds__(128, 1)
-    cached_notify_kernel(const uint64_t* peer_bases, int rank_base, int64_t timeout_cycles) {
+    cached_notify_kernel(const uint64_t* peer_bases, int rank_base, int64_t timeout_ns) {
     const int rank = rank_base + static_cast<int>(blockIdx.x);
-    rank_barrier<kNumRanks>(peer_bases, rank, next_barrier_epoch(peer_bases, rank), timeout_cycles);
+    rank_barrier<kNumRanks>(peer_bases, rank, next_barrier_epoch(peer_bases, rank), timeout_ns);
 }
 
 }  // namespace commkit

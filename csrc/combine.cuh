@@ -30,6 +30,7 @@ struct CombineConfig {
     static constexpr int kReduceThreads = kNumRoleWarps * 32;
     static constexpr int kReduceIters = ceil_div(kRowInt4, kReduceThreads);  // 16-byte words per lane
     static constexpr int kReduceBarrierId = 15;
+    static_assert(kHidden <= kMaxHidden, "the reducer's accumulators would spill (see kMaxHidden)");
 };
 
 // First index in [lo, hi) whose value is >= key (values ascending).
@@ -48,7 +49,7 @@ template <int kNumRanks, int kHidden>
 __global__ void __launch_bounds__(kNumThreads, 1)
     combine_kernel(const uint64_t* peer_bases, int rank_base, int num_channels, int max_channels, int num_experts,
                    const int* token_offsets, const void* x, const int* recv_row_offsets, const int* recv_src_token,
-                   const int* meta, const int* send_pos, void* out, int64_t timeout_cycles) {
+                   const int* meta, const int* send_pos, void* out, int64_t timeout_ns) {
     using Cfg = CombineConfig<kNumRanks, kHidden>;
     constexpr int kWarpsPerPeer = Cfg::kWarpsPerPeer;
     constexpr int kGroupThreads = kWarpsPerPeer * 32;
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             uint8_t* dst_base = peer_base(peer_bases, peer);
             int* tail = counter_ptr(dst_base, max_channels, kCombineTail, me.channel, me.rank);
             const int* head = counter_ptr(own, max_channels, kCombineHead, me.channel, peer);
-            const WaitContext ctx{"combine", me.rank, me.channel, kRoleSender, peer, timeout_cycles};
+            const WaitContext ctx{"combine", me.rank, me.channel, kRoleSender, peer, timeout_ns};
             int sent = 0, cached_head = 0;
             for (int row = row_begin; row < row_end; ++row) {
                 // Wait for the reducer to free the slot
@@ -113,7 +114,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         int token_begin, token_end;
         channel_token_range(token_offsets[me.local_idx + 1] - token_base, num_channels, me.channel, token_begin,
                             token_end);
-        const WaitContext ctx{"combine", me.rank, me.channel, kRoleReducer, -1, timeout_cycles};
+        const WaitContext ctx{"combine", me.rank, me.channel, kRoleReducer, -1, timeout_ns};
         int consumed[kNumRanks], available[kNumRanks], published[kNumRanks];
 #pragma unroll
         for (int d = 0; d < kNumRanks; ++d)

@@ -27,6 +27,9 @@ static_assert(kNumSlots >= 2 * kChunk, "ring too small for the publication chunk
 constexpr int kFinishedBit = 1 << 30;    // set in a dispatch tail when its sender has no more rows
 constexpr int kCountMask = kFinishedBit - 1;
 constexpr int kLayoutThreads = 512;
+// NOTE: the combine reducer keeps 8 float32 accumulators per 16-byte word of its slice of a row in
+// registers: hidden 12288 takes 126 of the 128 registers a 512-thread block allows, 16384 spills.
+constexpr int kMaxHidden = 12288;
 constexpr int kFp8GroupSize = 128;       // elements per FP8 scale
 constexpr float kFp8Max = 448.0f;        // largest finite e4m3
 constexpr float kFp8AmaxMin = 1e-4f;     // amax clamp so that the scale is never 0 (see commkit/fp8.py)
@@ -108,7 +111,7 @@ struct WaitContext {
     int channel;
     int role;
     int peer;
-    int64_t timeout_cycles;
+    int64_t timeout_ns;  // wait budget in nanoseconds (%globaltimer)
 };
 
 // A failure report is formatted into global memory and printed with a format-only printf. NOTE:
@@ -168,15 +171,17 @@ __device__ __noinline__ void report_and_trap(const char* what, int rank, int cha
 }
 
 // Spins on an acquire load of `ptr` (system scope: the writer may be a peer GPU) until `done(value)`;
-// returns that value. After ctx.timeout_cycles SM clock cycles it reports who waited for what and traps.
+// returns that value. After ctx.timeout_ns nanoseconds it reports who waited for what and traps.
+// NOTE: %globaltimer (ns), not clock64: the SM clock changes with boost and power capping, so a cycle
+// budget derived from a nominal clock rate would not be the timeout_s the caller asked for.
 template <typename Done>
 __device__ __forceinline__ int wait_until(const int* ptr, Done done, int expected, const WaitContext& ctx) {
-    const int64_t start = clock64();
+    const uint64_t start = ptx::globaltimer_ns();
     while (true) {
         const int value = ptx::ld_acquire_sys(ptr);
         if (done(value))
             return value;
-        if (clock64() - start > ctx.timeout_cycles)
+        if (static_cast<int64_t>(ptx::globaltimer_ns() - start) > ctx.timeout_ns)
             report_and_trap(ctx.kernel, ctx.rank, ctx.channel, ctx.role, ctx.peer, expected, value);
     }
 }

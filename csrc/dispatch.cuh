@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                     int num_experts, const int* token_offsets, const void* x, const float* x_scales,
                     const int64_t* topk_idx, const float* topk_weights, const int* send_pos, const int* meta,
                     const int* recv_row_offsets, void* out_x, float* out_x_scales, int64_t* out_topk_idx,
-                    float* out_topk_weights, int* out_src_token, int64_t timeout_cycles) {
+                    float* out_topk_weights, int* out_src_token, int64_t timeout_ns) {
     using Cfg = DispatchConfig<kNumRanks, kHidden, kNumTopk, kDtype>;
     constexpr int kWarpsPerPeer = Cfg::kWarpsPerPeer;
     constexpr int kGroupThreads = kWarpsPerPeer * 32;
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         uint8_t* dst_base = peer_base(peer_bases, peer);
         int* tail = counter_ptr(dst_base, max_channels, kDispatchTail, me.channel, me.rank);
         const int* head = counter_ptr(own, max_channels, kDispatchHead, me.channel, peer);
-        const WaitContext ctx{"dispatch", me.rank, me.channel, kRoleSender, peer, timeout_cycles};
+        const WaitContext ctx{"dispatch", me.rank, me.channel, kRoleSender, peer, timeout_ns};
         int sent = 0, cached_head = 0;
         for (int t = token_base + token_begin; t < token_base + token_end; ++t) {
             const int pos = ptx::ld_nc_s32(send_pos + static_cast<int64_t>(t) * kNumRanks + peer);
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         const int row_base = recv_row_offsets[me.local_idx] + meta[me.local_idx * meta_stride + peer];
         const int* tail = counter_ptr(own, max_channels, kDispatchTail, me.channel, peer);
         int* head = counter_ptr(peer_base(peer_bases, peer), max_channels, kDispatchHead, me.channel, me.rank);
-        const WaitContext ctx{"dispatch", me.rank, me.channel, kRoleReceiver, peer, timeout_cycles};
+        const WaitContext ctx{"dispatch", me.rank, me.channel, kRoleReceiver, peer, timeout_ns};
         int consumed = 0, available = 0;
         bool finished = false;
         while (true) {

@@ -26,7 +26,7 @@ __device__ __forceinline__ int next_barrier_epoch(const uint64_t* peer_bases, in
 // visible to every peer after it (bar.sync, then a cumulative release per peer, then acquires).
 template <int kNumRanks>
 __device__ __forceinline__ void rank_barrier(const uint64_t* peer_bases, int rank, int epoch,
-                                             int64_t timeout_cycles) {
+                                             int64_t timeout_ns) {
     // NOTE: the fence makes each thread's earlier writes (inbox entries in peers' buffers) part of
     // what the signalling threads release, without relying on bar.sync cumulativity alone.
     ptx::fence_acq_rel_sys();
@@ -35,7 +35,7 @@ __device__ __forceinline__ void rank_barrier(const uint64_t* peer_bases, int ran
     if (threadIdx.x < kNumRanks) {
         int* signal = reinterpret_cast<int*>(peer_base(peer_bases, threadIdx.x) + BufferLayout::kSignalOffset);
         ptx::red_add_release_sys(signal + rank, 1);
-        const WaitContext ctx{"barrier", rank, -1, kRoleBarrier, static_cast<int>(threadIdx.x), timeout_cycles};
+        const WaitContext ctx{"barrier", rank, -1, kRoleBarrier, static_cast<int>(threadIdx.x), timeout_ns};
         const int* arrived = reinterpret_cast<const int*>(own + BufferLayout::kSignalOffset) + threadIdx.x;
         // NOTE: signals only grow; the difference is compared so that int wrap-around is harmless.
         wait_until(arrived, [epoch](int value) { return value - epoch >= 0; }, epoch, ctx);
@@ -49,7 +49,7 @@ template <int kNumRanks>
 __global__ void __launch_bounds__(128, 1)
     notify_kernel(const uint64_t* peer_bases, int rank_base, int num_experts, const int* token_offsets,
                   const int* num_tokens_per_rank, const int* num_tokens_per_expert, int expert_alignment,
-                  int num_max_recv_rows, int* meta, int64_t timeout_cycles) {
+                  int num_max_recv_rows, int* meta, int64_t timeout_ns) {
     const int local_idx = blockIdx.x;
     const int rank = rank_base + local_idx;
     const int num_local_experts = num_experts / kNumRanks;
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(128, 1)
                                                  dst * num_local_experts + e];
     }
 
-    rank_barrier<kNumRanks>(peer_bases, rank, epoch, timeout_cycles);
+    rank_barrier<kNumRanks>(peer_bases, rank, epoch, timeout_ns);
 
     // Prefix sums over the sources, in rank order
     const int* inbox = reinterpret_cast<const int*>(peer_base(peer_bases, rank) + BufferLayout::kInboxOffset) +

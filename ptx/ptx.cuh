@@ -284,4 +284,12 @@ __device__ __forceinline__ uint16_t cvt_e4m3x2_rn_satfinite(float lo, float hi) 
 // trap: aborts the kernel (the context becomes unusable); used after a timeout report.
 __device__ __forceinline__ void trap() { asm volatile("trap;"); }
 
+// %globaltimer: a 64-bit nanosecond clock shared by the SMs of the GPU, independent of the SM clock
+// frequency (which changes with boost and power capping); the time base of the bounded spin-waits.
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+    uint64_t ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    return ns;
+}
+
 }  // namespace commkit::ptx

@@ -92,8 +92,8 @@ HOST_PROGRAM = r"""
 #include "csrc/combine.cuh"
 using namespace commkit;
 int main() {
-    printf("MAX_RANKS %d\nMAX_LOCAL_EXPERTS %d\nNUM_THREADS %d\nNUM_SLOTS %d\nCHUNK %d\n",
-           kMaxRanks, kMaxLocalExperts, kNumThreads, kNumSlots, kChunk);
+    printf("MAX_RANKS %d\nMAX_LOCAL_EXPERTS %d\nNUM_THREADS %d\nNUM_SLOTS %d\nCHUNK %d\nMAX_HIDDEN %d\n",
+           kMaxRanks, kMaxLocalExperts, kNumThreads, kNumSlots, kChunk, kMaxHidden);
     printf("INBOX_OFFSET %lld\nINBOX_BYTES %lld\nCOUNTERS_OFFSET %lld\n",
            (long long)BufferLayout::kInboxOffset, (long long)BufferLayout::kInboxBytes,
            (long long)BufferLayout::kCountersOffset);
@@ -129,6 +129,7 @@ def test_host_mirror_of_device_layout(tmp_path: Path) -> None:
         "NUM_THREADS": kl.NUM_THREADS,
         "NUM_SLOTS": kl.NUM_SLOTS,
         "CHUNK": kl.CHUNK,
+        "MAX_HIDDEN": kl.MAX_HIDDEN,
         "INBOX_OFFSET": kl.INBOX_OFFSET,
         "INBOX_BYTES": kl.INBOX_BYTES,
         "COUNTERS_OFFSET": kl.COUNTERS_OFFSET,

@@ -53,6 +53,7 @@ __global__ void uses_every_wrapper(int* p, int4* q, int64_t* r) {
     }
     named_barrier_sync(1, 64);
     p[11] = cvt_e4m3x2_rn_satfinite(1.0f, -2.0f) + static_cast<int>(smem_addr(smem));
+    r[1] = static_cast<int64_t>(globaltimer_ns());
     if (a == 0x7fffffff)
         trap();
 }

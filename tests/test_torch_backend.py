@@ -168,5 +168,5 @@ def test_cast_to_fp8_and_num_worst_tokens() -> None:
         valid = {k: v[:n] for k, v in g.items() if k not in ("counts", "y")}
         valid["num_tokens_per_expert"] = ref[r].num_tokens_per_expert  # empty by contract, checked above
         check_dispatch(valid, ref[r], True, f"rank {r}")
-        assert torch.all(g["topk_idx"][n:] == -1) and torch.all(g["x"][n:].view(torch.uint8) == 0)
+        assert torch.all(g["topk_idx"][n:] == -1) and torch.all(g["topk_weights"][n:] == 0)
         assert torch.equal(bits(g["y"]), bits(ys[r])), f"rank {r}"

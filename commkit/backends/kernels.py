@@ -27,8 +27,6 @@ from commkit.errors import CommTimeoutError, ConfigError
 from commkit.jit.compiler import KernelSpec
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
-DEFAULT_CLOCK_HZ = 2.0e9  # above any H100 SM clock: a cycle budget from it is never shorter than asked
-
 
 def _u64(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
@@ -118,22 +116,14 @@ class KernelEngine:
         self.timeout_s = timeout_s
         self.device = device
         self._num_sms_device = torch.cuda.get_device_properties(device).multi_processor_count
-        self._timeout_cycles = int(timeout_s * self._clock_hz())
+        # Device waits are bounded in nanoseconds of %globaltimer (independent of the SM clock)
+        self._timeout_ns = int(timeout_s * 1e9)
         self._offsets_cache: dict[tuple[int, ...], torch.Tensor] = {}
         # Tests set this: outputs are filled with 0xFF bytes before the kernels run, so unwritten
         # rows show (NaN for floats, -1 for integers).
         self.poison_outputs = False
 
     # ------------------------------------------------------------------ helpers
-    def _clock_hz(self) -> float:
-        try:
-            from cupy_backends.cuda.api import runtime
-
-            khz = runtime.deviceGetAttribute(runtime.cudaDevAttrClockRate, self.device.index or 0)
-            return max(float(khz) * 1e3, 1e8)
-        except Exception:  # noqa: BLE001 - attribute removed in some CUDA versions
-            return DEFAULT_CLOCK_HZ
-
     def _kernel(self, header: str, name: str, *args: int) -> Any:
         from commkit.jit.loader import get_kernel
 
@@ -203,6 +193,14 @@ class KernelEngine:
                 if t is not None and t.numel():
                     t.view(torch.uint8).fill_(0xFF)
 
+    @staticmethod
+    def _check_aligned(name: str, t: torch.Tensor | None) -> None:
+        # NOTE: rows move in 16-byte words; a contiguous view with an odd storage offset would fault
+        if t is not None and t.data_ptr() % 16:
+            raise ConfigError(
+                f"{name}: the kernels need a 16-byte aligned tensor, got address {t.data_ptr():#x}"
+            )
+
     def _check_shapes(self, num_experts: int, hidden: int, num_topk: int, fp8: bool) -> None:
         if num_experts % self.num_ranks or num_experts > kl.MAX_EXPERTS:
             raise ConfigError(
@@ -214,6 +212,8 @@ class KernelEngine:
             )
         if hidden % 8 or (fp8 and hidden % kl.FP8_GROUP_SIZE):
             raise ConfigError(f"hidden: the kernels need H % 8 == 0 (H % 128 == 0 for FP8), got {hidden}")
+        if hidden > kl.MAX_HIDDEN:
+            raise ConfigError(f"hidden: the kernels support H <= {kl.MAX_HIDDEN}, got {hidden}")
         if not 1 <= num_topk <= 32:
             raise ConfigError(f"top-k: the kernels support 1 to 32 slots, got {num_topk}")
 
@@ -264,10 +264,11 @@ class KernelEngine:
         fp8_in = x.dtype == torch.float8_e4m3fn
         dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
         self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
+        self._check_aligned("x", x)
+        kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
+        self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
         self.buffers.ensure(num_sms, slot_bytes)
-        kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
-        self._check_budget(kernel, num_sms)
         peer_bases = self.buffers.peer_bases
         stride = kl.meta_stride(num_ranks, num_experts)
 
@@ -287,13 +288,28 @@ class KernelEngine:
                 _i32(1),
                 _i32(-1 if num_worst_tokens is None else num_worst_tokens),
                 _u64(meta),
-                np.int64(self._timeout_cycles),
+                np.int64(self._timeout_ns),
             )
             self._launch(notify, self.num_local, 128, args)
             recv_counts = expert_counts = None
         else:
             send_pos, meta, token_offsets = state.send_pos, state.meta, state.token_offsets
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
+            if num_worst_tokens is not None:
+                # NOTE: no notify runs here, so the device check of num_worst_tokens does not either:
+                # the bound must be known to hold, else rows would land past the outputs.
+                if recv_counts is not None:
+                    if max(recv_counts, default=0) > num_worst_tokens:
+                        raise ValueError(
+                            f"num_worst_tokens: expected at least the {max(recv_counts)} rows a rank "
+                            f"receives with this handle, got {num_worst_tokens}"
+                        )
+                elif state.num_worst_tokens is None or num_worst_tokens < state.num_worst_tokens:
+                    raise ValueError(
+                        f"num_worst_tokens: with this handle (made with num_worst_tokens="
+                        f"{state.num_worst_tokens}) expected at least {state.num_worst_tokens}, "
+                        f"got {num_worst_tokens}"
+                    )
             self._cached_notify()
 
         if num_worst_tokens is None:
@@ -320,7 +336,15 @@ class KernelEngine:
         out_idx = torch.empty(num_rows, num_topk, dtype=torch.int64, device=self.device)
         out_weights = torch.empty(num_rows, num_topk, dtype=torch.float32, device=self.device)
         out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
-        self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
+        if num_worst_tokens is None:
+            self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
+        else:
+            # The kernel writes the first N_recv rows of each rank (unknown here: nothing is read back);
+            # the padding rows must not look like routed rows to the expert code: topk_idx -1, weight 0.
+            # NOTE: x and x_scales padding rows are left unwritten (as in DeepEP): zeroing them would
+            # cost a memset of num_worst_tokens rows per call.
+            out_idx.fill_(-1)
+            out_weights.zero_()
         args = (
             _u64(peer_bases),
             _i32(self.rank_base),
@@ -340,7 +364,7 @@ class KernelEngine:
             _u64(out_idx),
             _u64(out_weights),
             _u64(out_src_token),
-            np.int64(self._timeout_cycles),
+            np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         new_state = KernelState(
@@ -358,7 +382,7 @@ class KernelEngine:
 
     def _cached_notify(self) -> None:
         kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
-        args = (_u64(self.buffers.peer_bases), _i32(self.rank_base), np.int64(self._timeout_cycles))
+        args = (_u64(self.buffers.peer_bases), _i32(self.rank_base), np.int64(self._timeout_ns))
         self._launch(kernel, self.num_local, 128, args)
 
     # ------------------------------------------------------------------ combine
@@ -366,9 +390,10 @@ class KernelEngine:
         """x: [sum N_recv, H] bf16 packed like the dispatch outputs -> [sum T, H] bf16."""
         hidden = x.shape[1]
         self._check_shapes(num_experts, hidden, 1, False)
-        self.buffers.ensure(num_sms, kl.combine_slot_bytes(hidden))
+        self._check_aligned("x", x)
         kernel = self._kernel("csrc/combine.cuh", "combine_kernel", self.num_ranks, hidden)
-        self._check_budget(kernel, num_sms)
+        self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
+        self.buffers.ensure(num_sms, kl.combine_slot_bytes(hidden))
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
         self._cached_notify()
@@ -385,7 +410,7 @@ class KernelEngine:
             _u64(state.meta),
             _u64(state.send_pos),
             _u64(out),
-            np.int64(self._timeout_cycles),
+            np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         return out

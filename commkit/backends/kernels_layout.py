@@ -8,6 +8,7 @@ from __future__ import annotations
 MAX_RANKS = 8
 MAX_LOCAL_EXPERTS = 512
 MAX_EXPERTS = 2048
+MAX_HIDDEN = 12288  # combine reducer accumulators in registers (csrc/common.cuh kMaxHidden)
 NUM_THREADS = 512
 NUM_SLOTS = 16
 CHUNK = 4
