@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,28 @@ def _check_timeout(timeout_s: float) -> float:
     return float(timeout_s)
 
 
+def _ranks_per_node(num_ranks_per_node: int | None, num_ranks: int) -> int:
+    """G for a group of R ranks (see ``Buffer``); raises ValueError naming the argument."""
+    source = "num_ranks_per_node"
+    if num_ranks_per_node is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        if env is None:
+            return num_ranks
+        source = f"num_ranks_per_node (None: $LOCAL_WORLD_SIZE={env!r})"
+        try:
+            num_ranks_per_node = min(int(env), num_ranks)
+        except ValueError:
+            raise ValueError(f"{source}: expected a positive integer of ranks per node") from None
+    if isinstance(num_ranks_per_node, bool) or not isinstance(num_ranks_per_node, int):
+        raise TypeError(f"{source}: expected an int or None, got {type(num_ranks_per_node).__name__}")
+    if num_ranks_per_node < 1 or num_ranks % num_ranks_per_node:
+        raise ValueError(
+            f"{source}: expected a positive divisor of the group's {num_ranks} ranks "
+            f"(nodes hold contiguous ranks), got {num_ranks_per_node}"
+        )
+    return num_ranks_per_node
+
+
 class Buffer:
     """Expert-parallel dispatch and combine over a process group.
 
@@ -37,6 +60,12 @@ class Buffer:
         timeout_s: how long a rank waits for its peers before raising ``TimeoutError``.
         check_values: read ``topk_idx`` to check its range and compare a handle's routing; None
             checks CPU tensors only (on CUDA tensors the read is a host sync).
+        num_ranks_per_node: G, ranks per node; nodes group the group's ranks contiguously (node n
+            holds ranks [n*G, (n+1)*G)). None: ``$LOCAL_WORLD_SIZE`` (set by torchrun) if set, at
+            most R (a group no larger than a node is taken to sit on one node), else R. G must
+            divide R. With more than one node the ``torch`` backend runs two-level (see
+            ``commkit.backends.torch_hier``) and combine sums per node first (see ``combine``);
+            ``buf.num_ranks_per_node`` says which G is in use.
 
     Experts are split evenly and contiguously over ranks: with E experts, rank r hosts experts
     [r*E/R, (r+1)*E/R). See ``dispatch`` and ``combine`` for the exact semantics.
@@ -50,6 +79,7 @@ class Buffer:
         backend: str = "auto",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         check_values: bool | None = None,
+        num_ranks_per_node: int | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise ValueError(
@@ -68,6 +98,7 @@ class Buffer:
         self.timeout_s = _check_timeout(timeout_s)
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
+        self.num_ranks_per_node = _ranks_per_node(num_ranks_per_node, dist.get_world_size(group))
         self._setup(self._make_backend(backend), check_values)
         # NOTE: the backend is chosen first: a profile tuned for one backend must not configure another.
         self.config: BufferConfig = resolve_config(num_sms, group=group, backend=self.backend)
@@ -86,6 +117,7 @@ class Buffer:
         Profiles are matched with the backend's ranks, all on this node."""
         self = cls.__new__(cls)
         self.group = None
+        self.num_ranks_per_node = backend.num_ranks
         self.timeout_s = _check_timeout(timeout_s)
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
@@ -105,12 +137,24 @@ class Buffer:
 
     def _make_backend(self, backend: str) -> Backend:
         reason = kernels_unavailable_reason(self.group)
+        num_ranks = dist.get_world_size(self.group)
+        if reason is None and self.num_ranks_per_node < num_ranks:
+            reason = (
+                f"the group spans {num_ranks // self.num_ranks_per_node} nodes "
+                f"(num_ranks_per_node={self.num_ranks_per_node}); the kernels reach peers on one node only"
+            )
         if backend == "kernels" and reason is not None:
             raise ConfigError(f"backend: 'kernels' cannot run here: {reason}")
         if backend == "kernels" or (backend == "auto" and reason is None):
             from commkit.backends.kernels import KernelsBackend
 
             return KernelsBackend(self.group, timeout_s=self.timeout_s)
+        if self.num_ranks_per_node < num_ranks:
+            from commkit.backends.torch_hier import HierTorchBackend
+
+            return HierTorchBackend(
+                self.group, timeout_s=self.timeout_s, num_ranks_per_node=self.num_ranks_per_node
+            )
         from commkit.backends.torch_dist import TorchBackend
 
         return TorchBackend(self.group, timeout_s=self.timeout_s)
@@ -137,7 +181,9 @@ class Buffer:
         """Where this rank's tokens go (local, no communication).
 
         topk_idx: [T, K] int64 in [-1, E). Returns ``Layout``: num_tokens_per_rank [R],
-        num_tokens_per_expert [E] (a token counted once per expert), is_token_in_rank [T, R] bool.
+        num_tokens_per_expert [E] (a token counted once per expert), is_token_in_rank [T, R] bool;
+        with the ``torch`` backend also num_tokens_per_node [N] (a token counted once per node of
+        ``num_ranks_per_node`` ranks) and is_token_in_node [T, N] bool (None with the kernels).
         """
         num_experts = validate.check_num_experts(num_experts, self.num_ranks)
         topk_idx = validate.check_topk_idx(topk_idx, None, num_experts, self._check_values(topk_idx))
@@ -258,7 +304,10 @@ class Buffer:
 
         Returns ``CombineOutput``: ``y.x`` [T, H] bfloat16; per token the rows that come back are
         summed in float32 starting from +0.0, in ascending order of the rank that sends them, then
-        rounded to bfloat16. A token that went nowhere comes back as zeros.
+        rounded to bfloat16. A token that went nowhere comes back as zeros. Over several nodes the
+        sum is two-level: per node the token reached, its ranks' rows summed that way and rounded to
+        bfloat16; then those partials summed in float32 from +0.0 in ascending node order, rounded
+        to bfloat16 (with one node the same bits as the one-level rule).
         """
         validate.check_handle(handle, buffer_id=self.id, backend=self.backend)
         x = validate.check_combine_x(x, handle)
@@ -275,5 +324,6 @@ class Buffer:
     def __repr__(self) -> str:
         return (
             f"Buffer(rank={self.rank}, num_ranks={self.num_ranks}, backend={self.backend!r}, "
+            f"num_ranks_per_node={self.num_ranks_per_node}, "
             f"num_sms={self.config.num_sms} ({self.config.source}), timeout_s={self.timeout_s:g})"
         )

@@ -21,6 +21,18 @@ Semantics (every backend follows them bit for bit):
 - Combine sends every received row back to its source token. Per token, the returned rows are summed
   in float32, starting from +0.0 and adding in ascending order of the rank that sends them back; the
   sum is rounded to bfloat16 (round to nearest even). A token that went nowhere comes back as zeros.
+
+Nodes (``num_ranks_per_node`` = G; None means one node of all R ranks):
+
+- Ranks are grouped into nodes contiguously: node n holds ranks [n*G, (n+1)*G); G divides R, and
+  there are N = R // G nodes. Dispatch is the same whatever G.
+- The layout also counts tokens per node: ``is_token_in_node[t, n]`` is whether token t has an expert
+  on a rank of node n, ``num_tokens_per_node[n]`` how many tokens do (a token counts once per node).
+- Combine over more than one node is two-level, as the hardware path does it: per token and per
+  node n the token reached, the partial is the float32 sum from +0.0 of the rows returned by node n's
+  ranks in ascending rank order, rounded to bfloat16 (it crosses the network in bf16); the source
+  then sums the partials in float32 from +0.0 in ascending node order and rounds to bfloat16. With
+  one node this is the rule above bit for bit (+0.0 + p == p and bf16(float32(bf16(p))) == bf16(p)).
 """
 
 from __future__ import annotations
@@ -56,27 +68,51 @@ class RankDispatch:
 
 @dataclass
 class RankLayout:
-    """num_tokens_per_rank [R], num_tokens_per_expert [E], is_token_in_rank [T, R] bool."""
+    """num_tokens_per_rank [R], num_tokens_per_expert [E], is_token_in_rank [T, R] bool,
+    num_tokens_per_node [N] int64, is_token_in_node [T, N] bool."""
 
     num_tokens_per_rank: torch.Tensor
     num_tokens_per_expert: torch.Tensor
     is_token_in_rank: torch.Tensor
+    num_tokens_per_node: torch.Tensor
+    is_token_in_node: torch.Tensor
 
 
-def layout_reference(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> RankLayout:
+def ranks_per_node(num_ranks: int, num_ranks_per_node: int | None) -> int:
+    """G for R ranks: ``num_ranks_per_node``, or R (one node) when None; G must divide R."""
+    if num_ranks_per_node is None:
+        return num_ranks
+    if num_ranks_per_node < 1 or num_ranks % num_ranks_per_node:
+        raise ValueError(
+            f"num_ranks_per_node: expected a divisor of the {num_ranks} ranks, got {num_ranks_per_node}"
+        )
+    return num_ranks_per_node
+
+
+def layout_reference(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int | None = None
+) -> RankLayout:
     """Layout of one rank's routing. topk_idx: [T, K] int64 in [-1, E)."""
     num_tokens = topk_idx.shape[0]
     experts_per_rank = num_experts // num_ranks
+    per_node = ranks_per_node(num_ranks, num_ranks_per_node)
+    num_nodes = num_ranks // per_node
     uses_expert = torch.zeros(num_tokens, num_experts, dtype=torch.bool)  # [T, E]
+    is_token_in_rank = torch.zeros(num_tokens, num_ranks, dtype=torch.bool)
+    is_token_in_node = torch.zeros(num_tokens, num_nodes, dtype=torch.bool)
     for t in range(num_tokens):
         for e in topk_idx[t].tolist():
             if e >= 0:
                 uses_expert[t, e] = True
-    is_token_in_rank = uses_expert.view(num_tokens, num_ranks, experts_per_rank).any(dim=2)  # [T, R]
+                rank = e // experts_per_rank
+                is_token_in_rank[t, rank] = True
+                is_token_in_node[t, rank // per_node] = True
     return RankLayout(
         num_tokens_per_rank=is_token_in_rank.sum(dim=0).to(torch.int64),
         num_tokens_per_expert=uses_expert.sum(dim=0).to(torch.int64),
         is_token_in_rank=is_token_in_rank,
+        num_tokens_per_node=is_token_in_node.sum(dim=0).to(torch.int64),
+        is_token_in_node=is_token_in_node,
     )
 
 
@@ -136,20 +172,33 @@ def combine_reference(
     x_experts: list[torch.Tensor],
     dispatched: list[RankDispatch],
     num_tokens: list[int],
+    num_ranks_per_node: int | None = None,
 ) -> list[torch.Tensor]:
     """Combine over all ranks at once.
 
     x_experts[r]: [N_r, H] bfloat16, rank r's expert outputs for the rows it received (in the order
-    it received them); dispatched[r]: rank r's ``RankDispatch``; num_tokens[s]: T_s.
-    Returns ys[s]: [T_s, H] bfloat16.
+    it received them); dispatched[r]: rank r's ``RankDispatch``; num_tokens[s]: T_s;
+    num_ranks_per_node: G (None: one node). Returns ys[s]: [T_s, H] bfloat16.
     """
     num_ranks = len(x_experts)
     hidden = x_experts[0].shape[1]
+    per_node = ranks_per_node(num_ranks, num_ranks_per_node)
+    num_nodes = num_ranks // per_node
     sums = [torch.zeros(n, hidden, dtype=torch.float32) for n in num_tokens]
-    # Ascending order of the rank that sends the row back; a token gets at most one row per rank.
-    for r in range(num_ranks):
-        got = dispatched[r]
-        for i in range(got.src_rank.shape[0]):
-            src, t = int(got.src_rank[i]), int(got.src_token[i])
-            sums[src][t] = sums[src][t] + x_experts[r][i].to(torch.float32)
+    for node in range(num_nodes):
+        # Level 1: node ``node``'s partial of every token, its ranks in ascending order (a token
+        # gets at most one row per rank), rounded to bf16; only tokens that reached the node have one.
+        partials = [torch.zeros(n, hidden, dtype=torch.float32) for n in num_tokens]
+        reached = [[False] * n for n in num_tokens]
+        for r in range(node * per_node, (node + 1) * per_node):
+            got = dispatched[r]
+            for i in range(got.src_rank.shape[0]):
+                src, t = int(got.src_rank[i]), int(got.src_token[i])
+                partials[src][t] = partials[src][t] + x_experts[r][i].to(torch.float32)
+                reached[src][t] = True
+        # Level 2: the source adds the partials in ascending node order (this loop's order).
+        for src, n in enumerate(num_tokens):
+            for t in range(n):
+                if reached[src][t]:
+                    sums[src][t] = sums[src][t] + partials[src][t].to(torch.bfloat16).to(torch.float32)
     return [s.to(torch.bfloat16) for s in sums]

@@ -52,11 +52,19 @@ class Layout:
     num_tokens_per_rank:   [R] int64, tokens sent to each rank (a token counts once per rank)
     num_tokens_per_expert: [E] int64, tokens whose top-k holds each expert (once per token)
     is_token_in_rank:      [T, R] bool
+    num_tokens_per_node:   [N] int64, tokens sent to each node (a token counts once per node), or None
+    is_token_in_node:      [T, N] bool, or None
+
+    Nodes group ranks contiguously: with G = ``Buffer.num_ranks_per_node``, node n holds ranks
+    [n*G, (n+1)*G) and N = R // G. The per-node fields are filled by the ``torch`` backend; a backend
+    that does not compute them leaves them None.
     """
 
     num_tokens_per_rank: torch.Tensor
     num_tokens_per_expert: torch.Tensor
     is_token_in_rank: torch.Tensor
+    num_tokens_per_node: torch.Tensor | None = None
+    is_token_in_node: torch.Tensor | None = None
 
 
 @dataclass

@@ -14,6 +14,8 @@ class Case:
 
     tokens: T per rank (a tuple of R values); skew: 0 uniform, larger favours low expert ids;
     unused: fraction of top-k slots set to -1; hot_expert: route every slot to this expert.
+    ranks_per_node: G for node-aware runs (None: one node); empty_node: no token picks an expert of
+    this node's ranks; own_node_only: every token picks experts of its own rank's node only.
     """
 
     name: str
@@ -29,6 +31,9 @@ class Case:
     duplicates: bool = False  # every token names its first expert twice
     expert_alignment: int = 1
     seed: int = 0
+    ranks_per_node: int | None = None
+    empty_node: int | None = None
+    own_node_only: bool = False
 
 
 def make_inputs(case: Case, rank: int):
@@ -40,6 +45,13 @@ def make_inputs(case: Case, rank: int):
     if case.empty_rank is not None:
         per_rank = num_experts // len(case.tokens)
         allowed = allowed[(allowed // per_rank) != case.empty_rank]
+    if case.empty_node is not None or case.own_node_only:
+        ranks_per_node = case.ranks_per_node or len(case.tokens)
+        per_node = num_experts // len(case.tokens) * ranks_per_node  # experts per node
+        if case.empty_node is not None:
+            allowed = allowed[(allowed // per_node) != case.empty_node]
+        if case.own_node_only:
+            allowed = allowed[(allowed // per_node) == rank // ranks_per_node]
     probs = 1.0 / (1.0 + torch.arange(len(allowed), dtype=torch.float64)) ** case.skew
     if num_tokens:
         picks = torch.multinomial(probs.expand(num_tokens, -1), k, replacement=False, generator=gen)

@@ -5,6 +5,10 @@ does: permute the tokens by destination rank, exchange the per-rank counts, one 
 rows, and for combine the reverse all-to-all followed by an unpermute-and-sum. It is the backend
 without a GPU and the baseline the kernels are measured against.
 
+This module holds the flat path, for a group on one node. A group that spans several nodes
+(``num_ranks_per_node`` < R) takes the two-level path of ``commkit.backends.torch_hier``, which
+reuses the helpers here (the guarded all-to-all, row packing, the count exchange, the unpacking).
+
 Each row travels as bytes (``x`` row, FP8 scales, ``topk_idx`` and ``topk_weights`` packed side by
 side) so that one all-to-all moves everything, whatever the dtype, on every torch.distributed backend.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,8 +47,10 @@ class _TorchState:
     layout: Layout
 
 
-def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> Layout:
-    """Layout of a [T, K] routing (see ``commkit.types.Layout``)."""
+def compute_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int | None = None
+) -> Layout:
+    """Layout of a [T, K] routing (see ``commkit.types.Layout``); G = ``num_ranks_per_node`` (None: R)."""
     num_tokens = topk_idx.shape[0]
     # Unused slots (-1) scatter into a spare column E that is dropped.
     columns = torch.where(topk_idx >= 0, topk_idx, num_experts)
@@ -51,11 +58,84 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> 
     uses_expert.scatter_(1, columns, True)
     uses_expert = uses_expert[:, :num_experts]  # [T, E]
     is_token_in_rank = uses_expert.view(num_tokens, num_ranks, num_experts // num_ranks).any(dim=2)
+    is_token_in_node = node_mask(is_token_in_rank, num_ranks_per_node or num_ranks)
     return Layout(
         num_tokens_per_rank=is_token_in_rank.sum(dim=0),
         num_tokens_per_expert=uses_expert.sum(dim=0),
         is_token_in_rank=is_token_in_rank,
+        num_tokens_per_node=is_token_in_node.sum(dim=0),
+        is_token_in_node=is_token_in_node,
     )
+
+
+def node_mask(is_token_in_rank: torch.Tensor, num_ranks_per_node: int) -> torch.Tensor:
+    """[T, R] bool -> [T, N] bool: whether a token has a rank on each node (nodes of G contiguous ranks)."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    return is_token_in_rank.view(num_tokens, num_ranks // num_ranks_per_node, num_ranks_per_node).any(dim=2)
+
+
+def summation_rounds(
+    mask: torch.Tensor, row_token: torch.Tensor, row_dst: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rounds that add a token's rows in ascending destination order, at most once per token a round.
+
+    mask: [T, D] bool, where each token went; row_token, row_dst: [S] int64, the token and the
+    destination (a column of ``mask``) of each sent row. Round j is (rows, tokens): the rows that are
+    their token's j-th in ascending destination order, and their tokens (unique within a round).
+    """
+    order = mask.to(torch.int64).cumsum(dim=1) - 1  # [T, D]: destinations below this one, also reached
+    row_round = order[row_token, row_dst]  # [S]
+    num_rounds = int(row_round.max()) + 1 if row_round.numel() else 0
+    rounds = []
+    for j in range(num_rounds):
+        rows = (row_round == j).nonzero(as_tuple=True)[0]
+        rounds.append((rows, row_token[rows]))
+    return rounds
+
+
+def sum_rounds(
+    rows: torch.Tensor, rounds: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int
+) -> torch.Tensor:
+    """[S, H] returned rows -> [num_tokens, H] float32, per token its rows summed from +0.0 by round."""
+    y = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
+    for idx, tokens in rounds:
+        y[tokens] += rows[idx].to(torch.float32)
+    return y
+
+
+def pack_rows(
+    x: torch.Tensor,
+    x_scales: torch.Tensor | None,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    tok: torch.Tensor,
+) -> torch.Tensor:
+    """Rows ``tok`` of each input side by side as bytes: [S, row bytes] uint8 = x | scales | idx | weights."""
+    parts = [_as_bytes(x[tok])]
+    if x_scales is not None:
+        parts.append(_as_bytes(x_scales[tok]))
+    parts += [_as_bytes(topk_idx[tok]), _as_bytes(topk_weights[tok])]
+    return torch.cat(parts, dim=1)
+
+
+def unpack_rows(
+    recv: torch.Tensor, x_dtype: torch.dtype, hidden: int, num_scales: int, num_topk: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_rows``: x [N, H], scales [N, num_scales] or None, idx [N, K], weights [N, K]."""
+    x_width = hidden * torch.empty(0, dtype=x_dtype).element_size()
+    widths = [x_width] + ([num_scales * 4] if num_scales else []) + [num_topk * 8, num_topk * 4]
+    cols = torch.split(recv, widths, dim=1)
+    recv_x = _from_bytes(cols[0], x_dtype, hidden)
+    recv_scales = _from_bytes(cols[1], torch.float32, num_scales) if num_scales else None
+    recv_idx = _from_bytes(cols[-2], torch.int64, num_topk)
+    recv_weights = _from_bytes(cols[-1], torch.float32, num_topk)
+    return recv_x, recv_scales, recv_idx, recv_weights
+
+
+def row_topk_idx(rows: torch.Tensor, x_bytes: int, num_scales: int, num_topk: int) -> torch.Tensor:
+    """The ``topk_idx`` [N, K] int64 of packed rows (``pack_rows``) whose x part is ``x_bytes`` wide."""
+    start = x_bytes + num_scales * 4
+    return _from_bytes(rows[:, start : start + num_topk * 8], torch.int64, num_topk)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -80,14 +160,17 @@ def _pad_rows(t: torch.Tensor, num_rows: int, value: float) -> torch.Tensor:
 
 
 class TorchBackend:
-    """Dispatch/combine over a ``torch.distributed`` process group (gloo or NCCL)."""
+    """Dispatch/combine over a ``torch.distributed`` process group (gloo or NCCL), flat: for one node."""
 
     name = "torch"
 
-    def __init__(self, group: dist.ProcessGroup | None, *, timeout_s: float) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None, *, timeout_s: float, num_ranks_per_node: int | None = None
+    ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
+        self.num_ranks_per_node = num_ranks_per_node or self.num_ranks
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
@@ -119,10 +202,34 @@ class TorchBackend:
                 ) from err
             raise CommError(f"{where}: the collective failed, a peer may have died ({err})") from err
 
+    def _exchange_counts(
+        self, send_counts: torch.Tensor, row_format: tuple[int, ...], names: str, phase: str
+    ) -> torch.Tensor:
+        """All-to-all of per-peer counts [R, C] together with ``row_format``; returns the [R, C] received.
+
+        Ranks that disagree on the row format would corrupt rows silently: every rank raises
+        ``ValueError`` instead, naming the fields (``names``) and the first peer that differs.
+        """
+        send_meta = torch.tensor(row_format, dtype=torch.int64, device=send_counts.device).expand(
+            self.num_ranks, -1
+        )
+        num_counts = send_counts.shape[1]
+        send = torch.cat([send_counts.to(torch.int64), send_meta], dim=1)  # [R, C + len(row_format)]
+        recv = torch.empty_like(send)
+        self._all_to_all(recv, send, None, None, phase)
+        mismatch = (recv[:, num_counts:] != send_meta).any(dim=1).nonzero(as_tuple=True)[0].tolist()
+        if mismatch:
+            peer = mismatch[0]
+            raise ValueError(
+                f"dispatch: expected every rank to pass the same {names} = {tuple(row_format)}, "
+                f"got {tuple(recv[peer, num_counts:].tolist())} from rank {peer}"
+            )
+        return recv[:, :num_counts]
+
     # -- layout --------------------------------------------------------------------------------
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
-        return compute_layout(topk_idx, num_experts, self.num_ranks)
+        return compute_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -131,35 +238,15 @@ class TorchBackend:
     ) -> _TorchState:
         """Send order and count exchange for a new routing; ``row_format`` must agree on all ranks."""
         if layout is None:
-            layout = compute_layout(topk_idx, num_experts, self.num_ranks)
+            layout = self.get_dispatch_layout(topk_idx, num_experts)
         in_rank = layout.is_token_in_rank  # [T, R]
         # Rows ordered by destination rank, then token: nonzero of the transposed mask.
         dst_rank, send_token_idx = in_rank.t().nonzero(as_tuple=True)
-        # NOTE: a token's rows come back summed in ascending rank order; its row for rank r is
-        # number (ranks below r that it also went to) in that order.
-        rank_order = in_rank.to(torch.int64).cumsum(dim=1) - 1  # [T, R]
-        send_round = rank_order[send_token_idx, dst_rank]  # [S]
-        num_rounds = int(send_round.max()) + 1 if send_round.numel() else 0
-        rounds = []
-        for j in range(num_rounds):
-            rows = (send_round == j).nonzero(as_tuple=True)[0]
-            rounds.append((rows, send_token_idx[rows]))
+        # NOTE: a token's rows come back summed in ascending rank order.
+        rounds = summation_rounds(in_rank, send_token_idx, dst_rank)
         send_counts = layout.num_tokens_per_rank.to(torch.int64)
-        # With the counts go the row format and E: ranks that disagree would corrupt rows silently.
-        send_meta = torch.tensor(row_format, dtype=torch.int64, device=send_counts.device).expand(
-            self.num_ranks, -1
-        )
-        send = torch.cat([send_counts[:, None], send_meta], dim=1)  # [R, 1 + len(row_format)]
-        recv = torch.empty_like(send)
-        self._all_to_all(recv, send, None, None, "dispatch: count exchange")
-        mismatch = (recv[:, 1:] != send_meta).any(dim=1).nonzero(as_tuple=True)[0].tolist()
-        if mismatch:
-            names = "(num_experts, hidden, top-k, x bytes per element, scales per row)"
-            peer = mismatch[0]
-            raise ValueError(
-                f"dispatch: expected every rank to pass the same {names} = {tuple(row_format)}, "
-                f"got {tuple(recv[peer, 1:].tolist())} from rank {peer}"
-            )
+        names = "(num_experts, hidden, top-k, x bytes per element, scales per row)"
+        recv = self._exchange_counts(send_counts[:, None], row_format, names, "dispatch: count exchange")
         return _TorchState(send_token_idx, rounds, send_counts.tolist(), recv[:, 0].tolist(), layout)
 
     def dispatch(
@@ -193,24 +280,45 @@ class TorchBackend:
             row_format = (num_experts, hidden, num_topk, x.element_size(), num_scales)
             state = self._plan(topk_idx, num_experts, layout, row_format)
 
-        # Pack each sent row's bytes: x | scales | topk_idx | topk_weights.
-        tok = state.send_token_idx
-        parts = [_as_bytes(x[tok])]
-        if x_scales is not None:
-            parts.append(_as_bytes(x_scales[tok]))
-        parts += [_as_bytes(topk_idx[tok]), _as_bytes(topk_weights[tok])]
-        send = torch.cat(parts, dim=1)
-        num_recv = sum(state.recv_counts)
-        recv = torch.empty(num_recv, send.shape[1], dtype=torch.uint8, device=x.device)
+        send = pack_rows(x, x_scales, topk_idx, topk_weights, state.send_token_idx)
+        recv = torch.empty(sum(state.recv_counts), send.shape[1], dtype=torch.uint8, device=x.device)
         self._all_to_all(recv, send, state.recv_counts, state.send_counts, "dispatch: rows")
+        return self._finish_dispatch(
+            recv,
+            x.dtype,
+            hidden,
+            num_scales,
+            num_topk,
+            num_experts,
+            topk_idx=topk_idx,
+            handle=handle,
+            state=state,
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+            buffer_id=buffer_id,
+            async_finish=async_finish,
+        )
 
-        # Unpack.
-        widths = [p.shape[1] for p in parts]
-        cols = torch.split(recv, widths, dim=1)
-        recv_x = _from_bytes(cols[0], x.dtype, hidden)
-        recv_scales = _from_bytes(cols[1], torch.float32, x_scales.shape[1]) if x_scales is not None else None
-        recv_idx = _from_bytes(cols[-2], torch.int64, num_topk)
-        recv_weights = _from_bytes(cols[-1], torch.float32, num_topk)
+    def _finish_dispatch(
+        self,
+        recv: torch.Tensor,
+        x_dtype: torch.dtype,
+        hidden: int,
+        num_scales: int,
+        num_topk: int,
+        num_experts: int,
+        *,
+        topk_idx: torch.Tensor,
+        handle: Handle | None,
+        state: Any,
+        expert_alignment: int,
+        num_worst_tokens: int | None,
+        buffer_id: int,
+        async_finish: bool,
+    ) -> DispatchOutput:
+        """The received packed rows [N_recv, row bytes], in their final order -> ``DispatchOutput``."""
+        recv_x, recv_scales, recv_idx, recv_weights = unpack_rows(recv, x_dtype, hidden, num_scales, num_topk)
+        num_recv = recv.shape[0]
 
         # Global expert index -> local index on this rank, -1 elsewhere.
         experts_per_rank = num_experts // self.num_ranks
@@ -219,7 +327,7 @@ class TorchBackend:
         recv_idx = torch.where(is_local, local, torch.full_like(local, -1))
 
         # Received rows per local expert (once per row), rounded up to the alignment.
-        uses = torch.zeros(num_recv, experts_per_rank + 1, dtype=torch.bool, device=x.device)
+        uses = torch.zeros(num_recv, experts_per_rank + 1, dtype=torch.bool, device=recv.device)
         uses.scatter_(1, torch.where(is_local, local, experts_per_rank), True)
         counts = uses[:, :experts_per_rank].sum(dim=0).tolist()
         num_tokens_per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts]
@@ -257,7 +365,7 @@ class TorchBackend:
             topk_weights=recv_weights,
             num_tokens_per_expert=num_tokens_per_expert,
             handle=new_handle,
-            event=self._event(x.device, async_finish),
+            event=self._event(recv.device, async_finish),
         )
 
     # -- combine -------------------------------------------------------------------------------
@@ -287,9 +395,7 @@ class TorchBackend:
         )
         # Sum in float32 in ascending rank order: round j adds every token's j-th returned row, so
         # each round touches a token at most once.
-        y = torch.zeros(handle.num_tokens, hidden, dtype=torch.float32, device=x.device)
-        for rows, tokens in state.rounds:
-            y[tokens] += back[rows].to(torch.float32)
+        y = sum_rounds(back, state.rounds, handle.num_tokens)
         return CombineOutput(x=y.to(torch.bfloat16), event=self._event(x.device, async_finish))
 
     @staticmethod

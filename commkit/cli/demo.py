@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 
 import torch
 import torch.distributed as dist
@@ -75,16 +74,12 @@ def _under_torchrun(cfg: DemoConfig) -> list[dict] | None:
 
 def _on_virtual_ranks(cfg: DemoConfig) -> list[dict]:
     """The kernels on ``cfg.ranks`` virtual ranks of this GPU (``commkit.emulate``)."""
-    from commkit.emulate import EmulatedGroup
+    from commkit.tools.ranks import run_virtual
 
-    group = EmulatedGroup(cfg.ranks)
-    lineup = threading.Barrier(cfg.ranks)
+    def rank_fn(ctx) -> dict:
+        return run_rank(ctx.rank, ctx.num_ranks, cfg, ctx.make_buffer("kernels"), ctx.barrier)
 
-    def rank_fn(virtual_rank) -> dict:
-        buf = commkit.Buffer.from_backend(virtual_rank, num_sms=group.num_sms)
-        return run_rank(virtual_rank.rank, cfg.ranks, cfg, buf, lineup.wait)
-
-    return group.spawn(rank_fn)
+    return run_virtual(cfg.ranks, rank_fn)
 
 
 def print_row(row: dict) -> None:
