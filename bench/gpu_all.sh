@@ -1,37 +1,85 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU machine: install, compile matrix, GPU tests, compute-sanitizer,
-# stress, benchmark. Logs and results go under $OUT (default: ./gpu_out). From the repository root:
-#     bash bench/gpu_all.sh                      # every step
-#     bash bench/gpu_all.sh install gpu_tests    # only these steps (a step list keeps each call short)
-# Steps: env install compile gpu_tests memcheck racecheck stress bench. Each selected step runs even
-# if an earlier one failed; the exit status is the number of failed steps.
+# Everything that needs the GPU machine: install, GPU tests, compute-sanitizer, stress, demo and the
+# benchmarks. Logs and results go under $OUT (default: ./gpu_out). From the repository root:
+#     bash bench/gpu_all.sh                      # every step (more than one 10-minute device call)
+#     bash bench/gpu_all.sh install gpu_tests    # only these steps
+# Steps: env install gpu_tests memcheck racecheck synccheck stress demo bench bench_kernels overlap tune
+# (`sanitizers` selects memcheck racecheck synccheck).
+# The device allows 10 minutes per call; suggested split into calls of < 10 minutes each:
+#     1. bash bench/gpu_all.sh env install gpu_tests
+#     2. bash bench/gpu_all.sh sanitizers
+#     3. bash bench/gpu_all.sh stress demo
+#     4. bash bench/gpu_all.sh bench bench_kernels
+#     5. bash bench/gpu_all.sh overlap tune
+# Each step is capped at STEP_LIMIT seconds (<= 540) and at what is left of DEADLINE (seconds since
+# this script started, default 570): a step that would not fit is not started and is recorded as
+# "skipped: no time". Each selected step runs even if an earlier one failed; a summary line per step
+# is printed as it ends and appended to $OUT/summary.txt; the exit status is the number of failed steps.
 set -u
 OUT="${OUT:-$PWD/gpu_out}"
+DEADLINE="${DEADLINE:-570}"
+STEP_LIMIT="${STEP_LIMIT:-540}"
+MIN_STEP="${MIN_STEP:-30}"  # a step is not started with less time than this left
 mkdir -p "$OUT"
 export COMMKIT_CACHE_DIR="${COMMKIT_CACHE_DIR:-$HOME/.cache/commkit}"
-SELECTED=" ${*:-env install compile gpu_tests memcheck racecheck stress bench} "
+SELECTED=" ${*:-env install gpu_tests sanitizers stress demo bench bench_kernels overlap tune} "
+SELECTED="${SELECTED/ sanitizers / memcheck racecheck synccheck }"
+SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 failed=0
-step() {  # step NAME TIMEOUT_S COMMAND...: run if selected, log to $OUT/NAME.txt, report status
+summary() { echo "$1" | tee -a "$OUT/summary.txt"; }
+step() {  # step NAME LIMIT_S COMMAND...: run if selected, log to $OUT/NAME.txt, report status
     local name="$1" limit="$2"
     shift 2
     [[ "$SELECTED" == *" $name "* ]] || return 0
+    ((limit > STEP_LIMIT)) && limit=$STEP_LIMIT
+    local left=$((DEADLINE - SECONDS))
+    if ((left < MIN_STEP)); then
+        echo "skipped: no time ($left s left of DEADLINE=$DEADLINE)" >"$OUT/$name.txt"
+        summary "$name: skipped: no time ($left s left of DEADLINE=$DEADLINE s)"
+        return 0
+    fi
+    ((limit > left)) && limit=$left
     local start=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.txt" 2>&1
     local rc=$?
-    echo "$name: rc=$rc ($((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
+    local note=""
+    ((rc == 124 || rc == 137)) && note=" TIMEOUT after ${limit} s"
+    summary "$name: rc=$rc ($((SECONDS - start)) s)$note"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
     tail -n 5 "$OUT/$name.txt"
 }
 
-step env 60 bash -c 'nvidia-smi; nvcc --version; python -c "import torch, cupy; print(torch.__version__, cupy.__version__)"'
+record_env() {
+    {
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${COMMKIT_COMMIT:-unknown (no .git, COMMKIT_COMMIT unset)}")"
+        nvidia-smi --query-gpu=name,driver_version --format=csv
+        nvcc --version | tail -n 2
+        python -c "import torch, cupy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__)"
+        echo "compute-sanitizer: $SANITIZER"
+    } >"$OUT/env.txt" 2>&1
+    cat "$OUT/env.txt"
+    nvidia-smi
+}
+
+step env 60 record_env
 step install 300 pip install --no-deps --no-build-isolation -e .
-# Every kernel of the CI matrix (fills the JIT cache, records the ptxas figures)
-step compile 600 env COMMKIT_PTXAS_TABLE="$OUT/ptxas_sm90.txt" python -m pytest -q -s tests/test_compile.py \
-    tests/test_ptx.py tests/test_jit_cache.py tests/test_fp8_rule.py tests/test_protocol_model.py
-step gpu_tests 900 python -m pytest -q -m gpu tests/gpu -rA
-step memcheck 900 compute-sanitizer --tool memcheck --error-exitcode 1 python tests/gpu/run_small.py
-step racecheck 900 compute-sanitizer --tool racecheck --error-exitcode 1 python tests/gpu/run_small.py
-step stress 900 python tests/gpu/stress.py --rounds 1000
-step bench 900 python tests/gpu/bench_kernels.py --out "$OUT/bench_kernels.json"
-echo "failed steps: $failed" | tee -a "$OUT/summary.txt"
+step gpu_tests 540 python -m pytest -q -m gpu tests/gpu -rA
+# compute-sanitizer on the small config (2 virtual ranks); no caching allocator, so that it sees every
+# allocation's bounds.
+step memcheck 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+    python tests/gpu/run_small.py
+step racecheck 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    python tests/gpu/run_small.py
+step synccheck 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool synccheck --error-exitcode 1 \
+    python tests/gpu/run_small.py
+step stress 420 python tests/gpu/stress.py --rounds 1000 --max-seconds 360
+step demo 120 python -m commkit demo
+step bench 420 python -m commkit bench --virtual 8 --shape deepseek-v3 --num-sms 8 --num-sms 16 --reps 10 \
+    --out "$OUT/bench" --no-progress
+step bench_kernels 300 python tests/gpu/bench_kernels.py --out "$OUT/bench_kernels.json"
+step overlap 300 python -m commkit overlap --virtual 8 --out "$OUT/overlap" --reps 5 --warmup 1
+step tune 300 python -m commkit tune --virtual 8 --num-sms 4 --num-sms 8 --num-sms 16 --reps 5 --warmup 1 \
+    --dry-run --out "$OUT/tune" --no-progress
+summary "failed steps: $failed"
 exit "$failed"

@@ -61,7 +61,18 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds before spawned ranks are abandoned"
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="host timeout: seconds before spawned ranks are abandoned (virtual ranks: how long a rank "
+        "waits for the others at the tool's own barriers)",
+    )
+    parser.add_argument(
+        "--comm-timeout",
+        type=float,
+        default=60.0,
+        help="communication timeout: the Buffer's (EmulatedGroup's) timeout_s, i.e. the device spin "
+        "budget and the wait for peers before CommTimeoutError",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -95,7 +106,26 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-def out_dir(path: str | None, name: str) -> Path:
+def out_dir(path: str | None) -> Path:
+    """``path`` (default bench/results/local), created."""
     base = Path(path) if path else Path("bench") / "results" / "local"
     base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+def max_fitting_sms(virtual: int | None) -> int | None:
+    """The largest SM budget whose blocks can all be resident (None without CUDA): the device's SMs
+    for a real rank; for N virtual ranks, whose N x num_sms blocks of 512 threads share one GPU at one
+    block per SM, its SMs // N."""
+    if not torch.cuda.is_available():
+        return None
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, sms // virtual) if virtual else sms
+
+
+def default_budgets(upper: int, virtual: int | None, step: int = 4) -> list[int]:
+    """``step``..``upper`` in steps of ``step``, capped at what fits (``max_fitting_sms``); the cap
+    itself when it is below ``step``."""
+    cap = max_fitting_sms(virtual)
+    top = upper if cap is None else min(upper, cap)
+    return list(range(step, top + 1, step)) or [top]

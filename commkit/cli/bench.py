@@ -21,7 +21,7 @@ from commkit.cli._common import (
 
 COLUMNS = [
     "shape", "op", "ranks", "nodes", "tokens", "hidden", "topk", "dtype", "num_sms", "NVL MB", "RDMA MB",
-    "med us", "min us", "max us", "GB/s", "link", "#wrong", "vs torch", "vs roofline",
+    "med us", "min us", "max us", "GB/s", "link", "#wrong", "vs torch", "vs roofline", "time",
 ]  # fmt: skip
 
 
@@ -39,7 +39,10 @@ def register(subparsers: Any) -> None:
             "'vs torch' is then torch ops doing the same work on the same GPU (index_select per "
             "destination, index_add_ back), since the torch backend needs a process group, and "
             "'vs roofline' a copy kernel on N x num_sms SMs moving all N ranks' bytes (the SMs and bytes "
-            "of the one launch)."
+            "of the one launch). Times with --virtual: the device time of the kernel launches (events on "
+            "the communication stream around them; column time = kernel), the whole call's wall time in "
+            "the JSON as time_wall_*; time = wall where the emulator gives no kernel events. A budget that "
+            "cannot run here (e.g. its N x num_sms blocks do not fit on the GPU) is skipped and reported."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -70,13 +73,28 @@ def table_row(r: dict[str, Any]) -> list[Any]:
         r["shape"], r["op"], r["ranks"], r["nodes"], r["tokens"], r["hidden"], r["topk"], r["dtype"],
         r["num_sms"], r["nvl_bytes"] / 1e6, r["rdma_bytes"] / 1e6, r["time_median_s"] * 1e6,
         r["time_min_s"] * 1e6, r["time_max_s"] * 1e6, r["gbps"], r["gbps_link"], r["wrong"], r["vs_torch"],
-        r["vs_roofline"],
+        r["vs_roofline"], r.get("time_source", "wall"),
+    ]  # fmt: skip
+
+
+def skipped_table_row(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["shape"], "skipped", r["ranks"], "", r["tokens"], r["hidden"], r["topk"], r["dtype"], r["num_sms"],
+        *[""] * 10, r["skipped"],
     ]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from commkit.tools import report
-    from commkit.tools.bench import BenchSpec, bench_rank, bench_virtual, launch, spec_to_dict, summary
+    from commkit.tools.bench import (
+        BenchSpec,
+        bench_rank,
+        bench_virtual,
+        launch,
+        spec_to_dict,
+        split_skipped,
+        summary,
+    )
 
     why = virtual_unavailable(args)
     if why:
@@ -96,34 +114,43 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         virtual=args.virtual,
+        comm_timeout_s=args.comm_timeout,
     )
     started = time.time()
     if args.virtual:
-        rows = bench_virtual(args.virtual, spec, timeout_s=args.timeout)
+        all_rows = bench_virtual(args.virtual, spec, host_timeout_s=args.timeout)
     else:
-        rows = launch(bench_rank, args.ranks, spec, timeout_s=args.timeout)
+        all_rows = launch(bench_rank, args.ranks, spec, timeout_s=args.timeout)
+    rows, skipped = split_skipped(all_rows)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0 if all(r["wrong"] == 0 for r in rows) else 1
     foot = summary(rows)
-    worst = foot["worst"]
-    footer = [
-        ["average", *[""] * 13, foot["avg_gbps"], "", foot["total_wrong"], foot["avg_vs_torch"],
-         foot["avg_vs_roofline"]],
-        ["worst", *table_row(worst)[1:]],
-    ]  # fmt: skip
+    footer = []
+    if rows:
+        footer = [
+            ["average", *[""] * 13, foot["avg_gbps"], "", foot["total_wrong"], foot["avg_vs_torch"],
+             foot["avg_vs_roofline"], ""],
+            ["worst", *table_row(foot["worst"])[1:]],
+        ]  # fmt: skip
     title = f"commkit bench ({args.virtual} virtual ranks on one GPU)" if args.virtual else "commkit bench"
-    report.print_table(title, COLUMNS, [table_row(r) for r in rows], footer=footer)
+    table = [table_row(r) for r in rows] + [skipped_table_row(r) for r in skipped]
+    report.print_table(title, COLUMNS, table, footer=footer)
     notes = sorted(
-        {r.get("vs_torch_note") for r in rows} | {r.get("vs_roofline_note") for r in rows} - {None}
+        {str(n) for r in rows for n in (r.get("vs_torch_note"), r.get("vs_roofline_note")) if n is not None}
     )
     for note in notes:
         print(f"n/a: {note}")
-    directory = out_dir(args.out, "bench")
+    for note in sorted({r["time_note"] for r in rows if r.get("time_note")}):
+        print(f"time: {note}")
+    for r in skipped:
+        print(f"skipped: {r['shape']} {r['dtype']} num_sms={r['num_sms']}: {r['skipped']}")
+    directory = out_dir(args.out)
     meta = run_metadata(started)
     report.write_json(
-        directory / "bench.json", {"meta": meta, "spec": spec_to_dict(spec), "rows": rows, "summary": foot}
+        directory / "bench.json",
+        {"meta": meta, "spec": spec_to_dict(spec), "rows": rows, "skipped": skipped, "summary": foot},
     )
     report.write_tsv(directory / "bench.tsv", COLUMNS, [table_row(r) for r in rows])
     msg = plot_bench(rows, directory / "bench.png")
@@ -131,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {directory / 'bench.json'}, {directory / 'bench.tsv'}"
         + (f"; {msg}" if msg else f", {directory / 'bench.png'}")
     )
-    if foot["total_wrong"]:
+    if foot.get("total_wrong"):
         print(f"error: {foot['total_wrong']} wrong rows")
+        return 1
+    if not rows:
+        print("error: every configuration was skipped")
         return 1
     return 0
 

@@ -25,7 +25,10 @@ def register(subparsers: Any) -> None:
             "and alongside, and the combined wall time against the max and the sum of the two alone; "
             "plot the trade-off. Needs CUDA "
             "(real ranks under torchrun, or --virtual N: N virtual ranks on one GPU, whose dispatch/combine "
-            "run in one launch on N x k SMs while one GEMM over all ranks' received rows runs beside it)."
+            "run in one launch on N x k SMs while one GEMM over all ranks' received rows runs beside it). "
+            "The GEMMs are queued first; the communication is a cached dispatch (the handle of an untimed "
+            "warm-up dispatch: no host wait for the counts) + combine; all times are CUDA events. With "
+            "--virtual the communication time is the kernels' device time (comm_time_source in the JSON)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -33,7 +36,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--tokens", type=int, help="tokens per rank (overrides the shape's)")
     add_run_args(parser)
     parser.add_argument(
-        "--num-sms", type=int, action="append", help="budgets to sweep (default 4..40 step 4)"
+        "--num-sms",
+        type=int,
+        action="append",
+        help="budgets to sweep (default 4..40 step 4, capped at what fits: the GPU's SMs, or its SMs // N "
+        "with --virtual N); a budget that cannot run (ConfigError) is skipped and reported",
     )
     parser.add_argument("--gemm-repeats", type=int, default=4, help="GEMMs per measurement")
     parser.add_argument(
@@ -45,6 +52,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from commkit.cli._common import default_budgets
     from commkit.tools import report
     from commkit.tools.bench import launch
     from commkit.tools.overlap import (
@@ -67,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens:
         shape = shape.with_(num_tokens=args.tokens)
     spec = OverlapSpec(
-        shape=shape, candidates=sorted(set(args.num_sms or range(4, 41, 4))), backend=args.backend,
-        gemm_repeats=args.gemm_repeats, reps=args.reps, warmup=args.warmup, seed=args.seed,
+        shape=shape, candidates=sorted(set(args.num_sms or default_budgets(40, args.virtual))),
+        backend=args.backend, gemm_repeats=args.gemm_repeats, reps=args.reps, warmup=args.warmup,
+        seed=args.seed, comm_timeout_s=args.comm_timeout,
     )  # fmt: skip
     if args.virtual:
-        result = overlap_virtual(args.virtual, spec, timeout_s=args.timeout)
+        result = overlap_virtual(args.virtual, spec, host_timeout_s=args.timeout)
     else:
         result = launch(overlap_rank, args.ranks, spec, timeout_s=args.timeout)
         if dist.get_rank() != 0:
@@ -82,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
          p["overlap_efficiency"]]
         for p in result["points"]
     ]  # fmt: skip
+    rows += [[p["num_sms"], f"skipped: {p['skipped']}", *[""] * 7] for p in result.get("skipped", [])]
     report.print_table(f"commkit overlap ({shape.name})", COLUMNS, rows)
-    directory = out_dir(args.out, "overlap")
+    if result.get("comm_time_note"):
+        print(f"time: {result['comm_time_note']}")
+    directory = out_dir(args.out)
     result["commit"] = report.git_commit()
     report.write_json(directory / "overlap.json", result)
-    msg = plot_overlap(result, directory / "overlap.png")
+    msg = plot_overlap(result, directory / "overlap.png") if result["points"] else "no points to plot"
     print(f"wrote {directory / 'overlap.json'}" + (f"; {msg}" if msg else f", {directory / 'overlap.png'}"))
-    return 0
+    return 0 if result["points"] else fail("every budget was skipped", 1)

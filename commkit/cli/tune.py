@@ -39,7 +39,9 @@ def register(subparsers: Any) -> None:
         "--num-sms",
         type=int,
         action="append",
-        help="candidate budgets (default: 4..48 step 4 on GPU, 8 16 24 on CPU)",
+        help="candidate budgets (default: 4..48 step 4 on GPU, capped at what fits: the GPU's SMs, or its "
+        "SMs // N with --virtual N, e.g. 4..16 for 8 virtual ranks on an H100; 8 16 24 on CPU). A budget "
+        "that cannot run (ConfigError) is skipped and reported",
     )
     parser.add_argument("--objective", default="fastest", choices=["fastest", "hide"])
     parser.add_argument("--compute-ms", type=float, help="compute time to hide under (objective hide)")
@@ -58,10 +60,11 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def default_candidates() -> list[int]:
+def default_candidates(virtual: int | None = None) -> list[int]:
+    from commkit.cli._common import default_budgets
+
     if torch.cuda.is_available():
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        return [k for k in range(4, min(48, sms // 2) + 1, 4)]
+        return default_budgets(48, virtual)
     return [8, 16, 24]
 
 
@@ -96,19 +99,25 @@ def run(args: argparse.Namespace) -> int:
             shapes=shapes_from_args(args, default_shape()), dtypes=[args.dtype], backend=args.backend,
             num_ranks_per_node=args.ranks_per_node, reps=args.reps, warmup=args.warmup,
             num_input_sets=args.input_sets, skew=args.skew, seed=args.seed, progress=not args.no_progress,
-            virtual=args.virtual,
+            virtual=args.virtual, comm_timeout_s=args.comm_timeout,
         ),
-        candidates=sorted(set(args.num_sms or default_candidates())),
+        candidates=sorted(set(args.num_sms or default_candidates(args.virtual))),
         objective=args.objective,
         compute_ms=compute_ms,
         tolerance=args.tolerance,
     )  # fmt: skip
     if args.virtual:
-        result = tune_virtual(args.virtual, spec, timeout_s=args.timeout)
+        result = tune_virtual(args.virtual, spec, host_timeout_s=args.timeout)
     else:
         result = launch(tune_rank, args.ranks, spec, timeout_s=args.timeout)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
+    skipped = result.get("skipped", [])
+    for r in skipped:
+        print(f"skipped: num_sms={r['num_sms']} ({r['shape']}): {r['skipped']}")
+    if not result["rows"]:
+        report.write_json(out_dir(args.out) / "tune.json", {"rows": [], "skipped": skipped})
+        return fail("every budget was skipped: nothing to choose from", 1)
     wrong = sum(r["wrong"] for r in result["rows"])
     if wrong:
         return fail(f"{wrong} wrong rows during the sweep: not saving a profile", 1)
@@ -117,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         [k, t * 1e3, "<- chosen" if k == choice.num_sms else ""] for k, t in sorted(choice.comm_s.items())
     ]
+    rows += [[r["num_sms"], "", f"skipped: {r['skipped']}"] for r in skipped]
     report.print_table(
         f"commkit tune ({result['backend']} backend, {profile.signature.key})",
         ["num_sms", "dispatch+combine ms", ""],
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"chosen num_sms={choice.num_sms}: {profile.reason}")
     print(f"per-SM GB/s: {profile.per_sm_gbps}")
     print(f"chunk sizes: {profile.extra['chunk_sizes_note']}")
-    report.write_json(out_dir(args.out, "tune") / "tune.json", profile.to_dict())
+    report.write_json(out_dir(args.out) / "tune.json", profile.to_dict())
     if args.dry_run:
         print("dry run: no profile saved")
         return 0

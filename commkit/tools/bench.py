@@ -18,7 +18,10 @@ routing alone (every rank regenerates all ranks' routings from the seed, a few K
 
 Virtual ranks (``bench_virtual``, ``--virtual N``: N ranks on one GPU through ``commkit.emulate``; rows
 have ``"virtual": true``): the bytes and GB/s are per rank as above, with all ranks on one node (HBM is
-the link); the time per repetition is the one launch that serves all ranks (``RankContext``); ``vs_torch``
+the link); the time per repetition is the device time of the kernel launches of the one call that serves
+all ranks (``EmulatedGroup.kernel_events``: events on the communication stream around the kernels, so the
+concatenation of all ranks' inputs before the launch is not counted; ``time_wall_*`` keeps the whole
+call, ``time_source`` says which one ``time_*`` is: "wall" where the events are missing); ``vs_torch``
 compares with torch ops doing all ranks' work on the same GPU (``commkit.tools.torch_ops``), as the torch
 backend needs a process group; the copy roofline moves all ranks' bytes on all ranks' SMs
 (N x num_sms blocks, as one launch runs N x num_sms blocks), expressed per rank.
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from commkit.errors import ConfigError
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import L2Flusher, TimeStats, gbps, time_collective
 
@@ -64,6 +68,7 @@ class BenchSpec:
     seed: int = 0
     progress: bool = True
     virtual: int | None = None  # N: run on N virtual ranks of one GPU (commkit.emulate)
+    comm_timeout_s: float = 60.0  # the Buffers' timeout_s (device spin budget, peer waits)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -73,12 +78,18 @@ def payload_rows(
     """[N, H] rows that encode (source rank, token, column); exact in bf16 and in FP8 e4m3.
 
     bf16: integers in [-127, 127] / 32; fp8: integers in [-7, 7] / 4 (all representable exactly).
+    code = (src_rank * 7919 + src_token * 104729 + col * 31 + salt * 613) mod 255, computed as the sum
+    of a per-row and a per-column residue (each < 255) so that the [N, H] temporaries are int16 (at
+    DeepSeek-V3 size every checking thread builds them for ~20k rows x 7168 columns).
     """
     col = torch.arange(hidden, device=src_rank.device, dtype=torch.int64)
-    code = (src_rank[:, None] * 7919 + src_token[:, None] * 104729 + col[None, :] * 31 + salt * 613) % 255
+    row_code = ((src_rank * 7919 + src_token * 104729 + salt * 613) % 255).to(torch.int16)  # [N]
+    col_code = ((col * 31) % 255).to(torch.int16)  # [H]
+    code = (row_code[:, None] + col_code[None, :]) % 255  # [N, H] int16, values < 255
     if dtype == "fp8":
-        return ((code % 15 - 7).to(torch.float32) / 4).to(torch.float8_e4m3fn)
-    return ((code - 127).to(torch.float32) / 32).to(torch.bfloat16)
+        # NOTE: integers / 4 are exact in bf16, then in FP8 e4m3 (|v| <= 1.75)
+        return ((code % 15 - 7).to(torch.bfloat16) / 4).to(torch.float8_e4m3fn)
+    return (code - 127).to(torch.bfloat16) / 32
 
 
 def payload_scales(src_rank: torch.Tensor, src_token: torch.Tensor, hidden: int, salt: int) -> torch.Tensor:
@@ -161,18 +172,25 @@ def expected_dispatch(inputs: InputSet, num_experts: int, rank: int) -> Expected
     return Expected(torch.cat(src_ranks), torch.cat(src_tokens), torch.cat(idxs), torch.cat(weights))
 
 
+CHECK_ROWS = 4096  # rows compared at once: bounds the [rows, H] temporaries of the checking threads
+
+
 def count_wrong_dispatch(out: Any, exp: Expected, hidden: int, dtype: str, salt: int) -> int:
     """Rows of ``out`` that differ from the expectation in x, scales, topk_idx or weights, plus the
     difference in row count (missing or extra rows count as wrong)."""
     n_exp, n_got = exp.src_rank.numel(), int(out.x.shape[0])
     n = min(n_exp, n_got)
-    want_x = payload_rows(exp.src_rank[:n], exp.src_token[:n], hidden, dtype, salt)
     got_x = out.x[:n]
-    bad = (
-        (got_x.view(torch.uint8) != want_x.view(torch.uint8)).any(dim=1)
-        if got_x.dtype == want_x.dtype
-        else (torch.ones(n, dtype=torch.bool, device=got_x.device))
-    )
+    want_dtype = torch.float8_e4m3fn if dtype == "fp8" else torch.bfloat16
+    if got_x.dtype != want_dtype:
+        bad = torch.ones(n, dtype=torch.bool, device=got_x.device)
+    else:
+        parts = []
+        for lo in range(0, n, CHECK_ROWS):
+            hi = min(n, lo + CHECK_ROWS)
+            want_x = payload_rows(exp.src_rank[lo:hi], exp.src_token[lo:hi], hidden, dtype, salt)
+            parts.append((got_x[lo:hi].view(torch.uint8) != want_x.view(torch.uint8)).any(dim=1))
+        bad = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=got_x.device)
     if dtype == "fp8":
         want_s = payload_scales(exp.src_rank[:n], exp.src_token[:n], hidden, salt)
         if out.x_scales is None:
@@ -243,8 +261,40 @@ def bytes_per_rank(
 # --------------------------------------------------------------------------------------- rank worker
 @dataclass
 class Measured:
-    times_s: list[float]
+    times_s: list[float]  # what time_* reports: kernel times where measured (virtual ranks), else wall
     wrong: int
+    wall_times_s: list[float] | None = None  # the whole call, when times_s are kernel times
+    time_note: str | None = None  # why times_s are wall times on virtual ranks
+
+
+KERNEL_TIME_NOTE = (
+    "virtual ranks: time_* = device time of the kernel launches (EmulatedGroup.kernel_events, events on "
+    "the communication stream around the kernels; excludes concatenating all ranks' inputs before the "
+    "launch); time_wall_* = the whole call"
+)
+
+
+class _KernelTimes:
+    """Collects ``ctx.kernel_time_s(op)`` once per timed repetition (None: wall times are reported)."""
+
+    def __init__(self, ctx: RankContext, op: str) -> None:
+        self.ctx, self.op = ctx, op
+        self.times: list[float] | None = [] if ctx.virtual else None
+        self.note: str | None = None
+
+    def record(self) -> None:
+        if self.times is None:
+            return
+        t, why = self.ctx.kernel_time_s(self.op)
+        if t is None:
+            self.times, self.note = None, why
+        else:
+            self.times.append(t)
+
+    def measured(self, wall: list[float], wrong: int) -> Measured:
+        if self.times is not None and len(self.times) == len(wall):
+            return Measured(self.times, wrong, wall, None)
+        return Measured(wall, wrong, None, self.note)
 
 
 def measure_backend(
@@ -280,9 +330,11 @@ def measure_backend(
             flush()
 
     wrong = 0
+    d_kernel, c_kernel = _KernelTimes(ctx, "dispatch"), _KernelTimes(ctx, "combine")
 
     def check_dispatch(i: int, out: Any) -> None:
         nonlocal wrong
+        d_kernel.record()  # NOTE: before the next collective call can replace the events
         s = sets[i % len(sets)]
         wrong += count_wrong_dispatch(out, expects[i % len(sets)], shape.hidden, dtype, s.salt)
 
@@ -303,6 +355,7 @@ def measure_backend(
 
     def check_combine(i: int, y: Any) -> None:
         nonlocal wrong
+        c_kernel.record()
         wrong += count_wrong_combine(y.x, combine_wants[i % len(sets)])
 
     c_times = time_collective(
@@ -310,7 +363,10 @@ def measure_backend(
         max_across_ranks=ctx.collective_time, before=before, after=check_combine, cuda=cuda,
     )  # fmt: skip
     # NOTE: every rank counts its own wrong rows; the row reports the sum over ranks.
-    return Measured(d_times, ctx.sum_across(d_wrong)), Measured(c_times, ctx.sum_across(wrong))
+    return (
+        d_kernel.measured(d_times, ctx.sum_across(d_wrong)),
+        c_kernel.measured(c_times, ctx.sum_across(wrong)),
+    )
 
 
 def _no_barrier() -> None:
@@ -414,19 +470,26 @@ def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[dict[str, Any
     """Run on every rank (inside an initialised process group); returns the rows (same on every rank)."""
     from commkit.tools.ranks import DistRanks
 
-    ctx = DistRanks.current()
+    ctx = DistRanks.current(timeout_s=spec.comm_timeout_s)
     assert (ctx.rank, ctx.num_ranks) == (rank, num_ranks), ((ctx.rank, ctx.num_ranks), (rank, num_ranks))
     return bench_ranks(ctx, spec)
 
 
-def bench_virtual(num_ranks: int, spec: BenchSpec, *, timeout_s: float = 60.0, device: Any = None) -> list:
-    """``bench_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's rows."""
+def bench_virtual(
+    num_ranks: int, spec: BenchSpec, *, timeout_s: float | None = None, host_timeout_s: float | None = None,
+    device: Any = None,
+) -> list:  # fmt: skip
+    """``bench_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's rows. ``timeout_s``: the
+    communication timeout (default ``spec.comm_timeout_s``); ``host_timeout_s``: see ``run_virtual``."""
+    from commkit.emulate import DEFAULT_NUM_SMS
     from commkit.tools.ranks import run_virtual
 
+    # NOTE: the group's default budget must fit (residency); a Buffer passes its own on every call.
     budgets = [k for k in spec.num_sms if k is not None]
     return run_virtual(
-        num_ranks, lambda ctx: bench_ranks(ctx, spec), num_sms=max(budgets, default=None),
-        timeout_s=timeout_s, device=device,
+        num_ranks, lambda ctx: bench_ranks(ctx, spec), num_sms=min(budgets, default=DEFAULT_NUM_SMS),
+        timeout_s=spec.comm_timeout_s if timeout_s is None else timeout_s, host_timeout_s=host_timeout_s,
+        device=device,
     )[0]  # fmt: skip
 
 
@@ -478,7 +541,14 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
         ]
         nbytes = bytes_per_rank(sets[0].topk_idx, shape.num_experts, num_ranks_per_node, shape.hidden, dtype)
         effective_sms = num_sms if num_sms is not None else buf.config.num_sms
-        d, c = measure_backend(ctx, buf, sets, shape, dtype, num_sms, spec)
+        try:
+            d, c = measure_backend(ctx, buf, sets, shape, dtype, num_sms, spec)
+        except ConfigError as exc:
+            # NOTE: the residency check is deterministic, so every rank (every virtual rank: the one
+            # launch raises on all of them) skips the same budget; the sweep goes on.
+            rows.append(skipped_row(shape, dtype, num_ranks, ctx.virtual, buf, num_sms, effective_sms, exc))
+            progress(f"{shape.name} {dtype} num_sms={effective_sms} skipped")
+            continue
         base: tuple[Measured, Measured] | None = None
         if baseline is not None:
             base = measure_backend(ctx, baseline, sets, shape, dtype, None, spec)
@@ -501,6 +571,14 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
                 "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
                 "gbps": gbps(link_bytes, stats.median_s), "wrong": meas.wrong,
             }  # fmt: skip
+            if meas.wall_times_s is not None:
+                wall = TimeStats.of(meas.wall_times_s)
+                row.update({f"time_wall_{k}": v for k, v in wall.to_dict().items() if k != "reps"})
+                row["time_source"], row["time_note"] = "kernel", KERNEL_TIME_NOTE
+            else:
+                row["time_source"] = "wall"
+                if meas.time_note:
+                    row["time_note"] = meas.time_note
             if buf.backend == TORCH_BASELINE:
                 row["vs_torch"], row["vs_torch_note"] = None, "this row is the torch backend"
             elif base_meas is None:
@@ -530,6 +608,25 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
         progress(f"{shape.name} {dtype} num_sms={effective_sms}")
     progress(None)
     return rows
+
+
+def skipped_row(
+    shape: MoEShape, dtype: str, num_ranks: int, virtual: bool, buf: Any, num_sms: int | None,
+    effective_sms: int, exc: Exception,
+) -> dict[str, Any]:  # fmt: skip
+    """The row of a budget that cannot run here (``ConfigError``, e.g. the blocks do not all fit)."""
+    return {
+        "shape": shape.name, "op": "dispatch+combine", "backend": buf.backend, "ranks": num_ranks,
+        "virtual": virtual, "tokens": shape.num_tokens, "hidden": shape.hidden, "experts": shape.num_experts,
+        "topk": shape.top_k, "dtype": dtype, "num_sms": effective_sms,
+        "num_sms_source": "argument" if num_sms is not None else buf.config.source,
+        "num_sms_requested": effective_sms, "skipped": f"{type(exc).__name__}: {exc}",
+    }  # fmt: skip
+
+
+def split_skipped(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(measured rows, skipped rows) of ``bench_ranks``."""
+    return [r for r in rows if "skipped" not in r], [r for r in rows if "skipped" in r]
 
 
 def _progress(enabled: bool, total: int) -> Callable[[str | None], None]:
@@ -571,7 +668,8 @@ def launch(fn: Callable[..., Any], num_ranks: int, *args: Any, timeout_s: float 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Footer: averages over rows and the worst row (lowest fraction of its roofline if measured,
-    else lowest GB/s)."""
+    else lowest GB/s); skipped rows are left out."""
+    rows = split_skipped(rows)[0]
     if not rows:
         return {}
 

@@ -2,7 +2,9 @@
 communication stream, for a sweep of ``k`` (CUDA only).
 
 Per ``k``: GEMM TFLOP/s alone and alongside, communication GB/s alone and alongside, and the wall time
-of both together against the max (perfect overlap) and the sum (no overlap) of the two alone.
+of both together against the max (perfect overlap) and the sum (no overlap) of the two alone. The
+GEMMs are queued before the communication, which is a cached dispatch (handle of an untimed warm-up
+dispatch: no host wait for the counts) + combine; everything is timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class OverlapSpec:
     reps: int = 10
     warmup: int = 2
     seed: int = 0
+    comm_timeout_s: float = 60.0  # the Buffers' timeout_s (device spin budget, peer waits)
 
 
 def overlap_point(
@@ -66,30 +69,54 @@ def overlap_rank(rank: int, num_ranks: int, spec: OverlapSpec) -> dict[str, Any]
     """On every rank of an NCCL group (one GPU per rank): the sweep; rank 0's numbers are returned."""
     from commkit.tools.ranks import DistRanks
 
-    return overlap_ranks(DistRanks.current(), spec)
+    return overlap_ranks(DistRanks.current(timeout_s=spec.comm_timeout_s), spec)
 
 
-def overlap_virtual(num_ranks: int, spec: OverlapSpec, *, timeout_s: float = 60.0) -> dict[str, Any]:
-    """``overlap_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result."""
+def overlap_virtual(
+    num_ranks: int, spec: OverlapSpec, *, timeout_s: float | None = None, host_timeout_s: float | None = None
+) -> dict[str, Any]:
+    """``overlap_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result. ``timeout_s``: the
+    communication timeout (default ``spec.comm_timeout_s``)."""
+    from commkit.emulate import DEFAULT_NUM_SMS
     from commkit.tools.ranks import run_virtual
 
     reason = overlap_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
     return run_virtual(
-        num_ranks, lambda ctx: overlap_ranks(ctx, spec), num_sms=max(spec.candidates, default=None),
-        timeout_s=timeout_s,
+        num_ranks, lambda ctx: overlap_ranks(ctx, spec),
+        num_sms=min(spec.candidates, default=DEFAULT_NUM_SMS),
+        timeout_s=spec.comm_timeout_s if timeout_s is None else timeout_s, host_timeout_s=host_timeout_s,
     )[0]  # fmt: skip
+
+
+COMM_TIME_NOTE = {
+    "kernel": (
+        "comm time = device time from the dispatch kernels' start to the combine kernels' end "
+        "(EmulatedGroup.kernel_events; the one launch serving all virtual ranks)"
+    ),
+    "stream": "comm time = events on the communication stream around dispatch + combine",
+}
 
 
 def overlap_ranks(ctx: RankContext, spec: OverlapSpec) -> dict[str, Any]:
     """On every rank of ``ctx``: the sweep; rank 0's numbers are returned.
 
+    Per budget k, an untimed dispatch gives the handle; the timed communication is a cached dispatch
+    with that handle (no count exchange, so no host wait for a read-back) and a combine. Together: the
+    GEMMs are queued on the compute stream first, then dispatch + combine on the communication stream,
+    both from one start event; the times come from events (GEMM end, communication end, both done).
+    A budget that cannot run here (``ConfigError``, e.g. its blocks do not all fit) is skipped with the
+    reason (``skipped``).
+
     Real ranks: every rank runs its own GEMM on its own GPU alongside its communication. Virtual ranks
     (one GPU): rank 0 runs one GEMM over the rows all virtual ranks receive (the compute of all of
     them, as the communication of all of them runs in one launch on ranks x k SMs) on the compute
-    stream, while every virtual rank's dispatch/combine runs on one shared communication stream.
+    stream, while every virtual rank's dispatch/combine runs on one shared communication stream; the
+    communication time is then the kernels' device time where ``EmulatedGroup.kernel_events`` exists.
     """
+    from commkit.errors import ConfigError
+
     reason = overlap_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
@@ -117,84 +144,131 @@ def overlap_ranks(ctx: RankContext, spec: OverlapSpec) -> dict[str, Any]:
     # rank's thread enters it, and the launch (made by whichever thread arrives last) follows it.
     comm_stream = ctx.once(lambda: torch.cuda.Stream(device)) if ctx.virtual else torch.cuda.Stream(device)
     compute_stream = torch.cuda.current_stream(device)
+    handles: dict[int, Any] = {}
+    sources: set[str] = set()
+
+    def event() -> torch.cuda.Event:
+        return torch.cuda.Event(enable_timing=True)
 
     def gemm() -> None:
         assert a is not None and w is not None, "only the ranks that run the GEMM time it"
         for _ in range(spec.gemm_repeats):
             torch.matmul(a, w)
 
+    def warm_up(k: int) -> None:
+        """Untimed full dispatch (layout, count exchange) at budget k: its handle serves the timed ones."""
+        with torch.cuda.stream(comm_stream):
+            out = buf.dispatch(
+                inputs.x, inputs.topk_idx[rank], inputs.topk_weights[rank], shape.num_experts,
+                layout=layout, num_sms=k,
+            )  # fmt: skip
+            buf.combine(expert_output(out), out.handle, num_sms=k)
+        torch.cuda.synchronize()
+        handles[k] = out.handle
+
     def comm(k: int) -> None:
+        """Cached dispatch (the handle: no count read-back, no host wait) + combine, on the current stream."""
         out = buf.dispatch(
-            inputs.x,
-            inputs.topk_idx[rank],
-            inputs.topk_weights[rank],
-            shape.num_experts,
-            layout=layout,
-            num_sms=k,
-        )
+            inputs.x, inputs.topk_idx[rank], inputs.topk_weights[rank], shape.num_experts,
+            handle=handles[k], num_sms=k,
+        )  # fmt: skip
         buf.combine(expert_output(out), out.handle, num_sms=k)
 
-    def timed(fn: Any, stream: torch.cuda.Stream, collective: bool = True) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        if collective:
-            ctx.barrier()
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            fn()
-            end.record(stream)
-        end.synchronize()
-        local = start.elapsed_time(end) / 1e3
-        # Real ranks: this rank's own time (rank 0's is reported); virtual: the one launch (RankContext).
-        return ctx.collective_time(local) if collective and ctx.virtual else local
+    def comm_time(begin: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        """The communication's time: the kernels' (virtual ranks, where the events exist), else the
+        stream's events. Call after ``end`` completed and before the next collective call."""
+        kernel_events = getattr(getattr(ctx, "group", None), "kernel_events", None) if ctx.virtual else None
+        if kernel_events:
+            d, c = kernel_events.get("dispatch"), kernel_events.get("combine")
+            if d is not None and c is not None and d[0] is not None and c[1] is not None:
+                c[1].synchronize()
+                sources.add("kernel")
+                return float(d[0].elapsed_time(c[1])) / 1e3
+        sources.add("stream")
+        return float(begin.elapsed_time(end)) / 1e3
 
-    def median(fn: Any, stream: torch.cuda.Stream, collective: bool = True) -> float:
-        for _ in range(spec.warmup):
-            timed(fn, stream, collective)
-        times = sorted(timed(fn, stream, collective) for _ in range(spec.reps))
-        return times[len(times) // 2]
+    def comm_alone(k: int) -> float:
+        torch.cuda.synchronize()
+        ctx.barrier()
+        begin, end = event(), event()
+        with torch.cuda.stream(comm_stream):
+            begin.record(comm_stream)
+            comm(k)
+            end.record(comm_stream)
+        end.synchronize()
+        local = comm_time(begin, end)
+        # Real ranks: this rank's own time (rank 0's is reported); virtual: the one launch (RankContext).
+        return ctx.collective_time(local) if ctx.virtual else local
+
+    def gemm_alone() -> float:
+        begin, end = event(), event()
+        torch.cuda.synchronize()
+        begin.record(compute_stream)
+        gemm()
+        end.record(compute_stream)
+        end.synchronize()
+        return float(begin.elapsed_time(end)) / 1e3
 
     def together(k: int) -> tuple[float, float, float]:
         torch.cuda.synchronize()
         ctx.barrier()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        start, gemm_end, comm_begin, comm_end, both_done = (event() for _ in range(5))
         if runs_gemm:
-            ev[0].record(compute_stream)
-            comm_stream.wait_event(ev[0])
+            start.record(compute_stream)
+            comm_stream.wait_event(start)
+            gemm()  # queued first: it does not wait for anything the communication does on the host
+            gemm_end.record(compute_stream)
         with torch.cuda.stream(comm_stream):
+            comm_begin.record(comm_stream)
             comm(k)
-            if runs_gemm:
-                ev[1].record(comm_stream)
+            comm_end.record(comm_stream)
         if not runs_gemm:  # a virtual rank other than 0: its part of the launch is done
             return (0.0, 0.0, 0.0)
-        gemm()
-        ev[2].record(compute_stream)
-        compute_stream.wait_event(ev[1])
-        ev[3].record(compute_stream)
-        ev[3].synchronize()
+        compute_stream.wait_event(comm_end)
+        both_done.record(compute_stream)
+        both_done.synchronize()
         return (
-            ev[0].elapsed_time(ev[2]) / 1e3,
-            ev[0].elapsed_time(ev[1]) / 1e3,
-            ev[0].elapsed_time(ev[3]) / 1e3,
+            float(start.elapsed_time(gemm_end)) / 1e3,
+            comm_time(comm_begin, comm_end),
+            float(start.elapsed_time(both_done)) / 1e3,
         )
 
-    gemm_alone = median(gemm, compute_stream, collective=not ctx.virtual) if runs_gemm else 0.0
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    if runs_gemm:
+        for _ in range(spec.warmup):
+            gemm_alone()
+        g_alone = median([gemm_alone() for _ in range(spec.reps)])
+    else:
+        g_alone = 0.0
     ctx.barrier()
-    points = []
+    points, skipped = [], []
     for k in spec.candidates:
-        comm_alone = median(lambda k=k: comm(k), comm_stream)
+        try:
+            warm_up(k)
+        except ConfigError as exc:  # the same on every rank (every virtual rank: the one launch raised)
+            skipped.append({"num_sms": k, "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
+        for _ in range(spec.warmup):
+            comm_alone(k)
+        c_alone = median([comm_alone(k) for _ in range(spec.reps)])
         for _ in range(spec.warmup):
             together(k)
         runs = sorted((together(k) for _ in range(spec.reps)), key=lambda r: r[2])
         if runs_gemm:
             g, c, wall = runs[len(runs) // 2]
-            points.append(overlap_point(k, gemm_alone, g, comm_alone, c, wall, gemm_flops, comm_bytes))
+            points.append(overlap_point(k, g_alone, g, c_alone, c, wall, gemm_flops, comm_bytes))
+    comm_source = "kernel" if sources == {"kernel"} else "stream"
     result = {
         "backend": buf.backend,
         "device": torch.cuda.get_device_name(device),
         "gemm": {"m": m, "k": shape.hidden, "n": 2 * shape.moe_intermediate, "repeats": spec.gemm_repeats},
         "comm_bytes": comm_bytes,
+        "comm_time_source": comm_source,
+        "comm_time_note": COMM_TIME_NOTE[comm_source],
         "points": points,
+        "skipped": skipped,
     }
     if ctx.virtual:
         result["virtual"], result["ranks"] = True, num_ranks
@@ -202,6 +276,10 @@ def overlap_ranks(ctx: RankContext, spec: OverlapSpec) -> dict[str, Any]:
             f"{num_ranks} virtual ranks on one GPU: communication on {num_ranks} x num_sms SMs (one launch), "
             "one GEMM over all ranks' received rows; comm_bytes and GB/s are per rank"
         )
+        if comm_source != "kernel":
+            result["comm_time_note"] += (
+                " (EmulatedGroup.kernel_events missing or empty: includes concatenating the ranks' inputs)"
+            )
     return result
 
 

@@ -62,6 +62,11 @@ class RankContext:
         """The ``ClusterSignature`` tuning profiles of this group are keyed by."""
         raise NotImplementedError
 
+    def kernel_time_s(self, op: str) -> tuple[float | None, str | None]:
+        """Virtual ranks: the device time of the kernels of the latest ``op`` call ("dispatch" or
+        "combine") from the group's ``kernel_events``, or (None, why not). Real ranks: (None, None)."""
+        return None, None
+
     def collective_time(self, local_s: float) -> float:
         """A repetition's time from every rank's own measurement (see the module docstring)."""
         return self.min_across(local_s) if self.virtual else self.max_across(local_s)
@@ -72,10 +77,11 @@ class DistRanks(RankContext):
     """This process as one rank of a ``torch.distributed`` group (None: the default group)."""
 
     group: Any = None
+    timeout_s: float = 60.0  # the Buffers' communication timeout (device spin budget, peer waits)
 
     @classmethod
-    def current(cls, group: Any = None) -> DistRanks:
-        """The initialised group; CUDA devices on NCCL, else CPU."""
+    def current(cls, group: Any = None, *, timeout_s: float = 60.0) -> DistRanks:
+        """The initialised group; CUDA devices on NCCL, else CPU. ``timeout_s``: the Buffers' one."""
         import torch.distributed as dist
 
         device = (
@@ -83,7 +89,7 @@ class DistRanks(RankContext):
             if dist.get_backend(group) == "nccl"
             else torch.device("cpu")
         )
-        return cls(dist.get_rank(group), dist.get_world_size(group), device, False, group)
+        return cls(dist.get_rank(group), dist.get_world_size(group), device, False, group, timeout_s)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -122,7 +128,7 @@ class DistRanks(RankContext):
     def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
         from commkit import Buffer
 
-        return Buffer(self.group, backend=backend, num_sms=num_sms)
+        return Buffer(self.group, backend=backend, num_sms=num_sms, timeout_s=self.timeout_s)
 
     def signature(self) -> Any:
         from commkit.profiles import cluster_signature
@@ -150,11 +156,13 @@ class _Meeting:
 
 @dataclass
 class VirtualRanks(RankContext):
-    """One virtual rank (a thread) of an ``EmulatedGroup``; ``backend`` is its ``VirtualRank``."""
+    """One virtual rank (a thread) of an ``EmulatedGroup``; ``backend`` is its ``VirtualRank``,
+    ``group`` the ``EmulatedGroup`` (shared by all ranks: its comm stream, its ``kernel_events``)."""
 
     backend: Any = None
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # the Buffers' communication timeout
     meeting: _Meeting = field(default=None, repr=False)  # type: ignore[assignment]
+    group: Any = field(default=None, repr=False)
 
     def _gather(self, value: Any, what: str) -> list[Any]:
         self.meeting.slots[self.rank] = value
@@ -165,6 +173,21 @@ class VirtualRanks(RankContext):
 
     def barrier(self) -> None:
         self.meeting.wait(self.rank, "barrier")
+
+    def kernel_time_s(self, op: str) -> tuple[float | None, str | None]:
+        # NOTE: call it after the call's outputs were waited for and before the next collective call
+        # (which needs every rank, so no later launch can have replaced the events yet).
+        if not hasattr(self.group, "kernel_events"):
+            return None, (
+                "commkit.emulate has no EmulatedGroup.kernel_events (older version): time_* is the wall "
+                "time of the call"
+            )
+        pair = (self.group.kernel_events or {}).get(op)
+        if pair is None or pair[0] is None or pair[1] is None:
+            return None, f"no kernel events for {op} (not on a CUDA device): time_* is the call's wall time"
+        start, end = pair
+        end.synchronize()
+        return float(start.elapsed_time(end)) / 1e3, None
 
     def max_across(self, value: float) -> float:
         return float(max(self._gather(value, "max_across")))
@@ -204,19 +227,26 @@ def run_virtual(
     *,
     num_sms: int | None = None,
     timeout_s: float = 60.0,
+    host_timeout_s: float | None = None,
     device: torch.device | str | None = None,
 ) -> list[Any]:
     """Run ``fn(ctx)`` on ``num_ranks`` virtual ranks of one GPU (``commkit.emulate``); the results by
-    rank. ``num_sms``: the group's default budget (a Buffer passes its own on every call)."""
+    rank. ``num_sms``: the group's default budget (a Buffer passes its own on every call).
+    ``timeout_s``: the communication timeout (``EmulatedGroup``/``Buffer`` ``timeout_s``: the device
+    spin budget and the wait for the other ranks' calls); ``host_timeout_s``: how long a rank waits for
+    the others at the tools' own barriers and reductions (rank 0 alone may run a baseline meanwhile;
+    default: ``max(timeout_s, 1800)``)."""
     from commkit.emulate import DEFAULT_NUM_SMS, EmulatedGroup
 
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
         raise ValueError(f"num_ranks: expected a positive number of virtual ranks, got {num_ranks!r}")
     group = EmulatedGroup(num_ranks, num_sms=num_sms or DEFAULT_NUM_SMS, timeout_s=timeout_s, device=device)
-    meeting = _Meeting(num_ranks, timeout_s)
+    meeting = _Meeting(num_ranks, host_timeout_s if host_timeout_s is not None else max(timeout_s, 1800.0))
 
     def body(virtual_rank: Any) -> Any:
-        ctx = VirtualRanks(virtual_rank.rank, num_ranks, group.device, True, virtual_rank, timeout_s, meeting)
+        ctx = VirtualRanks(
+            virtual_rank.rank, num_ranks, group.device, True, virtual_rank, timeout_s, meeting, group
+        )
         try:
             return fn(ctx)
         except BaseException:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from commkit.profiles import ClusterSignature, Profile
-from commkit.tools.bench import BenchSpec, bench_ranks
+from commkit.tools.bench import BenchSpec, bench_ranks, split_skipped
 
 if TYPE_CHECKING:
     from commkit.tools.ranks import RankContext
@@ -36,28 +36,35 @@ def tune_rank(rank: int, num_ranks: int, spec: TuneSpec) -> dict[str, Any]:
     """On every rank of the process group: the sweep rows, this cluster's signature and the backend name."""
     from commkit.tools.ranks import DistRanks
 
-    return tune_ranks(DistRanks.current(), spec)
+    return tune_ranks(DistRanks.current(timeout_s=spec.bench.comm_timeout_s), spec)
 
 
-def tune_virtual(num_ranks: int, spec: TuneSpec, *, timeout_s: float = 60.0, device: Any = None) -> dict:
+def tune_virtual(
+    num_ranks: int, spec: TuneSpec, *, timeout_s: float | None = None, host_timeout_s: float | None = None,
+    device: Any = None,
+) -> dict:  # fmt: skip
     """``tune_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result. The signature has
-    ``num_ranks = num_ranks_per_node = N``, as ``Buffer.from_backend`` looks profiles up."""
+    ``num_ranks = num_ranks_per_node = N``, as ``Buffer.from_backend`` looks profiles up.
+    ``timeout_s``: the communication timeout (default ``spec.bench.comm_timeout_s``)."""
+    from commkit.emulate import DEFAULT_NUM_SMS
     from commkit.tools.ranks import run_virtual
 
     return run_virtual(
-        num_ranks, lambda ctx: tune_ranks(ctx, spec), num_sms=max(spec.candidates, default=None),
-        timeout_s=timeout_s, device=device,
+        num_ranks, lambda ctx: tune_ranks(ctx, spec), num_sms=min(spec.candidates, default=DEFAULT_NUM_SMS),
+        timeout_s=spec.bench.comm_timeout_s if timeout_s is None else timeout_s,
+        host_timeout_s=host_timeout_s, device=device,
     )[0]  # fmt: skip
 
 
 def tune_ranks(ctx: RankContext, spec: TuneSpec) -> dict[str, Any]:
-    """On every rank of ``ctx``: the sweep rows, the signature of this group and the backend name."""
+    """On every rank of ``ctx``: the sweep rows, the budgets skipped (``ConfigError``: e.g. their blocks
+    do not all fit on the GPU; with the reason), the signature of this group and the backend name."""
     bench = BenchSpec(
         **{**spec.bench.__dict__, "num_sms": list(spec.candidates), "baseline": False, "roofline": False}
     )
-    rows = bench_ranks(ctx, bench)
+    rows, skipped = split_skipped(bench_ranks(ctx, bench))
     backend = ctx.make_buffer(spec.bench.backend).backend
-    return {"rows": rows, "signature": ctx.signature().to_dict(), "backend": backend}
+    return {"rows": rows, "skipped": skipped, "signature": ctx.signature().to_dict(), "backend": backend}
 
 
 @dataclass
@@ -150,5 +157,6 @@ def make_profile(result: dict[str, Any], spec: TuneSpec, choice: Choice) -> Prof
             "shapes": sorted({r["shape"] for r in result["rows"]}),
             "comm_ms_by_num_sms": {str(k): v * 1e3 for k, v in sorted(choice.comm_s.items())},
             "sweep": result["rows"],
+            "skipped": result.get("skipped", []),
         },
     )

@@ -13,7 +13,9 @@ from commkit.fp8 import cast_to_fp8
 
 @dataclass(frozen=True)
 class KCase:
-    """tokens: T per rank; skew: larger favours low expert ids; unused: fraction of -1 slots."""
+    """tokens: T per rank; skew: Zipf skew of expert popularity (``commkit.routing``: the hot experts
+    are a seeded permutation, the same for every source rank); unused: fraction of -1 slots;
+    empty_rank: a rank whose experts no token picks."""
 
     tokens: tuple[int, ...]
     hidden: int = 2048
@@ -33,20 +35,28 @@ class KCase:
 
 
 def make_inputs(case: KCase) -> tuple[list, list | None, list, list]:
-    """CPU lists over ranks: xs, x_scales (FP8 input only), topk_idxs, topk_weights."""
+    """CPU lists over ranks: xs, x_scales (FP8 input only), topk_idxs, topk_weights.
+
+    The routing is ``commkit.routing.synthetic_topk`` over the allowed experts (all, or all but those
+    of ``empty_rank``), with ``skew``; then a fraction ``unused`` of the slots becomes -1 (and every
+    slot beyond the number of allowed experts)."""
+    from commkit.routing import synthetic_topk
+
     xs, scales, idxs, weights = [], [], [], []
     num_ranks, num_experts = case.num_ranks, case.num_experts
     per_rank = num_experts // num_ranks
+    allowed = torch.arange(num_experts)
+    if case.empty_rank is not None:
+        allowed = allowed[(allowed // per_rank) != case.empty_rank]
+    k = min(case.num_topk, len(allowed))
     for r, num_tokens in enumerate(case.tokens):
         gen = torch.Generator().manual_seed(case.seed * 1009 + r)
         x = (torch.randn(num_tokens, case.hidden, generator=gen) * 3).to(torch.bfloat16)
-        allowed = torch.arange(num_experts)
-        if case.empty_rank is not None:
-            allowed = allowed[(allowed // per_rank) != case.empty_rank]
-        probs = 1.0 / (1.0 + torch.arange(len(allowed), dtype=torch.float64)) ** case.skew
-        k = min(case.num_topk, len(allowed))
         if num_tokens:
-            picks = torch.multinomial(probs.expand(num_tokens, -1), k, replacement=False, generator=gen)
+            picks, _ = synthetic_topk(
+                num_tokens, len(allowed), k, skew=case.skew, seed=case.seed * 1009 + r,
+                popularity_seed=case.seed,
+            )  # fmt: skip
             idx = allowed[picks]
         else:
             idx = torch.empty(0, k, dtype=torch.int64)
