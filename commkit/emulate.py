@@ -18,12 +18,24 @@ Per-rank code (as under torchrun) runs with ``group.spawn(fn)``: ``fn(backend)``
 virtual rank, ``backend`` implements the ``Backend`` protocol (``commkit.backends.base``) for that rank,
 and its collective calls meet in one launch.
 
+Kernel timings: ``group.kernel_events[op]`` (op "layout", "dispatch", "combine") is a pair of CUDA
+events (``enable_timing=True``) recorded on ``group.comm_stream`` immediately before the first kernel
+launch of the most recent call of that op (the notify / barrier kernel included) and immediately
+after its last kernel launch: ``start.elapsed_time(end)`` covers the kernels only, not the packing of
+the ranks' inputs (``torch.cat``, skipped when they are adjacent views of one buffer), the output
+allocations or the ordering with the callers' streams. One exception: a dispatch without handles and
+without ``num_worst_tokens`` reads the receive counts back between the notify and the dispatch
+kernel, and that host round trip (GPU idle) lies between the two events; ``group.kernel_segments[op]``
+lists one (start, end) pair per run of launches without a read-back in between, whose summed elapsed
+times exclude it. Not recorded on CPU (the host tests' stand-ins) or while a CUDA graph is captured.
+
 CuPy and a GPU are needed when a group is created, not when this module is imported.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +44,7 @@ import torch
 
 from commkit.backends import kernels_layout as kl
 from commkit.backends.kernels import SymmetricBuffers
-from commkit.errors import CommTimeoutError, ConfigError
+from commkit.errors import CommError, CommTimeoutError, ConfigError
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 DEFAULT_NUM_SMS = 16
@@ -45,11 +57,53 @@ def _keep_for_stream(tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> 
             t.record_stream(stream)
 
 
+def _adjacent_view(xs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows of ``xs`` as one tensor without a copy when they are contiguous, adjacent views of
+    one storage in rank order (e.g. combine inputs that are slices of the dispatch outputs)."""
+    parts = [x for x in xs if x.numel()]
+    if not parts:
+        return None
+    first = parts[0]
+    storage = first.untyped_storage().data_ptr()
+    end = first.data_ptr()
+    for x in parts:
+        if (
+            not x.is_contiguous()
+            or x.dtype != first.dtype
+            or x.shape[1:] != first.shape[1:]
+            or x.untyped_storage().data_ptr() != storage
+            or x.data_ptr() != end
+        ):
+            return None
+        end += x.numel() * x.element_size()
+    rows = sum(x.shape[0] for x in xs)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
 def _cat_rows(xs: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along rows, also for float8 (concatenated as bytes)."""
+    """torch.cat along rows (a view when the rows are already adjacent), also for float8."""
+    view = _adjacent_view(xs)
+    if view is not None:
+        return view
     if xs[0].dtype == torch.float8_e4m3fn:
         return torch.cat([x.view(torch.uint8) for x in xs]).view(torch.float8_e4m3fn)
     return torch.cat(xs)
+
+
+@dataclass
+class _StreamSync:
+    """How the comm stream is ordered with the callers: per rank (spawn), or one entry for all."""
+
+    streams: list[Any]  # torch.cuda.Stream of each rank's caller (None on CPU)
+    events: list[EventHandle | None]  # previous_event of each rank
+    async_finish: list[bool]
+
+
+def _check_same(per_rank: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    for name, default in defaults.items():
+        values = [a.get(name, default) for a in per_rank]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"{name}: expected the same value on every virtual rank, got {values} (by rank)")
 
 
 @dataclass
@@ -58,6 +112,28 @@ class EmulatedState:
 
     shared: object  # commkit.backends.kernels.KernelState
     rank: int
+
+
+def _check_handles(handles: list[Handle], num_ranks: int) -> Any:
+    """The packed state of the one dispatch call whose handles these are (rank r's at index r)."""
+    for r, h in enumerate(handles):
+        if not isinstance(getattr(h, "state", None), EmulatedState):
+            raise ValueError(
+                f"handles[{r}]: expected a handle of this EmulatedGroup's dispatch, got state "
+                f"{type(getattr(h, 'state', None)).__name__}"
+            )
+    calls = {id(h.state.shared) for h in handles}
+    if len(calls) != 1:
+        raise ValueError(
+            f"handles: expected the handles of one dispatch call (one per rank), got handles of "
+            f"{len(calls)} different calls"
+        )
+    ranks = [h.state.rank for h in handles]
+    if ranks != list(range(num_ranks)):
+        raise ValueError(
+            f"handles: expected the handles of ranks {list(range(num_ranks))} in order, got {ranks}"
+        )
+    return handles[0].state.shared
 
 
 class EmulatedBuffers(SymmetricBuffers):
@@ -119,10 +195,17 @@ class EmulatedGroup:
         )
         self.comm_stream = torch.cuda.Stream(self.device)
         self.timeout_s = timeout_s
+        # Kernel timings of the most recent call of each op (module docstring); not on CPU
+        self.engine.record_kernel_events = self.device.type == "cuda"
+        self.kernel_events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = self.engine.kernel_events
+        self.kernel_segments: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = (
+            self.engine.kernel_segments
+        )
         # Rendezvous of the per-rank threads of spawn()
         self._calls: list[Any] = [None] * num_ranks
         self._results: list[Any] = [None] * num_ranks
         self._barrier = threading.Barrier(num_ranks, action=lambda: _execute(self))
+        self._failure: tuple[int, BaseException] | None = None  # first rank of spawn() that failed
 
     def spawn(self, fn: Callable[[VirtualRank], Any]) -> list[Any]:
         """Runs ``fn(backend)`` in one thread per virtual rank; returns the results by rank.
@@ -140,33 +223,54 @@ class EmulatedGroup:
             if values is not None and len(values) != self.num_ranks:
                 raise ValueError(f"{name}: expected one entry per rank ({self.num_ranks}), got {len(values)}")
 
-    def _run(self, previous_event: EventHandle | None) -> torch.cuda.Stream:
-        caller = torch.cuda.current_stream(self.device)
-        if previous_event is not None and previous_event.event is not None:
-            self.comm_stream.wait_event(previous_event.event)
-        else:
-            self.comm_stream.wait_stream(caller)
-        return caller
+    def _sync(
+        self, previous_event: EventHandle | None, async_finish: bool, sync: _StreamSync | None
+    ) -> _StreamSync:
+        if sync is not None:
+            return sync
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return _StreamSync([stream], [previous_event], [async_finish])
 
-    def _finish(self, caller: torch.cuda.Stream, async_finish: bool, tensors: list) -> EventHandle:
+    def _run(self, sync: _StreamSync) -> None:
+        """The comm stream waits for every rank's previous_event, or else for its current stream."""
+        waited: set[int] = set()
+        for stream, event in zip(sync.streams, sync.events, strict=True):
+            if event is not None and event.event is not None:
+                self.comm_stream.wait_event(event.event)
+            elif stream is not None and stream.cuda_stream not in waited:
+                waited.add(stream.cuda_stream)
+                self.comm_stream.wait_stream(stream)
+
+    def _finish(self, sync: _StreamSync, tensors: list) -> EventHandle:
+        """Outputs are kept for every caller stream; a caller's stream waits for the comm stream
+        unless every rank on that stream passed async_finish."""
         event = EventHandle.record(self.comm_stream)
-        for t in tensors:
-            if t is not None:
-                t.record_stream(caller)
-        if not async_finish:
-            caller.wait_stream(self.comm_stream)
+        streams: dict[int, tuple[Any, bool]] = {}
+        for stream, async_finish in zip(sync.streams, sync.async_finish, strict=True):
+            if stream is not None:
+                _, wait = streams.get(stream.cuda_stream, (stream, False))
+                streams[stream.cuda_stream] = (stream, wait or not async_finish)
+        for stream, wait in streams.values():
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(stream)
+            if wait:
+                stream.wait_stream(self.comm_stream)
         return event
 
-    def get_dispatch_layout(self, topk_idxs: list[torch.Tensor], num_experts: int) -> list[Layout]:
+    def get_dispatch_layout(
+        self, topk_idxs: list[torch.Tensor], num_experts: int, *, _sync: _StreamSync | None = None
+    ) -> list[Layout]:
         self._check_lists(topk_idxs=topk_idxs)
         counts = [t.shape[0] for t in topk_idxs]
-        caller = self._run(None)
+        sync = self._sync(None, False, _sync)
+        self._run(sync)
         with torch.cuda.stream(self.comm_stream):
             per_rank, per_expert, in_rank, _, _ = self.engine.layout(
-                torch.cat(topk_idxs), counts, num_experts
+                _cat_rows(topk_idxs), counts, num_experts
             )
             in_rank_list = list(torch.split(in_rank, counts))
-        self._finish(caller, False, [per_rank, per_expert, in_rank])
+        self._finish(sync, [per_rank, per_expert, in_rank])
         return [
             Layout(per_rank[r].to(torch.int64), per_expert[r].to(torch.int64), in_rank_list[r])
             for r in range(self.num_ranks)
@@ -187,6 +291,7 @@ class EmulatedGroup:
         num_worst_tokens: int | None = None,
         previous_event: EventHandle | None = None,
         async_finish: bool = False,
+        _sync: _StreamSync | None = None,
     ) -> list[DispatchOutput]:
         """xs[r]: [T_r, H] bf16 (or float8_e4m3fn with x_scales[r] [T_r, H/128] float32);
         topk_idxs[r]: [T_r, K] int64 in [-1, E); topk_weights[r]: [T_r, K] float32.
@@ -197,18 +302,22 @@ class EmulatedGroup:
         self._check_lists(
             xs=xs, topk_idxs=topk_idxs, topk_weights=topk_weights, x_scales=x_scales, handles=handles
         )
-        if handles is not None and len({id(h.state.shared) for h in handles}) != 1:
-            raise ValueError("handles: expected the handles of one dispatch call (one per rank)")
-        num_sms = num_sms or self.num_sms
         counts = [x.shape[0] for x in xs]
-        state = handles[0].state.shared if handles is not None else None
-        caller = self._run(previous_event)
+        state = _check_handles(handles, self.num_ranks) if handles is not None else None
+        if state is not None and counts != state.token_counts:
+            raise ValueError(
+                f"xs: expected token counts {state.token_counts} (by rank) of the handles' dispatch, "
+                f"got {counts}"
+            )
+        num_sms = num_sms or self.num_sms
+        sync = self._sync(previous_event, async_finish, _sync)
+        self._run(sync)
         with torch.cuda.stream(self.comm_stream):
             result = self.engine.dispatch(
                 _cat_rows(xs),
-                torch.cat(x_scales) if x_scales is not None else None,
-                torch.cat(topk_idxs),
-                torch.cat(topk_weights),
+                _cat_rows(x_scales) if x_scales is not None else None,
+                _cat_rows(topk_idxs),
+                _cat_rows(topk_weights),
                 counts,
                 num_experts,
                 state=state,
@@ -216,10 +325,11 @@ class EmulatedGroup:
                 cast_to_fp8=cast_to_fp8,
                 num_worst_tokens=num_worst_tokens,
             )
-        if async_finish:  # the comm stream still reads the caller's tensors (torch.cat above)
+        if any(sync.async_finish):  # the comm stream may still read the caller's tensors
             _keep_for_stream([*xs, *(x_scales or []), *topk_idxs, *topk_weights], self.comm_stream)
         event = self._finish(
-            caller, async_finish, [result.x, result.x_scales, result.topk_idx, result.topk_weights]
+            sync,
+            [result.x, result.x_scales, result.topk_idx, result.topk_weights, result.state.recv_src_token],
         )
         outs = []
         st = result.state
@@ -255,25 +365,27 @@ class EmulatedGroup:
         num_sms: int | None = None,
         previous_event: EventHandle | None = None,
         async_finish: bool = False,
+        _sync: _StreamSync | None = None,
     ) -> list[CombineOutput]:
         """xs[r]: [N_r, H] bf16 rows in the order rank r received them -> ys[s]: [T_s, H] bf16."""
         self._check_lists(xs=xs, handles=handles)
-        if len({id(h.state.shared) for h in handles}) != 1:
-            raise ValueError("handles: expected the handles of one dispatch call (one per rank)")
+        state = _check_handles(handles, self.num_ranks)
+        hidden = xs[0].shape[-1] if xs[0].dim() == 2 else None
         for r, (x, h) in enumerate(zip(xs, handles, strict=True)):
-            if x.shape[0] != h.num_recv_tokens or x.dtype != torch.bfloat16:
+            if x.dim() != 2 or x.shape != (h.num_recv_tokens, hidden) or x.dtype != torch.bfloat16:
                 raise ValueError(
-                    f"xs[{r}]: expected [{h.num_recv_tokens}, H] bfloat16, got {tuple(x.shape)} {x.dtype}"
+                    f"xs[{r}]: expected [{h.num_recv_tokens}, H] bfloat16 with the H of xs[0] ({hidden}), "
+                    f"got {tuple(x.shape)} {x.dtype}"
                 )
-        state = handles[0].state.shared
-        caller = self._run(previous_event)
+        sync = self._sync(previous_event, async_finish, _sync)
+        self._run(sync)
         with torch.cuda.stream(self.comm_stream):
             out = self.engine.combine(
-                torch.cat(xs), state, handles[0].num_experts, num_sms=num_sms or self.num_sms
+                _cat_rows(xs), state, handles[0].num_experts, num_sms=num_sms or self.num_sms
             )
-        if async_finish:  # the comm stream still reads the caller's tensors (torch.cat above)
+        if any(sync.async_finish):  # the comm stream may still read the caller's tensors
             _keep_for_stream(list(xs), self.comm_stream)
-        event = self._finish(caller, async_finish, [out])
+        event = self._finish(sync, [out])
         return [CombineOutput(y, event) for y in torch.split(out, state.token_counts)]
 
 
@@ -281,8 +393,10 @@ class VirtualRank:
     """The ``Backend`` protocol for one virtual rank of an ``EmulatedGroup`` (see ``spawn``).
 
     Every call is collective: it waits until all ranks made the same call, then one launch serves
-    them all. Extra keyword arguments of ``dispatch`` (``cast_to_fp8``, ``num_worst_tokens``) are
-    taken from rank 0.
+    them all. ``num_sms``, ``expert_alignment``, ``cast_to_fp8`` and ``num_worst_tokens`` must be the
+    same on every rank (else every rank raises ``ValueError``). Each rank's ``previous_event`` (or,
+    without one, its current stream) is waited for, and unless it passed ``async_finish`` its current
+    stream waits for the communication.
     """
 
     name = "kernels"
@@ -323,6 +437,8 @@ class VirtualRank:
             expert_alignment=expert_alignment,
             num_sms=num_sms,
             buffer_id=buffer_id,
+            previous_event=previous_event,
+            async_finish=async_finish,
             **extra,
         )
         return self.group._collective(self.rank, "dispatch", args)
@@ -336,12 +452,17 @@ class VirtualRank:
         previous_event: EventHandle | None = None,
         async_finish: bool = False,
     ) -> CombineOutput:
-        return self.group._collective(self.rank, "combine", {"x": x, "handle": handle, "num_sms": num_sms})
+        args = dict(
+            x=x, handle=handle, num_sms=num_sms, previous_event=previous_event, async_finish=async_finish
+        )
+        return self.group._collective(self.rank, "combine", args)
 
 
 def _spawn(group: EmulatedGroup, fn: Callable[[VirtualRank], Any]) -> list[Any]:
     results: list[Any] = [None] * group.num_ranks
     failures: list[BaseException] = []  # in the order they happened: the first is the cause
+    lock = threading.Lock()
+    group._failure = None
 
     def body(rank: int) -> None:
         try:
@@ -349,7 +470,10 @@ def _spawn(group: EmulatedGroup, fn: Callable[[VirtualRank], Any]) -> list[Any]:
                 torch.cuda.set_device(group.device)
             results[rank] = fn(VirtualRank(group, rank))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            failures.append(exc)
+            with lock:
+                failures.append(exc)
+                if group._failure is None:
+                    group._failure = (rank, exc)
             group._barrier.abort()  # the other ranks must not wait for this one forever
 
     threads = [
@@ -361,19 +485,36 @@ def _spawn(group: EmulatedGroup, fn: Callable[[VirtualRank], Any]) -> list[Any]:
     for t in threads:
         t.join()
     group._barrier.reset()
+    group._failure = None
     if failures:
         raise failures[0]
     return results
 
 
 def _collective(group: EmulatedGroup, rank: int, op: str, args: dict[str, Any]) -> Any:
+    # The caller's stream of this rank: the launch runs in whichever thread arrives last
+    args["stream"] = torch.cuda.current_stream(group.device) if group.device.type == "cuda" else None
     group._calls[rank] = (op, args)
+    start = time.monotonic()
     try:
         group._barrier.wait(timeout=group.timeout_s)  # the barrier's action runs the launch
     except threading.BrokenBarrierError:
+        waited = time.monotonic() - start
+        failure = group._failure
+        if failure is not None and failure[0] != rank:
+            other, exc = failure
+            raise CommError(
+                f"{op}: virtual rank {rank} stopped waiting after {waited:.3g}s: virtual rank {other} "
+                f"failed instead of making the same call ({type(exc).__name__}: {exc})"
+            ) from None
+        if waited >= group.timeout_s:
+            raise CommTimeoutError(
+                f"{op}: virtual rank {rank} waited timeout_s={group.timeout_s:g}s for the other virtual "
+                "ranks to make the same call"
+            ) from None
         raise CommTimeoutError(
-            f"{op}: virtual rank {rank} waited {group.timeout_s:g}s for the other virtual ranks to make "
-            "the same call (or one of them failed)"
+            f"{op}: virtual rank {rank} stopped waiting after {waited:.3g}s: another virtual rank timed out "
+            f"(timeout_s={group.timeout_s:g}) or the group was aborted before all ranks made the same call"
         ) from None
     result = group._results[rank]
     if isinstance(result, BaseException):
@@ -387,34 +528,59 @@ def _execute(group: EmulatedGroup) -> None:
     ops = {op for op, _ in calls}
     try:
         if len(ops) != 1:
-            raise RuntimeError(f"virtual ranks made different calls: {[op for op, _ in calls]}")
+            raise RuntimeError(f"virtual ranks made different calls: {[op for op, _ in calls]} (by rank)")
         op = ops.pop()
         per_rank = [args for _, args in calls]
         first = per_rank[0]
+        sync = _StreamSync(
+            [a["stream"] for a in per_rank],
+            [a.get("previous_event") for a in per_rank],
+            [bool(a.get("async_finish", False)) for a in per_rank],
+        )
+        _check_same(per_rank, {"num_experts": None})
         if op == "layout":
             results: list[Any] = group.get_dispatch_layout(
-                [a["topk_idx"] for a in per_rank], first["num_experts"]
+                [a["topk_idx"] for a in per_rank], first["num_experts"], _sync=sync
             )
         elif op == "dispatch":
+            _check_same(
+                per_rank,
+                {"num_sms": None, "expert_alignment": 1, "cast_to_fp8": False, "num_worst_tokens": None},
+            )
+            if len({a["x_scales"] is None for a in per_rank}) != 1:
+                raise ValueError(
+                    f"x_scales: expected FP8 scales on every virtual rank or on none, got "
+                    f"{['scales' if a['x_scales'] is not None else None for a in per_rank]} (by rank)"
+                )
             handles = [a["handle"] for a in per_rank]
-            extra = {k: first[k] for k in ("cast_to_fp8", "num_worst_tokens") if k in first}
+            if len({h is None for h in handles}) != 1:
+                raise ValueError(
+                    f"handle: expected a handle on every virtual rank or on none, got "
+                    f"{['handle' if h is not None else None for h in handles]} (by rank)"
+                )
             results = group.dispatch(
                 [a["x"] for a in per_rank],
                 [a["topk_idx"] for a in per_rank],
                 [a["topk_weights"] for a in per_rank],
                 first["num_experts"],
                 x_scales=[a["x_scales"] for a in per_rank] if first["x_scales"] is not None else None,
+                cast_to_fp8=bool(first.get("cast_to_fp8", False)),
                 handles=handles if handles[0] is not None else None,
                 expert_alignment=first["expert_alignment"],
                 num_sms=first["num_sms"],
-                **extra,
+                num_worst_tokens=first.get("num_worst_tokens"),
+                _sync=sync,
             )
             for out, a in zip(results, per_rank, strict=True):
                 if a["buffer_id"] is not None:
                     out.handle.buffer_id = a["buffer_id"]
         else:
+            _check_same(per_rank, {"num_sms": None})
             results = group.combine(
-                [a["x"] for a in per_rank], [a["handle"] for a in per_rank], num_sms=first["num_sms"]
+                [a["x"] for a in per_rank],
+                [a["handle"] for a in per_rank],
+                num_sms=first["num_sms"],
+                _sync=sync,
             )
         group._results = results
     except BaseException as exc:  # noqa: BLE001 - every rank raises it

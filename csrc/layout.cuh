@@ -4,7 +4,7 @@
 // rank once however many of its experts live there) and the experts it uses (once per expert):
 //   num_tokens_per_rank   [R]     tokens sent to each rank
 //   num_tokens_per_expert [E]     tokens whose top-k holds each expert
-//   is_token_in_rank      [T, R]  bool
+//   is_token_in_rank      [T, R]  bool (may be null: dispatch does not read it)
 //   send_pos              [T, R]  position of the token among the tokens sent to that rank, or -1
 // send_pos is what makes the received order (source rank, then source token index) independent of
 // channel timing: the receiver writes a row from source s at recv_rank_offset[s] + send_pos.
@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(kLayoutThreads, 1)
 #pragma unroll
         for (int r = 0; r < kNumRanks; ++r) {
             const bool in_rank = (rank_mask >> r) & 1u;
-            is_token_in_rank[out + r] = in_rank;
+            if (is_token_in_rank != nullptr)  // dispatch does not need it
+                is_token_in_rank[out + r] = in_rank;
             send_pos[out + r] = in_rank ? rank_base[r]++ : -1;
         }
     }

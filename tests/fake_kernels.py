@@ -46,13 +46,15 @@ class FakeKernels:
     ):
         num_ranks, _ = targs
         topk, offsets = self.t(topk), self.t(offsets).tolist()
-        per_rank, per_expert, in_rank, send_pos = map(self.t, (per_rank, per_expert, in_rank, send_pos))
+        per_rank, per_expert, send_pos = map(self.t, (per_rank, per_expert, send_pos))
+        in_rank = self.t(in_rank) if int(in_rank) else None  # null: dispatch does not read it
         for lr in range(blocks):
             rows = topk[offsets[lr] : offsets[lr + 1]]
             lay = reference.layout_reference(rows, int(num_experts), num_ranks)
             per_rank[lr] = lay.num_tokens_per_rank.to(torch.int32)
             per_expert[lr] = lay.num_tokens_per_expert.to(torch.int32)
-            in_rank[offsets[lr] : offsets[lr + 1]] = lay.is_token_in_rank
+            if in_rank is not None:
+                in_rank[offsets[lr] : offsets[lr + 1]] = lay.is_token_in_rank
             pos = torch.cumsum(lay.is_token_in_rank.to(torch.int32), 0) - 1
             send_pos[offsets[lr] : offsets[lr + 1]] = torch.where(lay.is_token_in_rank, pos, -1).to(
                 torch.int32
@@ -191,13 +193,13 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
     monkeypatch.setattr(kmod.KernelEngine, "_kernel", lambda self, header, name, *a: (name, a))
     monkeypatch.setattr(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
     monkeypatch.setattr(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
-    monkeypatch.setattr(kmod.KernelEngine, "_wait", lambda self, phase: None)
+    monkeypatch.setattr(kmod.KernelEngine, "_wait", lambda self, phase, event: None)
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(commkit.backends, "kernels_unavailable_reason", lambda group=None: None)
-    monkeypatch.setattr(emulate.EmulatedGroup, "_run", lambda self, ev: None)
-    monkeypatch.setattr(emulate.EmulatedGroup, "_finish", lambda self, caller, a, tensors: None)
+    monkeypatch.setattr(emulate.EmulatedGroup, "_run", lambda self, sync: None)
+    monkeypatch.setattr(emulate.EmulatedGroup, "_finish", lambda self, sync, tensors: None)
     return fk

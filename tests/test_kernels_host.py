@@ -248,3 +248,92 @@ def test_buffer_over_virtual_ranks_runs_the_demo(fake: FakeKernels) -> None:
 
     row = summarize(cfg, group.spawn(rank_fn))
     assert row["ok"] and row["backend"] == "kernels", row
+
+
+def test_handles_check_token_counts(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    xs, idxs, ws = _inputs((6, 5), 64, 2, 4, seed=7)
+    group = EmulatedGroup(2, num_sms=1, device="cpu")
+    outs = group.dispatch(xs, idxs, ws, 4)
+    xs2, idxs2, ws2 = _inputs((6, 4), 64, 2, 4, seed=8)
+    with pytest.raises(
+        ValueError, match=r"xs: expected token counts \[6, 5\] .* handles' dispatch, got \[6, 4\]"
+    ):
+        group.dispatch(xs2, idxs2, ws2, 4, handles=[o.handle for o in outs])
+    with pytest.raises(ValueError, match=r"handles: expected the handles of ranks \[0, 1\] in order"):
+        group.dispatch(xs, idxs, ws, 4, handles=[o.handle for o in reversed(outs)])
+
+
+def test_adjacent_inputs_are_not_copied(fake: FakeKernels) -> None:
+    from commkit.emulate import _cat_rows
+
+    base = torch.randn(10, 16).to(torch.bfloat16)
+    parts = [base[:3], base[3:3], base[3:10]]
+    view = _cat_rows(parts)
+    assert view.data_ptr() == base.data_ptr() and torch.equal(view, base)
+    fp8 = base.to(torch.float8_e4m3fn)
+    assert _cat_rows([fp8[:4], fp8[4:]]).data_ptr() == fp8.data_ptr()
+    gapped = _cat_rows([base[:3], base[4:]])  # not adjacent: a copy
+    assert gapped.data_ptr() != base.data_ptr() and gapped.shape == (9, 16)
+    other = torch.randn(7, 16).to(torch.bfloat16)
+    assert torch.equal(_cat_rows([base[:3], other]), torch.cat([base[:3], other]))
+
+
+def test_offsets_are_cached_per_counts(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    xs, idxs, ws = _inputs((6, 5), 64, 2, 4, seed=9)
+    group = EmulatedGroup(2, num_sms=1, device="cpu")
+    group.dispatch(xs, idxs, ws, 4, num_worst_tokens=11)
+    cached = dict(group.engine._offsets_cache)
+    group.dispatch(xs, idxs, ws, 4, num_worst_tokens=11)
+    assert group.engine._offsets_cache.keys() == cached.keys()
+    assert all(group.engine._offsets_cache[k] is v for k, v in cached.items())
+    assert group.kernel_events == {}  # not recorded on CPU
+
+
+def test_spawn_checks_same_arguments(fake: FakeKernels) -> None:
+    from commkit.emulate import EmulatedGroup
+
+    xs, idxs, ws = _inputs((4, 4), 64, 1, 2, seed=10)
+    group = EmulatedGroup(2, num_sms=2, device="cpu")
+
+    def per_rank(backend):
+        r = backend.rank
+        try:
+            backend.dispatch(xs[r], None, idxs[r], ws[r], 2, expert_alignment=1, num_sms=1 + r)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    messages = group.spawn(per_rank)
+    assert all(m is not None and "num_sms: expected the same value" in m and "[1, 2]" in m for m in messages)
+
+
+def test_spawn_names_the_failed_rank(fake: FakeKernels) -> None:
+    import threading
+
+    from commkit.emulate import EmulatedGroup
+    from commkit.errors import CommError
+
+    xs, idxs, ws = _inputs((4, 4), 64, 1, 2, seed=11)
+    group = EmulatedGroup(2, num_sms=1, device="cpu", timeout_s=30.0)
+    seen: list[str] = []
+    waiting = threading.Event()
+
+    def per_rank(backend):
+        if backend.rank == 1:
+            waiting.wait(5.0)
+            raise KeyError("boom")
+        waiting.set()
+        try:
+            backend.get_dispatch_layout(idxs[0], 2)
+        except CommError as exc:
+            seen.append(str(exc))
+            raise
+
+    with pytest.raises(KeyError):
+        group.spawn(per_rank)
+    assert len(seen) == 1 and "virtual rank 1 failed" in seen[0] and "KeyError" in seen[0], seen
+    assert "30s" not in seen[0]

@@ -9,13 +9,29 @@ Per dispatch: ``layout`` kernel (counts, ``is_token_in_rank``, send positions) -
 exchange, barrier, prefix sums) -> host reads the receive counts (skipped with ``num_worst_tokens``)
 -> ``dispatch``. With a handle: ``cached_notify`` (barrier only) -> ``dispatch``. Per combine:
 ``cached_notify`` -> ``combine``. All on the communication stream; CuPy is imported lazily.
+
+Hot path: the CuPy stream wrappers (per CUDA stream), the loaded kernels and their occupancy checks
+(per instantiation) and the small device tensors of offsets (per value tuple) are cached on the
+engine, so a call with the shapes and counts of an earlier call makes no host sync and no
+host-to-device copy (CUDA-graph capturable with ``num_worst_tokens``: warm up once, then capture).
+
+Kernel timing (``KernelEngine.kernel_events``, on when ``record_kernel_events`` is set and the device
+is CUDA, skipped while a CUDA graph is being captured): per op ("layout", "dispatch", "combine") a
+pair of ``enable_timing`` events recorded on the communication stream, immediately before the first
+kernel launch of the op's most recent call (the notify / barrier kernels included) and immediately
+after its last one. Between them lie only kernels of the op, except that a dispatch that reads the
+counts back (no handle, no ``num_worst_tokens``) leaves the GPU idle while the host reads them and
+allocates the outputs: ``kernel_segments[op]`` then has one (start, end) pair per run of launches
+without a host read-back in between, and their summed elapsed times exclude that gap.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -46,6 +62,19 @@ def _cupy_stream(stream: torch.cuda.Stream, device_index: int) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
+
+
+SPIN_S = 200e-6  # host waits poll without sleeping this long first
+
+
+def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    return [0, *itertools.accumulate(counts)]
 
 
 @dataclass
@@ -119,32 +148,62 @@ class KernelEngine:
         # Device waits are bounded in nanoseconds of %globaltimer (independent of the SM clock)
         self._timeout_ns = int(timeout_s * 1e9)
         self._offsets_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # Hot-path caches (see the module docstring); one thread uses an engine at a time
+        self._kernels: dict[tuple[Any, ...], Any] = {}
+        self._occupancy: dict[Any, int] = {}  # kernel -> blocks per SM
+        self._budget_ok: set[tuple[Any, int]] = set()  # (kernel, num_sms) that passed _check_budget
+        self._streams: dict[int, Any] = {}  # CUDA stream handle -> CuPy stream
+        self._cupy_device: Any = None
+        self._pinned: dict[tuple[int, ...], torch.Tensor] = {}  # host buffers of the count read-back
+        # Kernel timing (module docstring): off unless record_kernel_events
+        self.record_kernel_events = False
+        self.kernel_events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
+        self.kernel_segments: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        self._segment_start: torch.cuda.Event | None = None
         # Tests set this: outputs are filled with 0xFF bytes before the kernels run, so unwritten
         # rows show (NaN for floats, -1 for integers).
         self.poison_outputs = False
 
     # ------------------------------------------------------------------ helpers
     def _kernel(self, header: str, name: str, *args: int) -> Any:
-        from commkit.jit.loader import get_kernel
+        key = (header, name, *args)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            from commkit.jit.loader import get_kernel
 
-        return get_kernel(KernelSpec(header, name, tuple(args)))
+            kernel = self._kernels[key] = get_kernel(KernelSpec(header, name, tuple(args)))
+        return kernel
 
     def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
-        import cupy
-
         if num_blocks == 0:
             return
-        stream = _cupy_stream(torch.cuda.current_stream(self.device), self.device.index or 0)
-        with cupy.cuda.Device(self.device.index or 0), stream:
-            kernel((num_blocks,), (num_threads,), args)
+        torch_stream = torch.cuda.current_stream(self.device)
+        handle = torch_stream.cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._streams[handle] = _cupy_stream(torch_stream, self.device.index or 0)
+        if self._timing is not None and self._segment_start is None:
+            self._segment_start = _timing_event(torch_stream)
+        if self._cupy_device is None:
+            import cupy
+
+            self._cupy_device = cupy.cuda.Device(self.device.index or 0)
+        with self._cupy_device:
+            kernel((num_blocks,), (num_threads,), args, stream=stream)
 
     def _check_budget(self, kernel: Any, num_sms: int) -> None:
         """All blocks of a launch must be resident at once (they wait for each other)."""
+        key = (kernel, num_sms)  # kernels are cached for the process: keys stay unique
+        if key in self._budget_ok:
+            return
         if not 1 <= num_sms <= self._num_sms_device:
             raise ConfigError(
                 f"num_sms: expected 1 to {self._num_sms_device} (the device's SMs), got {num_sms}"
             )
-        per_sm = self._blocks_per_sm(kernel)
+        per_sm = self._occupancy.get(kernel)
+        if per_sm is None:
+            per_sm = self._occupancy[kernel] = self._blocks_per_sm(kernel)
         capacity = per_sm * self._num_sms_device
         if self.num_local * num_sms > capacity:
             raise ConfigError(
@@ -153,6 +212,7 @@ class KernelEngine:
                 f"{self._num_sms_device} SMs for {kl.NUM_THREADS}-thread blocks); "
                 f"use num_sms <= {capacity // self.num_local}"
             )
+        self._budget_ok.add(key)
 
     def _blocks_per_sm(self, kernel: Any) -> int:
         try:
@@ -164,28 +224,84 @@ class KernelEngine:
             return max(0, min(2048 // kl.NUM_THREADS, 65536 // (regs * kl.NUM_THREADS)))
 
     def _device_offsets(self, values: list[int]) -> torch.Tensor:
+        """A cached int32 device tensor of ``values``. A miss copies from pinned memory without a
+        host sync; during CUDA-graph capture a miss is an error (the graph would keep reading a
+        host buffer that is reused): warm up with the same counts before capturing."""
         key = tuple(values)
         cached = self._offsets_cache.get(key)
         if cached is None:
+            host = torch.tensor(values, dtype=torch.int32)
+            if self.device.type == "cuda":
+                if torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        f"CUDA-graph capture: the offsets {list(values)} were not used by an earlier "
+                        "call; run the call once with the same token counts (and num_worst_tokens) "
+                        "before capturing it"
+                    )
+                host = host.pin_memory()
             if len(self._offsets_cache) > 256:
                 self._offsets_cache.clear()
-            cached = torch.tensor(values, dtype=torch.int32, device=self.device)
+            cached = host.to(self.device, non_blocking=True)
             self._offsets_cache[key] = cached
         return cached
 
-    def _wait(self, phase: str) -> None:
-        """Bounded host wait for the work queued so far on the current stream."""
+    def _read_counts(self, meta: torch.Tensor, phase: str) -> list[list[int]]:
+        """``meta`` read back to the host: pinned buffer, asynchronous copy, bounded event wait."""
+        if meta.device.type != "cuda":
+            return meta.tolist()
+        self._timing_break()  # the GPU idles while the host reads the counts
+        host = self._pinned.get(tuple(meta.shape))
+        if host is None:
+            host = self._pinned[tuple(meta.shape)] = torch.empty(
+                meta.shape, dtype=meta.dtype, pin_memory=True
+            )
+        stream = torch.cuda.current_stream(self.device)
+        host.copy_(meta, non_blocking=True)
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        deadline = time.monotonic() + self.timeout_s
+        event.record(stream)
+        self._wait(phase, event)
+        return host.tolist()
+
+    def _wait(self, phase: str, event: torch.cuda.Event) -> None:
+        """Bounded host wait for ``event``: polls without sleeping for ``SPIN_S``, then sleeps
+        between polls; raises ``CommTimeoutError`` naming the phase after ``timeout_s``."""
+        if event.query():
+            return
+        start = time.monotonic()
         while not event.query():
-            if time.monotonic() > deadline:
+            elapsed = time.monotonic() - start
+            if elapsed > self.timeout_s:
                 raise CommTimeoutError(
                     f"{phase}: the GPU work did not finish within timeout_s={self.timeout_s:g}s "
                     f"(ranks {self.rank_base}..{self.rank_base + self.num_local - 1}; a peer may not have "
                     "called the same operation)"
                 )
-            time.sleep(20e-6)
+            if elapsed > SPIN_S:
+                time.sleep(50e-6)
+
+    # ------------------------------------------------------------------ kernel timing
+    def _timing_begin(self) -> None:
+        self._segment_start = None
+        self._timing = (
+            []
+            if self.record_kernel_events
+            and self.device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing()
+            else None
+        )
+
+    def _timing_break(self) -> None:
+        if self._timing is not None and self._segment_start is not None:
+            end = _timing_event(torch.cuda.current_stream(self.device))
+            self._timing.append((self._segment_start, end))
+            self._segment_start = None
+
+    def _timing_end(self, op: str) -> None:
+        self._timing_break()
+        if self._timing:
+            self.kernel_events[op] = (self._timing[0][0], self._timing[-1][1])
+            self.kernel_segments[op] = self._timing
+        self._timing = None
 
     def _poison(self, *tensors: torch.Tensor | None) -> None:
         if self.poison_outputs:
@@ -204,18 +320,20 @@ class KernelEngine:
     def _check_shapes(self, num_experts: int, hidden: int, num_topk: int, fp8: bool) -> None:
         if num_experts % self.num_ranks or num_experts > kl.MAX_EXPERTS:
             raise ConfigError(
-                f"num_experts: the kernels need E % R == 0 and E <= {kl.MAX_EXPERTS}, got {num_experts}"
+                f"num_experts: the kernels need a multiple of the {self.num_ranks} ranks and at most "
+                f"{kl.MAX_EXPERTS}, got {num_experts}"
             )
         if num_experts // self.num_ranks > kl.MAX_LOCAL_EXPERTS:
             raise ConfigError(
-                f"num_experts: the kernels support up to {kl.MAX_LOCAL_EXPERTS} experts per rank"
+                f"num_experts: the kernels support at most {kl.MAX_LOCAL_EXPERTS} experts per rank, got "
+                f"{num_experts} / {self.num_ranks} ranks = {num_experts // self.num_ranks}"
             )
         if hidden % 8 or (fp8 and hidden % kl.FP8_GROUP_SIZE):
             raise ConfigError(f"hidden: the kernels need H % 8 == 0 (H % 128 == 0 for FP8), got {hidden}")
         if hidden > kl.MAX_HIDDEN:
             raise ConfigError(f"hidden: the kernels support H <= {kl.MAX_HIDDEN}, got {hidden}")
         if not 1 <= num_topk <= 32:
-            raise ConfigError(f"top-k: the kernels support 1 to 32 slots, got {num_topk}")
+            raise ConfigError(f"topk_idx: the kernels support 1 to 32 top-k slots (columns), got {num_topk}")
 
     # ------------------------------------------------------------------ layout
     def layout(
@@ -223,13 +341,26 @@ class KernelEngine:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Packed layout of the launch's ranks: per-rank counts [num_local, R], per-expert counts
         [num_local, E], is_token_in_rank [sum T, R], send_pos [sum T, R], token_offsets."""
-        num_tokens, num_topk = topk_idx.shape
-        token_offsets = self._device_offsets(
-            np.concatenate([[0], np.cumsum(token_counts)]).astype(int).tolist()
+        self._timing_begin()
+        per_rank, per_expert, in_rank, send_pos, token_offsets = self._layout(
+            topk_idx, token_counts, num_experts, with_in_rank=True
         )
+        self._timing_end("layout")
+        assert in_rank is not None
+        return per_rank, per_expert, in_rank, send_pos, token_offsets
+
+    def _layout(
+        self, topk_idx: torch.Tensor, token_counts: list[int], num_experts: int, *, with_in_rank: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        num_tokens, num_topk = topk_idx.shape
+        token_offsets = self._device_offsets(_offsets(token_counts))
         per_rank = torch.empty(self.num_local, self.num_ranks, dtype=torch.int32, device=self.device)
         per_expert = torch.empty(self.num_local, num_experts, dtype=torch.int32, device=self.device)
-        in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+        in_rank = (
+            torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+            if with_in_rank
+            else None  # dispatch does not read it: the kernel skips the writes
+        )
         send_pos = torch.empty(num_tokens, self.num_ranks, dtype=torch.int32, device=self.device)
         kernel = self._kernel("csrc/layout.cuh", "layout_kernel", self.num_ranks, num_topk)
         args = (
@@ -265,16 +396,50 @@ class KernelEngine:
         dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
         self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
         self._check_aligned("x", x)
+        if state is not None and list(token_counts) != state.token_counts:
+            raise ValueError(
+                f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
+                f"got {list(token_counts)}"
+            )
         kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
         self.buffers.ensure(num_sms, slot_bytes)
         peer_bases = self.buffers.peer_bases
         stride = kl.meta_stride(num_ranks, num_experts)
+        out_fp8 = dtype_code != kl.DTYPE_BF16
+
+        def outputs(
+            num_rows: int,
+        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_x = torch.empty(
+                num_rows, hidden, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=self.device
+            )
+            out_scales = (
+                torch.empty(num_rows, hidden // kl.FP8_GROUP_SIZE, dtype=torch.float32, device=self.device)
+                if out_fp8
+                else None
+            )
+            out_idx = torch.empty(num_rows, num_topk, dtype=torch.int64, device=self.device)
+            out_weights = torch.empty(num_rows, num_topk, dtype=torch.float32, device=self.device)
+            out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
+            return out_x, out_scales, out_idx, out_weights, out_src_token
+
+        self._timing_begin()
+        if num_worst_tokens is not None:
+            # Sized before the first launch (nothing is read back), so that only kernels run between
+            # the timing events. The kernel writes the first N_recv rows of each rank; the padding
+            # rows must not look like routed rows to the expert code: topk_idx -1, weight 0.
+            # NOTE: x and x_scales padding rows are left unwritten (as in DeepEP): zeroing them would
+            # cost a memset of num_worst_tokens rows per call.
+            row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
+            out_x, out_scales, out_idx, out_weights, out_src_token = outputs(row_offsets[-1])
+            out_idx.fill_(-1)
+            out_weights.zero_()
 
         if state is None:
-            per_rank, per_expert, _, send_pos, token_offsets = self.layout(
-                topk_idx, token_counts, num_experts
+            per_rank, per_expert, _, send_pos, token_offsets = self._layout(
+                topk_idx, token_counts, num_experts, with_in_rank=False
             )
             meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
             notify = self._kernel("csrc/notify.cuh", "notify_kernel", num_ranks)
@@ -314,37 +479,14 @@ class KernelEngine:
 
         if num_worst_tokens is None:
             if recv_counts is None:
-                self._wait("dispatch: count exchange (notify)")
-                meta_host = meta.cpu().tolist()
+                meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
                 recv_counts = [row[num_ranks] for row in meta_host]
                 expert_counts = [row[2 * num_ranks + 1 :] for row in meta_host]
-            row_offsets = np.concatenate([[0], np.cumsum(recv_counts)]).astype(int).tolist()
-        else:
-            row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
-        recv_row_offsets = self._device_offsets(row_offsets[:-1])
-        num_rows = row_offsets[-1]
-
-        out_fp8 = dtype_code != kl.DTYPE_BF16
-        out_x = torch.empty(
-            num_rows, hidden, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=self.device
-        )
-        out_scales = (
-            torch.empty(num_rows, hidden // kl.FP8_GROUP_SIZE, dtype=torch.float32, device=self.device)
-            if out_fp8
-            else None
-        )
-        out_idx = torch.empty(num_rows, num_topk, dtype=torch.int64, device=self.device)
-        out_weights = torch.empty(num_rows, num_topk, dtype=torch.float32, device=self.device)
-        out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
-        if num_worst_tokens is None:
+            row_offsets = _offsets(recv_counts)
+            out_x, out_scales, out_idx, out_weights, out_src_token = outputs(row_offsets[-1])
             self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
-        else:
-            # The kernel writes the first N_recv rows of each rank (unknown here: nothing is read back);
-            # the padding rows must not look like routed rows to the expert code: topk_idx -1, weight 0.
-            # NOTE: x and x_scales padding rows are left unwritten (as in DeepEP): zeroing them would
-            # cost a memset of num_worst_tokens rows per call.
-            out_idx.fill_(-1)
-            out_weights.zero_()
+        recv_row_offsets = self._device_offsets(row_offsets[:-1])
+
         args = (
             _u64(peer_bases),
             _i32(self.rank_base),
@@ -367,6 +509,7 @@ class KernelEngine:
             np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
+        self._timing_end("dispatch")
         new_state = KernelState(
             send_pos=send_pos,
             meta=meta,
@@ -396,6 +539,7 @@ class KernelEngine:
         self.buffers.ensure(num_sms, kl.combine_slot_bytes(hidden))
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
+        self._timing_begin()
         self._cached_notify()
         args = (
             _u64(self.buffers.peer_bases),
@@ -413,6 +557,7 @@ class KernelEngine:
             np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
+        self._timing_end("combine")
         return out
 
 
@@ -422,13 +567,28 @@ def aligned_counts(counts: list[int], alignment: int) -> list[int]:
 
 # ---------------------------------------------------------------------- real ranks: CUDA IPC buffers
 class IpcBuffers(SymmetricBuffers):
-    """A cudaMalloc'ed buffer per rank; IPC handles exchanged over the process group."""
+    """A cudaMalloc'ed buffer per rank; IPC handles exchanged over the process group.
 
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+    Sized once for ``max_num_sms`` channels (default: the device's SMs, the largest budget a call can
+    use), so that a call with a larger budget than the earlier ones (e.g. a combine after a dispatch)
+    never regrows the buffers mid-step; only a larger row (hidden size, top-k, FP8) regrows them, which
+    synchronizes the device and re-exchanges the IPC handles (all ranks together).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        *,
+        max_num_sms: int | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.group = group
         self.device = device
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
+        self.timeout_s = timeout_s
+        self.reserve_channels = max_num_sms or 0
         self._own_ptr = 0
         self._peer_ptrs: list[int] = []
 
@@ -437,12 +597,12 @@ class IpcBuffers(SymmetricBuffers):
             return
         from cupy_backends.cuda.api import runtime
 
-        max_channels = max(num_channels, self.max_channels)
+        max_channels = max(num_channels, self.max_channels, self.reserve_channels)
         max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
         # NOTE: every rank reaches here in the same call (same arguments), so this is collective
         torch.cuda.synchronize(self.device)
         dist.barrier(self.group)
-        self.close()
+        self._release()
         size = kl.total_bytes(max_channels, max_slot_bytes)
         with torch.cuda.device(self.device):
             ptr = runtime.malloc(size)
@@ -463,6 +623,28 @@ class IpcBuffers(SymmetricBuffers):
         dist.barrier(self.group)
 
     def close(self) -> None:
+        """Collective: waits (at most ``timeout_s``) until every rank is done with the buffers, then
+        frees them. If the peers do not arrive, this rank's buffer is leaked (a peer may still write
+        into it) and ``CommTimeoutError`` is raised."""
+        if not self._own_ptr:
+            return
+        torch.cuda.synchronize(self.device)
+        try:
+            if not dist.is_initialized():
+                raise RuntimeError("the process group was destroyed before close()")
+            work = dist.barrier(self.group, async_op=True)
+            if work is not None:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - the peers may still use this rank's buffer
+            self._release(free_own=False)
+            raise CommTimeoutError(
+                f"close: not every rank reached the barrier before freeing the IPC buffers within "
+                f"timeout_s={self.timeout_s:g}s ({type(exc).__name__}: {exc}); rank {self.rank}'s "
+                "buffer is leaked rather than freed under a peer"
+            ) from exc
+        self._release()
+
+    def _release(self, *, free_own: bool = True) -> None:
         if not self._own_ptr:
             return
         from cupy_backends.cuda.api import runtime
@@ -470,8 +652,10 @@ class IpcBuffers(SymmetricBuffers):
         for r, p in enumerate(self._peer_ptrs):
             if r != self.rank:
                 runtime.ipcCloseMemHandle(p)
-        runtime.free(self._own_ptr)
+        if free_own:
+            runtime.free(self._own_ptr)
         self._own_ptr, self._peer_ptrs, self.peer_bases = 0, [], None
+        self.max_channels = self.max_slot_bytes = 0
 
 
 class KernelsBackend:
@@ -481,13 +665,23 @@ class KernelsBackend:
     device_type = "cuda"  # the device of the tensors it takes
 
     def __init__(
-        self, group: dist.ProcessGroup | None, *, timeout_s: float, device: torch.device | None = None
+        self,
+        group: dist.ProcessGroup | None,
+        *,
+        timeout_s: float,
+        device: torch.device | None = None,
+        max_num_sms: int | None = None,
     ):
+        """``max_num_sms``: the largest ``num_sms`` a call will use; the IPC buffers are sized for
+        it once (None: the device's SM count, about 250 MB per rank at H = 7168)."""
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device or torch.device("cuda", torch.cuda.current_device())
-        self.buffers = IpcBuffers(group, self.device)
+        num_sms_device = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.buffers = IpcBuffers(
+            group, self.device, max_num_sms=max_num_sms or num_sms_device, timeout_s=timeout_s
+        )
         self.engine = KernelEngine(
             self.num_ranks, self.rank, 1, self.buffers, timeout_s=timeout_s, device=self.device
         )
