@@ -321,6 +321,19 @@ class Buffer:
             async_finish=async_finish,
         )
 
+    def close(self) -> None:
+        """Release the backend's resources (the kernels' symmetric buffer: collective, bounded by
+        ``timeout_s``). The buffer cannot be used afterwards."""
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Buffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return (
             f"Buffer(rank={self.rank}, num_ranks={self.num_ranks}, backend={self.backend!r}, "

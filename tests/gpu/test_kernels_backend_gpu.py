@@ -51,7 +51,7 @@ def buf(tmp_path_factory: pytest.TempPathFactory):
         assert buffer.backend == "kernels"
         yield buffer
         torch.cuda.synchronize()
-        buffer._backend.close()
+        buffer.close()
     finally:
         dist.destroy_process_group()
 
