@@ -104,14 +104,15 @@ def sum_rounds(
 
 
 def pack_rows(
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     x_scales: torch.Tensor | None,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
     tok: torch.Tensor,
 ) -> torch.Tensor:
-    """Rows ``tok`` of each input side by side as bytes: [S, row bytes] uint8 = x | scales | idx | weights."""
-    parts = [_as_bytes(x[tok])]
+    """Rows ``tok`` of each input side by side as bytes: [S, row bytes] uint8 = x | scales | idx | weights
+    (without x when it is None)."""
+    parts = [_as_bytes(x[tok])] if x is not None else []
     if x_scales is not None:
         parts.append(_as_bytes(x_scales[tok]))
     parts += [_as_bytes(topk_idx[tok]), _as_bytes(topk_weights[tok])]
@@ -120,12 +121,13 @@ def pack_rows(
 
 def unpack_rows(
     recv: torch.Tensor, x_dtype: torch.dtype, hidden: int, num_scales: int, num_topk: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The inverse of ``pack_rows``: x [N, H], scales [N, num_scales] or None, idx [N, K], weights [N, K]."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_rows``: x [N, H] (None when packed without x: ``hidden`` 0), scales
+    [N, num_scales] or None, idx [N, K], weights [N, K]."""
     x_width = hidden * torch.empty(0, dtype=x_dtype).element_size()
     widths = [x_width] + ([num_scales * 4] if num_scales else []) + [num_topk * 8, num_topk * 4]
     cols = torch.split(recv, widths, dim=1)
-    recv_x = _from_bytes(cols[0], x_dtype, hidden)
+    recv_x = _from_bytes(cols[0], x_dtype, hidden) if hidden else None
     recv_scales = _from_bytes(cols[1], torch.float32, num_scales) if num_scales else None
     recv_idx = _from_bytes(cols[-2], torch.int64, num_topk)
     recv_weights = _from_bytes(cols[-1], torch.float32, num_topk)
@@ -280,15 +282,22 @@ class TorchBackend:
             row_format = (num_experts, hidden, num_topk, x.element_size(), num_scales)
             state = self._plan(topk_idx, num_experts, layout, row_format)
 
-        send = pack_rows(x, x_scales, topk_idx, topk_weights, state.send_token_idx)
-        recv = torch.empty(sum(state.recv_counts), send.shape[1], dtype=torch.uint8, device=x.device)
-        self._all_to_all(recv, send, state.recv_counts, state.send_counts, "dispatch: rows")
+        # NOTE: x rows go straight into the output (one gather, no packing); the small columns
+        # (scales, topk_idx, weights) travel packed in a second all-to-all.
+        tok, num_recv = state.send_token_idx, sum(state.recv_counts)
+        recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=x.device)
+        self._all_to_all(
+            _as_bytes(recv_x), _as_bytes(x[tok]), state.recv_counts, state.send_counts, "dispatch: rows"
+        )
+        send = pack_rows(None, x_scales, topk_idx, topk_weights, tok)
+        recv = torch.empty(num_recv, send.shape[1], dtype=torch.uint8, device=x.device)
+        self._all_to_all(recv, send, state.recv_counts, state.send_counts, "dispatch: row metadata")
+        _, recv_scales, recv_idx, recv_weights = unpack_rows(recv, x.dtype, 0, num_scales, num_topk)
         return self._finish_dispatch(
-            recv,
-            x.dtype,
-            hidden,
-            num_scales,
-            num_topk,
+            recv_x,
+            recv_scales,
+            recv_idx,
+            recv_weights,
             num_experts,
             topk_idx=topk_idx,
             handle=handle,
@@ -301,11 +310,10 @@ class TorchBackend:
 
     def _finish_dispatch(
         self,
-        recv: torch.Tensor,
-        x_dtype: torch.dtype,
-        hidden: int,
-        num_scales: int,
-        num_topk: int,
+        recv_x: torch.Tensor,
+        recv_scales: torch.Tensor | None,
+        recv_idx: torch.Tensor,
+        recv_weights: torch.Tensor,
         num_experts: int,
         *,
         topk_idx: torch.Tensor,
@@ -316,9 +324,9 @@ class TorchBackend:
         buffer_id: int,
         async_finish: bool,
     ) -> DispatchOutput:
-        """The received packed rows [N_recv, row bytes], in their final order -> ``DispatchOutput``."""
-        recv_x, recv_scales, recv_idx, recv_weights = unpack_rows(recv, x_dtype, hidden, num_scales, num_topk)
-        num_recv = recv.shape[0]
+        """The received rows in their final order (x [N_recv, H], scales, global topk_idx [N_recv, K],
+        weights) -> ``DispatchOutput``."""
+        num_recv = recv_x.shape[0]
 
         # Global expert index -> local index on this rank, -1 elsewhere.
         experts_per_rank = num_experts // self.num_ranks
@@ -327,7 +335,7 @@ class TorchBackend:
         recv_idx = torch.where(is_local, local, torch.full_like(local, -1))
 
         # Received rows per local expert (once per row), rounded up to the alignment.
-        uses = torch.zeros(num_recv, experts_per_rank + 1, dtype=torch.bool, device=recv.device)
+        uses = torch.zeros(num_recv, experts_per_rank + 1, dtype=torch.bool, device=recv_x.device)
         uses.scatter_(1, torch.where(is_local, local, experts_per_rank), True)
         counts = uses[:, :experts_per_rank].sum(dim=0).tolist()
         num_tokens_per_expert = [-(-c // expert_alignment) * expert_alignment for c in counts]
@@ -365,7 +373,7 @@ class TorchBackend:
             topk_weights=recv_weights,
             num_tokens_per_expert=num_tokens_per_expert,
             handle=new_handle,
-            event=self._event(recv.device, async_finish),
+            event=self._event(recv_x.device, async_finish),
         )
 
     # -- combine -------------------------------------------------------------------------------

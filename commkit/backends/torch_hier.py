@@ -43,6 +43,7 @@ from commkit.backends.torch_dist import (
     row_topk_idx,
     sum_rounds,
     summation_rounds,
+    unpack_rows,
 )
 from commkit.fp8 import cast_to_fp8 as cast_bf16_to_fp8
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
@@ -222,12 +223,15 @@ class HierTorchBackend(TorchBackend):
         send2 = forward[state.s2_rows]
         recv2 = torch.empty(sum(state.s2_recv_counts), send2.shape[1], dtype=torch.uint8, device=device)
         self._all_to_all(recv2, send2, state.s2_recv_counts, state.s2_send_counts, "dispatch: rows in node")
+        recv_x, recv_scales, recv_idx, recv_weights = unpack_rows(
+            recv2[state.recv_order], x.dtype, hidden, num_scales, num_topk
+        )
+        assert recv_x is not None
         return self._finish_dispatch(
-            recv2[state.recv_order],
-            x.dtype,
-            hidden,
-            num_scales,
-            num_topk,
+            recv_x,
+            recv_scales,
+            recv_idx,
+            recv_weights,
             num_experts,
             topk_idx=topk_idx,
             handle=handle,
