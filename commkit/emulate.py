@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from commkit.backends import kernels_layout as kl
-from commkit.backends.kernels import SymmetricBuffers
+from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
