@@ -251,6 +251,15 @@ class TorchBackend:
         recv = self._exchange_counts(send_counts[:, None], row_format, names, "dispatch: count exchange")
         return _TorchState(send_token_idx, rounds, send_counts.tolist(), recv[:, 0].tolist(), layout)
 
+    @staticmethod
+    def _prepare(
+        x: torch.Tensor, x_scales: torch.Tensor | None, previous_event: EventHandle | None, cast_to_fp8: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Order after ``previous_event``; the FP8 cast of ``cast_to_fp8``."""
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        return cast_bf16_to_fp8(x) if cast_to_fp8 else (x, x_scales)
+
     def dispatch(
         self,
         x: torch.Tensor,
@@ -270,10 +279,7 @@ class TorchBackend:
         num_worst_tokens: int | None = None,
     ) -> DispatchOutput:
         del num_sms  # the collective library decides its own resources
-        if previous_event is not None:
-            previous_event.current_stream_wait()
-        if cast_to_fp8:
-            x, x_scales = cast_bf16_to_fp8(x)
+        x, x_scales = self._prepare(x, x_scales, previous_event, cast_to_fp8)
         hidden, num_topk = x.shape[1], topk_idx.shape[1]
         num_scales = x_scales.shape[1] if x_scales is not None else 0
         if handle is not None:

@@ -45,7 +45,6 @@ from commkit.backends.torch_dist import (
     summation_rounds,
     unpack_rows,
 )
-from commkit.fp8 import cast_to_fp8 as cast_bf16_to_fp8
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 
@@ -123,10 +122,7 @@ class HierTorchBackend(TorchBackend):
         num_worst_tokens: int | None = None,
     ) -> DispatchOutput:
         del num_sms  # the collective library decides its own resources
-        if previous_event is not None:
-            previous_event.current_stream_wait()
-        if cast_to_fp8:
-            x, x_scales = cast_bf16_to_fp8(x)
+        x, x_scales = self._prepare(x, x_scales, previous_event, cast_to_fp8)
         hidden, num_topk = x.shape[1], topk_idx.shape[1]
         num_scales = x_scales.shape[1] if x_scales is not None else 0
         ranks_per_node, num_ranks = self.num_ranks_per_node, self.num_ranks
