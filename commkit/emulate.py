@@ -5,6 +5,11 @@ all ranks (grid = R x num_sms; a block's rank is ``blockIdx.x // num_sms``). The
 other inside the kernels, so all R x num_sms blocks must be resident at once: ``EmulatedGroup``
 checks the occupancy and raises ``ConfigError`` naming the largest budget that fits.
 
+Virtual nodes: ``EmulatedGroup(R, num_ranks_per_node=G)`` with G < R makes N = R / G nodes (2x4, 4x2,
+2x2, ...) and runs the internode kernels (``commkit.backends.internode``): tokens cross the inter-node
+hop once per destination node on the ``nvlink-domain`` net (direct stores, here into regions of the
+same allocation) and are forwarded inside the node; combine sums inside the node before the hop back.
+
 What it models: the kernels' protocol, ordering, bit-exact results, SM budget and the memory traffic
 of R ranks. What it does not: NVLink. Peer writes go to HBM of the same GPU (about 3 TB/s shared by
 all virtual ranks, instead of about 450 GB/s per GPU and direction over NVLink), system-scope
@@ -177,9 +182,12 @@ class EmulatedGroup:
         num_sms: int = DEFAULT_NUM_SMS,
         timeout_s: float = 60.0,
         device: torch.device | str | None = None,
+        num_ranks_per_node: int | None = None,
     ) -> None:
         from commkit.backends import kernels_unavailable_reason
+        from commkit.backends.internode import InternodeEngine
         from commkit.backends.kernels import KernelEngine
+        from commkit.reference import ranks_per_node
 
         reason = kernels_unavailable_reason(None)
         if reason is not None:
@@ -190,9 +198,24 @@ class EmulatedGroup:
             torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         )
         self.buffers = EmulatedBuffers(num_ranks, self.device)
-        self.engine = KernelEngine(
-            num_ranks, 0, num_ranks, self.buffers, timeout_s=timeout_s, device=self.device
-        )
+        # Virtual nodes: N = R / G nodes of G ranks, the inter-node hop on the nvlink-domain net
+        self.num_ranks_per_node = ranks_per_node(num_ranks, num_ranks_per_node)
+        self.num_nodes = num_ranks // self.num_ranks_per_node
+        self.engine: KernelEngine
+        if self.num_nodes > 1:
+            self.engine = InternodeEngine(
+                num_ranks,
+                0,
+                num_ranks,
+                self.buffers,
+                gpus_per_node=self.num_ranks_per_node,
+                timeout_s=timeout_s,
+                device=self.device,
+            )
+        else:
+            self.engine = KernelEngine(
+                num_ranks, 0, num_ranks, self.buffers, timeout_s=timeout_s, device=self.device
+            )
         self.comm_stream = torch.cuda.Stream(self.device)
         self.timeout_s = timeout_s
         # Kernel timings of the most recent call of each op (module docstring); not on CPU
@@ -271,10 +294,22 @@ class EmulatedGroup:
             )
             in_rank_list = list(torch.split(in_rank, counts))
         self._finish(sync, [per_rank, per_expert, in_rank])
-        return [
-            Layout(per_rank[r].to(torch.int64), per_expert[r].to(torch.int64), in_rank_list[r])
-            for r in range(self.num_ranks)
-        ]
+        layouts = []
+        for r in range(self.num_ranks):
+            in_node = None
+            if self.num_nodes > 1:
+                rows = in_rank_list[r]
+                in_node = rows.view(rows.shape[0], self.num_nodes, self.num_ranks_per_node).any(-1)
+            layouts.append(
+                Layout(
+                    per_rank[r].to(torch.int64),
+                    per_expert[r].to(torch.int64),
+                    in_rank_list[r],
+                    in_node.sum(0).to(torch.int64) if in_node is not None else None,
+                    in_node,
+                )
+            )
+        return layouts
 
     def dispatch(
         self,

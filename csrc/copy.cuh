@@ -11,19 +11,20 @@ constexpr int kCopyUnroll = 4;  // 16-byte loads in flight per lane before the s
 
 // Copies kNumInt4 16-byte words from src to dst; this thread handles words first, first + kStride, ...
 // (first = index of the thread in its group, kStride = threads in the group). kSrcReadOnly selects the
-// non-coherent load, allowed only for inputs nobody writes while the kernel runs.
-template <int kNumInt4, int kStride, bool kSrcReadOnly>
+// non-coherent load, allowed only for inputs nobody writes while the kernel runs. kUnroll words are in
+// flight per lane (4 registers each).
+template <int kNumInt4, int kStride, bool kSrcReadOnly, int kUnroll = kCopyUnroll>
 __device__ __forceinline__ void copy_row(int4* dst, const int4* src, int first) {
-    for (int base = first; base < kNumInt4; base += kStride * kCopyUnroll) {
-        int4 values[kCopyUnroll];
+    for (int base = first; base < kNumInt4; base += kStride * kUnroll) {
+        int4 values[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int idx = base + u * kStride;
             if (idx < kNumInt4)
                 values[u] = kSrcReadOnly ? ptx::ld_nc_v4_no_allocate(src + idx) : ptx::ld_v4_no_allocate(src + idx);
         }
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int idx = base + u * kStride;
             if (idx < kNumInt4)
                 ptx::st_v4_no_allocate(dst + idx, values[u]);

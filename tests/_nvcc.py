@@ -11,6 +11,8 @@ requires_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not found (
 RANKS = (2, 4, 8)
 HIDDEN_TOPK = ((2048, 1), (4096, 4), (7168, 8))  # hidden 2048 to 7168, top-k 1 to 8
 DTYPES = (0, 1, 2)  # bf16, FP8, bf16 cast to FP8 in the kernel
+NODES = ((2, 2), (4, 2), (2, 4), (8, 2), (8, 4))  # (GPUs per node, nodes): 2x2, 2x4, 4x2 and real nodes
+NVLINK_NET = "commkit::NvlinkDomainNet"
 
 
 def representative_specs() -> dict[str, list[KernelSpec]]:
@@ -27,5 +29,19 @@ def representative_specs() -> dict[str, list[KernelSpec]]:
         ],
         "combine": [
             KernelSpec("csrc/combine.cuh", "combine_kernel", (r, h)) for r in RANKS for (h, _) in HIDDEN_TOPK
+        ],
+        # Virtual nodes (G, N) on the nvlink-domain net; the GIN net is compiled by test_gin_compile.py
+        "internode_dispatch": [
+            KernelSpec(
+                "csrc/internode_dispatch.cuh", "internode_dispatch_kernel", (NVLINK_NET, g, n, h, k, d)
+            )
+            for (g, n) in NODES
+            for (h, k) in HIDDEN_TOPK
+            for d in DTYPES
+        ],
+        "internode_combine": [
+            KernelSpec("csrc/internode_combine.cuh", "internode_combine_kernel", (NVLINK_NET, g, n, h))
+            for (g, n) in NODES
+            for h in (*(h for h, _ in HIDDEN_TOPK), 12288)
         ],
     }

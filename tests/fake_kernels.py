@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from commkit import reference
+from commkit.backends import internode as imod
+from commkit.backends import internode_layout as il
 from commkit.backends import kernels as kmod
 from commkit.backends import kernels_layout as kl
 from commkit.fp8 import cast_to_fp8
@@ -130,7 +132,29 @@ class FakeKernels:
         out_x, out_idx, out_w, out_src = self.t(out_x), self.t(out_idx), self.t(out_w), self.t(out_src)
         scales = self.t(scales) if dtype == kl.DTYPE_FP8 else None
         out_scales = self.t(out_scales) if dtype != kl.DTYPE_BF16 else None
-        num_local = int(num_experts) // num_ranks
+        outs = (out_x, out_scales, out_idx, out_w, out_src)
+        self._place_rows(
+            num_ranks,
+            int(num_experts),
+            dtype,
+            offsets,
+            x,
+            scales,
+            topk,
+            weights,
+            send_pos,
+            meta,
+            recv_rows,
+            outs,
+        )
+
+    @staticmethod
+    def _place_rows(
+        num_ranks, num_experts, dtype, offsets, x, scales, topk, weights, send_pos, meta, recv_rows, outs
+    ):
+        """Dispatch's contract: row of (src, t) at recv_rows[dst] + meta[dst, src] + send_pos[t, dst]."""
+        out_x, out_scales, out_idx, out_w, out_src = outs
+        num_local = num_experts // num_ranks
         for dst in range(num_ranks):
             for src in range(num_ranks):
                 for t in range(offsets[src], offsets[src + 1]):
@@ -149,6 +173,140 @@ class FakeKernels:
                     out_idx[row] = torch.where((local >= 0) & (local < num_local) & (topk[t] >= 0), local, -1)
                     out_w[row] = weights[t]
                     out_src[row] = t - offsets[src]
+
+    def _net_layout(self, net) -> tuple[int, int]:
+        """(num_nodes, gpus_per_node) decoded from the packed NvlinkDomainNet argument."""
+        raw = bytes(self.t(net).tolist())
+        assert len(raw) == il.NVLINK_DOMAIN_NET_BYTES
+        num_nodes, gpus_per_node = il.InterLayout.STRUCT.unpack(raw[8:])[:2]
+        return num_nodes, gpus_per_node
+
+    def internode_dispatch_kernel(
+        self,
+        targs,
+        blocks,
+        net,
+        peers,
+        rank_base,
+        num_channels,
+        num_experts,
+        offsets,
+        x,
+        scales,
+        topk,
+        weights,
+        send_pos,
+        node_pos,
+        meta,
+        recv_rows,
+        fwd_offsets,
+        fwd_mask,
+        fwd_token,
+        out_x,
+        out_scales,
+        out_idx,
+        out_w,
+        out_src,
+        timeout,
+    ):
+        _, gpus, nodes, hidden, num_topk, dtype = targs
+        assert self._net_layout(net) == (nodes, gpus)
+        num_ranks = nodes * gpus
+        assert blocks == num_ranks * int(num_channels)
+        offsets, x, topk, weights = self.t(offsets).tolist(), self.t(x), self.t(topk), self.t(weights)
+        send_pos, meta, recv_rows = self.t(send_pos), self.t(meta), self.t(recv_rows).tolist()
+        node_pos, fwd_offsets = self.t(node_pos), self.t(fwd_offsets).view(num_ranks, nodes + 1)
+        fwd_mask, fwd_token = self.t(fwd_mask), self.t(fwd_token)
+        outs = tuple(self.t(o) if int(o) else None for o in (out_x, out_scales, out_idx, out_w, out_src))
+        scales = self.t(scales) if dtype == kl.DTYPE_FP8 else None
+        self._place_rows(
+            num_ranks,
+            int(num_experts),
+            dtype,
+            offsets,
+            x,
+            scales,
+            topk,
+            weights,
+            send_pos,
+            meta,
+            recv_rows,
+            outs,
+        )
+        # The forwarder of (n, g) records, per source node m and node_pos, the GPUs j and the token
+        for fwd in range(num_ranks):
+            n, g = divmod(fwd, gpus)
+            for m in range(nodes):
+                src = m * gpus + g
+                for t in range(offsets[src], offsets[src + 1]):
+                    pos = int(node_pos[t, n])
+                    assert (pos >= 0) == bool((send_pos[t, n * gpus : (n + 1) * gpus] >= 0).any())
+                    if pos < 0:
+                        continue
+                    idx = int(fwd_offsets[fwd, m]) + pos
+                    assert idx < int(fwd_offsets[fwd, m + 1])
+                    mask = sum(1 << j for j in range(gpus) if int(send_pos[t, n * gpus + j]) >= 0)
+                    fwd_mask[idx], fwd_token[idx] = mask, t - offsets[src]
+
+    def internode_combine_kernel(
+        self,
+        targs,
+        blocks,
+        net,
+        peers,
+        rank_base,
+        num_channels,
+        num_experts,
+        offsets,
+        x,
+        recv_rows,
+        recv_src,
+        meta,
+        node_pos,
+        fwd_offsets,
+        fwd_mask,
+        fwd_token,
+        out,
+        timeout,
+    ):
+        _, gpus, nodes, hidden = targs
+        assert self._net_layout(net) == (nodes, gpus)
+        num_ranks = nodes * gpus
+        offsets, x, recv_rows = self.t(offsets).tolist(), self.t(x), self.t(recv_rows).tolist()
+        recv_src, meta, node_pos, out = self.t(recv_src), self.t(meta), self.t(node_pos), self.t(out)
+        fwd_offsets = self.t(fwd_offsets).view(num_ranks, nodes + 1)
+        fwd_mask, fwd_token = self.t(fwd_mask), self.t(fwd_token)
+        partials = {}  # (source rank, token, node) -> bf16 partial, from the forwarders' records
+        for fwd in range(num_ranks):
+            n, g = divmod(fwd, gpus)
+            for m in range(nodes):
+                src = m * gpus + g
+                lo, hi = int(fwd_offsets[fwd, m]), int(fwd_offsets[fwd, m + 1])
+                for k in range(lo, hi):
+                    token = int(fwd_token[k])
+                    if token == 2**31 - 1:  # the unused tail (sorted after every token)
+                        assert (fwd_token[k:hi] == token).all()
+                        break
+                    acc = torch.zeros(hidden, dtype=torch.float32)
+                    for j in range(gpus):
+                        if int(fwd_mask[k]) >> j & 1:
+                            dst = n * gpus + j
+                            # The rows from src at dst are in token order: the one of `token`
+                            lo_row = recv_rows[dst] + int(meta[dst, src])
+                            hi_row = recv_rows[dst] + int(meta[dst, src + 1])
+                            hits = (recv_src[lo_row:hi_row] == token).nonzero()
+                            assert len(hits) == 1
+                            row = lo_row + int(hits[0])
+                            acc = acc + x[row].float()
+                    partials[src, token, n] = acc.to(torch.bfloat16)
+        for src in range(num_ranks):
+            for t in range(offsets[src], offsets[src + 1]):
+                acc = torch.zeros(hidden, dtype=torch.float32)
+                for m in range(nodes):
+                    if int(node_pos[t, m]) >= 0:
+                        acc = acc + partials.pop((src, t - offsets[src], m)).float()
+                out[t] = acc.to(torch.bfloat16)
+        assert not partials  # every partial was summed once
 
     def combine_kernel(
         self,
@@ -190,6 +348,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
 
     fk = FakeKernels()
     monkeypatch.setattr(kmod, "_u64", fk.u64)
+    monkeypatch.setattr(imod, "_u64", fk.u64)
     monkeypatch.setattr(kmod.KernelEngine, "_kernel", lambda self, header, name, *a: (name, a))
     monkeypatch.setattr(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
     monkeypatch.setattr(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)

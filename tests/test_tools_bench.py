@@ -1,5 +1,5 @@
 """Bench expectations against commkit.reference, wrong-row counting, bytes, the tune objectives, and
-end-to-end CLI runs of bench and tune on the torch backend over gloo (2 CPU ranks)."""
+end-to-end CLI runs of bench and tune on the torch backend over gloo (2 CPU ranks; 4 ranks in 2 nodes)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from commkit.tools.bench import (
     expected_combine,
     expected_dispatch,
     expert_output,
+    link_fields,
     make_input_set,
     payload_rows,
 )
-from commkit.tools.shapes import SHAPES, get_shape
+from commkit.tools.shapes import SHAPES, MoEShape, get_shape
+from commkit.tools.traffic import count_traffic
 from commkit.tools.tune import choose
 
 TINY = get_shape("ci-tiny")
@@ -71,13 +73,49 @@ def test_wrong_rows_are_counted() -> None:
 def test_bytes_split_nvlink_and_rdma() -> None:
     # 4 ranks, 2 per node, 4 experts (one per rank). Rank 0's token 0 goes to experts 1 and 2 (ranks 1, 2).
     idx = [torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, -1]])]
-    b = bytes_per_rank(idx, 4, 2, hidden=128, dtype="bf16")
+    b = count_traffic(idx, 4, 2, hidden=128, dtype="bf16").figures("dispatch")
     # received rows: r0 1, r1 2, r2 2, r3 2 -> mean 7/4; rows to another node: r0 1 (node 1), others 0.
-    assert b["dispatch_nvl_bytes"] == pytest.approx(7 / 4 * 256)
-    assert b["dispatch_rdma_bytes"] == pytest.approx(1 / 4 * 256)
-    fp8 = bytes_per_rank(idx, 4, 2, hidden=128, dtype="fp8")
-    assert fp8["dispatch_nvl_bytes"] == pytest.approx(7 / 4 * (128 + 4))
-    assert fp8["combine_nvl_bytes"] == b["combine_nvl_bytes"]
+    assert b["logical_bytes"] == pytest.approx(7 / 4 * 256)
+    assert b["ib_bytes_hier"] == b["ib_bytes_flat"] == pytest.approx(1 / 4 * 256)
+    fp8 = count_traffic(idx, 4, 2, hidden=128, dtype="fp8")
+    assert fp8.figures("dispatch")["logical_bytes"] == pytest.approx(7 / 4 * (128 + 4))
+    assert fp8.figures("combine")["logical_bytes"] == pytest.approx(7 / 4 * 256)
+    # the dict of bench.bytes_per_rank (overlap's comm bytes) is the same count
+    assert bytes_per_rank(idx, 4, 2, hidden=128, dtype="fp8") == {
+        "dispatch_nvl_bytes": 7 / 4 * 132, "dispatch_rdma_bytes": 1 / 4 * 132,
+        "combine_nvl_bytes": 7 / 4 * 256, "combine_rdma_bytes": 1 / 4 * 256, "mean_recv_rows": 7 / 4,
+    }  # fmt: skip
+
+
+def test_link_fields_one_node_and_several() -> None:
+    idx = [torch.tensor([[2, 3]]), torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, -1]])]
+    link, nbytes, fields = link_fields(count_traffic(idx, 4, 4, 128, "bf16"), "dispatch", 1e-3)
+    assert (link, nbytes) == ("nvl", 7 / 4 * 256)
+    assert fields == {"nvl_bytes": 7 / 4 * 256, "rdma_bytes": 0.0}  # one node: the fields as before
+    link, nbytes, fields = link_fields(count_traffic(idx, 4, 2, 128, "bf16"), "combine", 1e-3)
+    # rank 0's token reaches two GPUs of node 1: once hierarchically, twice flat; DeepEP also counts the
+    # own node of every token (4 tokens, each reaches one node).
+    assert (link, nbytes) == ("rdma", 1 / 4 * 256)
+    assert fields["rdma_bytes_flat"] == 2 / 4 * 256 and fields["rdma_saved"] == 2.0
+    assert fields["rdma_bytes_incl_own_node"] == 4 / 4 * 256
+    assert fields["gbps_incl_own_node"] == pytest.approx(256 / 1e-3 / 1e9)
+
+
+def test_expected_combine_follows_the_nodes() -> None:
+    # Top-8 over 8 ranks in 2 nodes of 4: tokens whose rows split 3 + 2 over the nodes round differently
+    # in two levels than in one, so the expectation must follow the buffer's nodes.
+    shape = MoEShape("t", hidden=64, num_experts=16, top_k=8, moe_intermediate=8, num_tokens=24)
+    sets = [make_input_set(shape, "bf16", r, 8, 3, 0.0, torch.device("cpu")) for r in range(8)]
+    ref = dispatch_reference([s.x for s in sets], sets[0].topk_idx, sets[0].topk_weights, 16)
+    outs = [expert_output(r) for r in ref]
+    differs = False
+    for per_node in (None, 4, 2):
+        ys = combine_reference(outs, ref, [shape.num_tokens] * 8, per_node)
+        for rank, s in enumerate(sets):
+            want = expected_combine(s, rank, 16, shape.hidden, "bf16", per_node)
+            assert count_wrong_combine(ys[rank], want) == 0, (per_node, rank)
+            differs |= count_wrong_combine(want, expected_combine(s, rank, 16, shape.hidden, "bf16")) > 0
+    assert differs  # the case shows the difference
 
 
 def test_tune_objectives() -> None:
@@ -112,9 +150,43 @@ def test_bench_cli_end_to_end(tmp_path: Path) -> None:
         assert 0 < r["time_min_s"] <= r["time_median_s"] <= r["time_max_s"]
         assert r["gbps"] == pytest.approx(r["nvl_bytes"] / r["time_median_s"] / 1e9)
         assert r["vs_roofline"] is None and "CUDA" in r["vs_roofline_note"]
+        assert r["nodes"] == 1 and r["gbps_link"] == "nvl" and r["rdma_bytes"] == 0
+        assert "rdma_bytes_flat" not in r and "rdma_saved" not in r  # single-node rows: no inter-node fields
     assert rows[2]["nvl_bytes"] < rows[0]["nvl_bytes"]  # FP8 rows are smaller
     assert data["summary"]["total_wrong"] == 0
     assert (tmp_path / "bench.tsv").read_text().splitlines()[0].startswith("shape\top")
+
+
+def test_bench_cli_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 gloo ranks in 2 nodes of 2 (the Buffers take the two-level path too, from $LOCAL_WORLD_SIZE):
+    rows carry the hierarchical and the flat RDMA bytes of the routing, their ratio and DeepEP's count,
+    in the JSON and the TSV."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    code = main(["bench", "--ranks", "4", "--ranks-per-node", "2", "--reps", "2", "--warmup", "1",
+                 "--input-sets", "1", "--dtype", "fp8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["dispatch", "combine"]
+    # the routing the bench counted: input set 0 (salt = seed * 1000) of every rank
+    routing = make_input_set(TINY, "fp8", 0, 4, 0, 0.0, torch.device("cpu")).topk_idx
+    traffic = count_traffic(routing, TINY.num_experts, 2, TINY.hidden, "fp8")
+    for r in rows:
+        fig = traffic.figures(r["op"])
+        assert r["wrong"] == 0 and r["nodes"] == 2 and r["gbps_link"] == "rdma"
+        assert r["rdma_bytes"] == fig["ib_bytes_hier"] > 0
+        assert r["rdma_bytes_flat"] == fig["ib_bytes_flat"] >= r["rdma_bytes"]
+        assert r["rdma_saved"] == pytest.approx(r["rdma_bytes_flat"] / r["rdma_bytes"])
+        assert r["rdma_bytes_incl_own_node"] == fig["rdma_bytes_incl_own_node"] > r["rdma_bytes"]
+        assert r["gbps"] == pytest.approx(r["rdma_bytes"] / r["time_median_s"] / 1e9)
+        assert r["gbps_incl_own_node"] == pytest.approx(
+            r["rdma_bytes_incl_own_node"] / r["time_median_s"] / 1e9
+        )
+    assert rows[0]["rdma_bytes"] < rows[1]["rdma_bytes"]  # fp8 dispatch rows, bf16 combine rows
+    tsv = [line.split("\t") for line in (tmp_path / "bench.tsv").read_text().splitlines()]
+    head = tsv[0]
+    for line, r in zip(tsv[1:], rows, strict=True):
+        assert float(line[head.index("flat RDMA MB")]) == pytest.approx(r["rdma_bytes_flat"] / 1e6, abs=1e-6)
+        assert float(line[head.index("RDMA saved")]) == pytest.approx(r["rdma_saved"], abs=1e-6)
 
 
 def test_tune_cli_saves_profile_buffer_config_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

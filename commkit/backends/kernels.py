@@ -154,7 +154,7 @@ class KernelEngine:
         self.poison_outputs = False
 
     # ------------------------------------------------------------------ helpers
-    def _kernel(self, header: str, name: str, *args: int) -> Any:
+    def _kernel(self, header: str, name: str, *args: int | str) -> Any:
         key = (header, name, *args)
         kernel = self._kernels.get(key)
         if kernel is None:
@@ -364,6 +364,23 @@ class KernelEngine:
         return per_rank, per_expert, in_rank, send_pos, token_offsets
 
     # ------------------------------------------------------------------ dispatch
+    def _dispatch_outputs(
+        self, num_rows: int, hidden: int, num_topk: int, out_fp8: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, x_scales (FP8 only), topk_idx, topk_weights and src_token outputs of num_rows rows."""
+        out_x = torch.empty(
+            num_rows, hidden, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=self.device
+        )
+        out_scales = (
+            torch.empty(num_rows, hidden // kl.FP8_GROUP_SIZE, dtype=torch.float32, device=self.device)
+            if out_fp8
+            else None
+        )
+        out_idx = torch.empty(num_rows, num_topk, dtype=torch.int64, device=self.device)
+        out_weights = torch.empty(num_rows, num_topk, dtype=torch.float32, device=self.device)
+        out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
+        return out_x, out_scales, out_idx, out_weights, out_src_token
+
     def dispatch(
         self,
         x: torch.Tensor,
@@ -394,24 +411,7 @@ class KernelEngine:
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
         self.buffers.ensure(num_sms, slot_bytes)
         peer_bases = self.buffers.peer_bases
-        stride = kl.meta_stride(num_ranks, num_experts)
         out_fp8 = dtype_code != kl.DTYPE_BF16
-
-        def outputs(
-            num_rows: int,
-        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-            out_x = torch.empty(
-                num_rows, hidden, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=self.device
-            )
-            out_scales = (
-                torch.empty(num_rows, hidden // kl.FP8_GROUP_SIZE, dtype=torch.float32, device=self.device)
-                if out_fp8
-                else None
-            )
-            out_idx = torch.empty(num_rows, num_topk, dtype=torch.int64, device=self.device)
-            out_weights = torch.empty(num_rows, num_topk, dtype=torch.float32, device=self.device)
-            out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
-            return out_x, out_scales, out_idx, out_weights, out_src_token
 
         self._timing_begin()
         if num_worst_tokens is not None:
@@ -421,7 +421,9 @@ class KernelEngine:
             # NOTE: x and x_scales padding rows are left unwritten (as in DeepEP): zeroing them would
             # cost a memset of num_worst_tokens rows per call.
             row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
-            out_x, out_scales, out_idx, out_weights, out_src_token = outputs(row_offsets[-1])
+            out_x, out_scales, out_idx, out_weights, out_src_token = self._dispatch_outputs(
+                row_offsets[-1], hidden, num_topk, out_fp8
+            )
             out_idx.fill_(-1)
             out_weights.zero_()
 
@@ -429,21 +431,7 @@ class KernelEngine:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
                 topk_idx, token_counts, num_experts, with_in_rank=False
             )
-            meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
-            notify = self._kernel("csrc/notify.cuh", "notify_kernel", num_ranks)
-            args: tuple[Any, ...] = (
-                _u64(peer_bases),
-                _i32(self.rank_base),
-                _i32(num_experts),
-                _u64(token_offsets),
-                _u64(per_rank),
-                _u64(per_expert),
-                _i32(1),
-                _i32(-1 if num_worst_tokens is None else num_worst_tokens),
-                _u64(meta),
-                np.int64(self._timeout_ns),
-            )
-            self._launch(notify, self.num_local, 128, args)
+            meta = self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
             recv_counts = expert_counts = None
         else:
             send_pos, meta, token_offsets = state.send_pos, state.meta, state.token_offsets
@@ -471,7 +459,9 @@ class KernelEngine:
                 recv_counts = [row[num_ranks] for row in meta_host]
                 expert_counts = [row[2 * num_ranks + 1 :] for row in meta_host]
             row_offsets = _offsets(recv_counts)
-            out_x, out_scales, out_idx, out_weights, out_src_token = outputs(row_offsets[-1])
+            out_x, out_scales, out_idx, out_weights, out_src_token = self._dispatch_outputs(
+                row_offsets[-1], hidden, num_topk, out_fp8
+            )
             self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
 
@@ -510,6 +500,33 @@ class KernelEngine:
             num_worst_tokens=num_worst_tokens,
         )
         return DispatchResult(out_x, out_scales, out_idx, out_weights, row_offsets, new_state)
+
+    def _notify(
+        self,
+        token_offsets: torch.Tensor,
+        per_rank: torch.Tensor,
+        per_expert: torch.Tensor,
+        num_experts: int,
+        num_worst_tokens: int | None,
+    ) -> torch.Tensor:
+        """Count exchange and barrier (csrc/notify.cuh); returns ``meta`` [num_local, 2R + 1 + L]."""
+        stride = kl.meta_stride(self.num_ranks, num_experts)
+        meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
+        notify = self._kernel("csrc/notify.cuh", "notify_kernel", self.num_ranks)
+        args: tuple[Any, ...] = (
+            _u64(self.buffers.peer_bases),
+            _i32(self.rank_base),
+            _i32(num_experts),
+            _u64(token_offsets),
+            _u64(per_rank),
+            _u64(per_expert),
+            _i32(1),
+            _i32(-1 if num_worst_tokens is None else num_worst_tokens),
+            _u64(meta),
+            np.int64(self._timeout_ns),
+        )
+        self._launch(notify, self.num_local, 128, args)
+        return meta
 
     def _cached_notify(self) -> None:
         kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)

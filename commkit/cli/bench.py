@@ -19,9 +19,12 @@ from commkit.cli._common import (
     virtual_unavailable,
 )
 
+# NOTE: "RDMA MB" is the hierarchical path's network bytes; "flat RDMA MB" a flat all-to-all's for the same
+# routing and "RDMA saved" their ratio (flat / hierarchical): blank on one node.
 COLUMNS = [
     "shape", "op", "ranks", "nodes", "tokens", "hidden", "topk", "dtype", "num_sms", "NVL MB", "RDMA MB",
-    "med us", "min us", "max us", "GB/s", "link", "#wrong", "vs torch", "vs roofline", "time",
+    "flat RDMA MB", "RDMA saved", "med us", "min us", "max us", "GB/s", "link", "#wrong", "vs torch",
+    "vs roofline", "time",
 ]  # fmt: skip
 
 
@@ -33,7 +36,10 @@ def register(subparsers: Any) -> None:
             "Time dispatch and combine (median/min/max over repetitions, after a barrier, L2 flushed, "
             "inputs rotated), check every run, and report GB/s of logical bytes: NVLink bytes = rows "
             "received (dispatch) or sent back (combine) x row bytes; RDMA bytes = rows crossing nodes, "
-            "once per destination node. On CPU it spawns --ranks gloo processes (torch backend); under "
+            "once per destination node (the hierarchical path); over several nodes also the RDMA bytes of a "
+            "flat all-to-all for the same routing (once per remote rank), their ratio ('RDMA saved'), "
+            "and in the JSON the bytes and GB/s counted as DeepEP publishes them (own node included). "
+            "On CPU it spawns --ranks gloo processes (torch backend); under "
             "torchrun each process is a rank. With --virtual N: N virtual ranks of the kernels on one GPU "
             "(rows marked virtual; HBM is the link; a repetition is the one launch serving all ranks); "
             "'vs torch' is then torch ops doing the same work on the same GPU (index_select per "
@@ -71,7 +77,9 @@ def register(subparsers: Any) -> None:
 def table_row(r: dict[str, Any]) -> list[Any]:
     return [
         r["shape"], r["op"], r["ranks"], r["nodes"], r["tokens"], r["hidden"], r["topk"], r["dtype"],
-        r["num_sms"], r["nvl_bytes"] / 1e6, r["rdma_bytes"] / 1e6, r["time_median_s"] * 1e6,
+        r["num_sms"], r["nvl_bytes"] / 1e6, r["rdma_bytes"] / 1e6,
+        r["rdma_bytes_flat"] / 1e6 if "rdma_bytes_flat" in r else "", r.get("rdma_saved", ""),
+        r["time_median_s"] * 1e6,
         r["time_min_s"] * 1e6, r["time_max_s"] * 1e6, r["gbps"], r["gbps_link"], r["wrong"], r["vs_torch"],
         r["vs_roofline"], r.get("time_source", "wall"),
     ]  # fmt: skip
@@ -80,7 +88,7 @@ def table_row(r: dict[str, Any]) -> list[Any]:
 def skipped_table_row(r: dict[str, Any]) -> list[Any]:
     return [
         r["shape"], "skipped", r["ranks"], "", r["tokens"], r["hidden"], r["topk"], r["dtype"], r["num_sms"],
-        *[""] * 10, r["skipped"],
+        *[""] * (len(COLUMNS) - 10), r["skipped"],
     ]  # fmt: skip
 
 
@@ -130,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
     footer = []
     if rows:
         footer = [
-            ["average", *[""] * 13, foot["avg_gbps"], "", foot["total_wrong"], foot["avg_vs_torch"],
-             foot["avg_vs_roofline"], ""],
+            ["average", *[""] * (COLUMNS.index("GB/s") - 1), foot["avg_gbps"], "", foot["total_wrong"],
+             foot["avg_vs_torch"], foot["avg_vs_roofline"], ""],
             ["worst", *table_row(foot["worst"])[1:]],
         ]  # fmt: skip
     title = f"commkit bench ({args.virtual} virtual ranks on one GPU)" if args.virtual else "commkit bench"
@@ -142,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
     )
     for note in notes:
         print(f"n/a: {note}")
+    if any(r["nodes"] > 1 for r in rows):
+        print(
+            "rdma: RDMA MB = network bytes of the hierarchical path (a token once per remote node); flat "
+            "RDMA MB = a flat all-to-all's for the same routing (once per remote rank); RDMA saved = flat / "
+            "hierarchical; the JSON also has rdma_bytes_incl_own_node and gbps_incl_own_node, counted as "
+            "DeepEP publishes them (own node included)"
+        )
     for note in sorted({r["time_note"] for r in rows if r.get("time_note")}):
         print(f"time: {note}")
     for r in skipped:

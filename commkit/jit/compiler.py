@@ -10,9 +10,10 @@ top-k, dtype) are template arguments. For one instantiation this module writes::
 
 compiles it with ``nvcc -cubin -arch=sm_90 -Xptxas -v`` and keeps the cubin and the ptxas report in
 the cache. The cache key is the sha256 of the source, the content of every file under the include
-root's ``ptx/`` and ``csrc/`` (so any header edit rebuilds), the options and ``nvcc --version``. An
-entry is written in a temporary directory and moved into place with ``os.replace``, so concurrent
-processes never see half an entry.
+root's ``ptx/`` and ``csrc/`` (so any header edit rebuilds), the options and ``nvcc --version``, and,
+when a caller passes extra include directories (``include_dirs``, e.g. the NCCL headers of the GIN path,
+see ``commkit/jit/nccl.py``), the content of every header under them. An entry is written in a temporary
+directory and moved into place with ``os.replace``, so concurrent processes never see half an entry.
 
 Environment: ``COMMKIT_CACHE_DIR`` (default ``~/.cache/commkit``), ``COMMKIT_INCLUDE_ROOT`` (a
 directory holding ``ptx/`` and ``csrc/``; default: the installed package or the repository),
@@ -128,9 +129,28 @@ def _headers_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(source: str, options: tuple[str, ...], root: Path, nvcc: str) -> str:
+def include_dirs_digest(include_dirs: tuple[Path, ...]) -> str:
+    """sha256 over every header file under the extra include directories (in -I order): name and content."""
     digest = hashlib.sha256()
-    for part in (source, "\0".join(options), _headers_digest(root), _nvcc_version(nvcc), ARCH):
+    for index, directory in enumerate(include_dirs):
+        digest.update(f"-I#{index}\0".encode())
+        for path in sorted(Path(directory).rglob("*")):
+            if path.is_file() and path.suffix in HEADER_SUFFIXES:
+                digest.update(str(path.relative_to(directory)).encode())
+                digest.update(b"\0")
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(
+    source: str, options: tuple[str, ...], root: Path, nvcc: str, include_dirs: tuple[Path, ...] = ()
+) -> str:
+    digest = hashlib.sha256()
+    parts = [source, "\0".join(options), _headers_digest(root), _nvcc_version(nvcc), ARCH]
+    if include_dirs:  # NOTE: no extra part without them, so the keys of existing entries stay valid
+        parts.append(include_dirs_digest(include_dirs))
+    for part in parts:
         digest.update(part.encode())
         digest.update(b"\x01")
     return digest.hexdigest()
@@ -169,14 +189,23 @@ def compile_source(
     options: tuple[str, ...] = DEFAULT_OPTIONS,
     root: Path | None = None,
     cache: Path | None = None,
+    include_dirs: tuple[Path, ...] = (),
 ) -> CompileResult:
-    """Compile ``source`` to a cubin for sm_90, through the on-disk cache."""
+    """Compile ``source`` to a cubin for sm_90, through the on-disk cache.
+
+    ``include_dirs``: more directories for ``-I`` (after the include root), e.g. the NCCL headers; every
+    header under them is part of the cache key.
+    """
     nvcc = nvcc_path()
     if nvcc is None:
         raise RuntimeError("nvcc not found: install the CUDA toolkit, or set COMMKIT_NVCC or CUDA_HOME")
     root = (root or include_root()).resolve()
+    include_dirs = tuple(Path(d).resolve() for d in include_dirs)
+    missing = [str(d) for d in include_dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"include directories not found: {missing}")
     cache = cache or cache_dir()
-    key = cache_key(source, options, root, nvcc)
+    key = cache_key(source, options, root, nvcc, include_dirs)
     entry_dir = cache / key[:2] / key
     meta_path = entry_dir / "kernel.json"
     if meta_path.exists():
@@ -202,6 +231,7 @@ def compile_source(
             "-v",
             "-I",
             str(root),
+            *(arg for d in include_dirs for arg in ("-I", str(d))),
             "-o",
             str(tmp_dir / "kernel.cubin"),
             str(tmp_dir / "kernel.cu"),

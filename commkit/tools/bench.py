@@ -1,12 +1,19 @@
 """Dispatch/combine bandwidth in the style of nccl-tests, checked on every run.
 
-Bytes (per rank, the mean over ranks; "logical" bytes as in DeepEP's published figures):
+Bytes (per rank, the mean over ranks; "logical" bytes as in DeepEP's published figures), all counted by
+``commkit.tools.traffic.count_traffic`` from the routing (its docstring has the counting rules):
 
-- dispatch NVLink bytes: rows this rank receives x row bytes (H x element size, plus the FP8 scales
-  ceil(H/128) x 4); dispatch RDMA bytes: rows this rank sends to other nodes, counted once per
-  destination node, x row bytes
+- dispatch NVLink bytes (``nvl_bytes``): rows this rank receives x row bytes (H x element size, plus the
+  FP8 scales ceil(H/128) x 4); dispatch RDMA bytes (``rdma_bytes``): rows this rank sends to other
+  nodes, counted once per destination node (the hierarchical path), x row bytes
 - combine NVLink bytes: rows this rank sends back (the rows it received) x H x 2 (bf16); combine RDMA
-  bytes: rows that come back to this rank from other nodes, once per node, x H x 2
+  bytes: partials that come back to this rank from other nodes, one per (token, remote node), x H x 2
+
+Rows of a run over several nodes (``nodes`` > 1) also carry, for the same routing: ``rdma_bytes_flat``,
+the network bytes of a flat all-to-all (one row per (token, remote rank)); ``rdma_saved`` =
+``rdma_bytes_flat / rdma_bytes`` (None when no token leaves its node); and ``rdma_bytes_incl_own_node``
+with ``gbps_incl_own_node``: the count behind DeepEP's published internode RDMA figures ((token, node)
+pairs with the own node included), to compare with peers' numbers. Rows of one node have none of them.
 
 GB/s = the link's bytes / median time: NVLink bytes on one node, RDMA bytes across nodes. Time per
 repetition = the slowest rank's, measured after a barrier, with the L2 flushed (CUDA) and the inputs
@@ -42,6 +49,7 @@ import torch.distributed as dist
 from commkit.errors import ConfigError
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import L2Flusher, TimeStats, gbps, time_collective
+from commkit.tools.traffic import Traffic, count_traffic
 
 if TYPE_CHECKING:
     from commkit.tools.ranks import RankContext
@@ -207,14 +215,29 @@ def expert_output(out: Any) -> torch.Tensor:
     return out.x.to(torch.bfloat16)
 
 
-def expected_combine(inputs: InputSet, rank: int, num_experts: int, hidden: int, dtype: str) -> torch.Tensor:
-    """[T, H] bf16: each of this rank's tokens summed once per rank it went to (float32, from +0.0)."""
+def expected_combine(
+    inputs: InputSet,
+    rank: int,
+    num_experts: int,
+    hidden: int,
+    dtype: str,
+    num_ranks_per_node: int | None = None,
+) -> torch.Tensor:
+    """[T, H] bf16: each of this rank's tokens summed once per rank it went to, as
+    ``commkit.reference.combine_reference`` sums with ``num_ranks_per_node`` G (None: one node): per
+    node, float32 from +0.0 in ascending rank order, rounded to bf16; the node partials added in float32
+    from +0.0 in ascending node order (one node: a single rounding)."""
     num_ranks = len(inputs.topk_idx)
+    per_node = num_ranks_per_node or num_ranks
     in_rank = token_in_rank(inputs.topk_idx[rank], num_experts, num_ranks)  # [T, R]
     row = inputs.x.to(torch.bfloat16).to(torch.float32)
     total = torch.zeros_like(row)
-    for r in range(num_ranks):  # NOTE: ascending rank order, as the reference sums
-        total = total + torch.where(in_rank[:, r : r + 1], row, torch.zeros_like(row))
+    for first in range(0, num_ranks, per_node):
+        partial = torch.zeros_like(row)
+        for r in range(first, first + per_node):  # NOTE: ascending rank order, as the reference sums
+            partial = partial + torch.where(in_rank[:, r : r + 1], row, torch.zeros_like(row))
+        # NOTE: a node the token did not reach adds +0.0, which changes no sum that starts from +0.0
+        total = total + partial.to(torch.bfloat16).to(torch.float32)
     return total.to(torch.bfloat16)
 
 
@@ -225,37 +248,33 @@ def count_wrong_combine(y: torch.Tensor, want: torch.Tensor) -> int:
 
 
 # --------------------------------------------------------------------------------------- bytes
-def row_bytes(hidden: int, dtype: str) -> int:
-    if dtype == "fp8":
-        return hidden + math.ceil(hidden / FP8_BLOCK) * 4
-    return hidden * 2
-
-
 def bytes_per_rank(
     topk_idx: Sequence[torch.Tensor], num_experts: int, num_ranks_per_node: int, hidden: int, dtype: str
 ) -> dict[str, float]:
-    """Mean over ranks of the logical bytes defined in the module docstring."""
-    num_ranks = len(topk_idx)
-    recv_rows = [0] * num_ranks
-    rdma_rows = [0] * num_ranks  # per sender: (token, remote node) pairs
-    node_of = torch.arange(num_ranks) // num_ranks_per_node
-    num_nodes = int(node_of.max()) + 1
-    for src, idx in enumerate(topk_idx):
-        in_rank = token_in_rank(idx.cpu(), num_experts, num_ranks)  # [T, R]
-        for r, n in enumerate(in_rank.sum(dim=0).tolist()):
-            recv_rows[r] += int(n)
-        in_node = torch.stack([in_rank[:, node_of == n].any(dim=1) for n in range(num_nodes)], dim=1)
-        in_node[:, int(node_of[src])] = False
-        rdma_rows[src] = int(in_node.sum())
-    mean_recv = sum(recv_rows) / num_ranks
-    mean_rdma = sum(rdma_rows) / num_ranks
-    return {
-        "dispatch_nvl_bytes": mean_recv * row_bytes(hidden, dtype),
-        "dispatch_rdma_bytes": mean_rdma * row_bytes(hidden, dtype),
-        "combine_nvl_bytes": mean_recv * hidden * 2,
-        "combine_rdma_bytes": mean_rdma * hidden * 2,
-        "mean_recv_rows": mean_recv,
-    }
+    """Mean over ranks of the logical bytes in the module docstring (``commkit.tools.traffic`` counts)."""
+    traffic = count_traffic(topk_idx, num_experts, num_ranks_per_node, hidden, dtype)
+    out: dict[str, float] = {}
+    for op in ("dispatch", "combine"):
+        fig = traffic.figures(op)
+        out[f"{op}_nvl_bytes"], out[f"{op}_rdma_bytes"] = fig["logical_bytes"], fig["ib_bytes_hier"]
+    out["mean_recv_rows"] = traffic.mean("recv_rows")
+    return out
+
+
+def link_fields(traffic: Traffic, op: str, median_s: float) -> tuple[str, float, dict[str, Any]]:
+    """(link, its bytes, the row's byte fields) of ``op``: NVLink bytes on one node, RDMA bytes of the
+    hierarchical path across nodes, where the flat all-to-all's and DeepEP's counts come too."""
+    fig = traffic.figures(op)
+    fields: dict[str, Any] = {"nvl_bytes": fig["logical_bytes"], "rdma_bytes": fig["ib_bytes_hier"]}
+    if traffic.num_nodes == 1:
+        return "nvl", fields["nvl_bytes"], fields
+    fields.update(
+        rdma_bytes_flat=fig["ib_bytes_flat"],
+        rdma_saved=traffic.ib_saved,
+        rdma_bytes_incl_own_node=fig["rdma_bytes_incl_own_node"],
+        gbps_incl_own_node=gbps(fig["rdma_bytes_incl_own_node"], median_s),
+    )
+    return "rdma", fields["rdma_bytes"], fields
 
 
 # --------------------------------------------------------------------------------------- rank worker
@@ -313,7 +332,11 @@ def measure_backend(
     flush = L2Flusher(device) if cuda and (not ctx.virtual or rank == 0) else None
     layouts = [buf.get_dispatch_layout(s.topk_idx[rank], shape.num_experts) for s in sets]
     expects = [expected_dispatch(s, shape.num_experts, rank) for s in sets]
-    combine_wants = [expected_combine(s, rank, shape.num_experts, shape.hidden, dtype) for s in sets]
+    # NOTE: the buffer's nodes (a Buffer over several nodes combines in two levels), not the byte accounting's
+    per_node = getattr(buf, "num_ranks_per_node", None)
+    combine_wants = [
+        expected_combine(s, rank, shape.num_experts, shape.hidden, dtype, per_node) for s in sets
+    ]
 
     def x_of(s: InputSet) -> Any:
         return s.x if s.x_scales is None else (s.x, s.x_scales)
@@ -539,7 +562,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
             make_input_set(shape, dtype, rank, num_ranks, spec.seed * 1000 + i, spec.skew, device)
             for i in range(spec.num_input_sets)
         ]
-        nbytes = bytes_per_rank(sets[0].topk_idx, shape.num_experts, num_ranks_per_node, shape.hidden, dtype)
+        traffic = count_traffic(sets[0].topk_idx, shape.num_experts, num_ranks_per_node, shape.hidden, dtype)
         effective_sms = num_sms if num_sms is not None else buf.config.num_sms
         try:
             d, c = measure_backend(ctx, buf, sets, shape, dtype, num_sms, spec)
@@ -556,9 +579,8 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
             base = ctx.once(lambda: measure_torch_ops(sets, shape, dtype, spec, device))  # noqa: B023
         num_nodes = num_ranks // num_ranks_per_node
         for op, meas, base_meas in (("dispatch", d, base and base[0]), ("combine", c, base and base[1])):
-            link = "rdma" if num_nodes > 1 else "nvl"
-            link_bytes = nbytes[f"{op}_{link}_bytes"]
             stats = TimeStats.of(meas.times_s)
+            link, link_bytes, byte_fields = link_fields(traffic, op, stats.median_s)
             row: dict[str, Any] = {
                 "shape": shape.name, "op": op, "backend": buf.backend, "ranks": num_ranks, "nodes": num_nodes,
                 "virtual": ctx.virtual,
@@ -567,8 +589,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
                 "num_sms": effective_sms if buf.backend != TORCH_BASELINE else None,
                 "num_sms_source": "argument" if num_sms is not None else buf.config.source,
                 "num_sms_requested": effective_sms,
-                "nvl_bytes": nbytes[f"{op}_nvl_bytes"], "rdma_bytes": nbytes[f"{op}_rdma_bytes"],
-                "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
+                **byte_fields, "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
                 "gbps": gbps(link_bytes, stats.median_s), "wrong": meas.wrong,
             }  # fmt: skip
             if meas.wall_times_s is not None:

@@ -1,4 +1,4 @@
-"""A small dispatch/combine (2 virtual ranks) for compute-sanitizer memcheck and racecheck.
+"""Small dispatch/combine runs (2 virtual ranks; 2 virtual nodes x 2) for compute-sanitizer.
 
 compute-sanitizer --tool memcheck python tests/gpu/run_small.py
 """
@@ -18,11 +18,15 @@ from commkit.emulate import EmulatedGroup  # noqa: E402
 
 def main() -> int:
     errors = []
-    for case in (
-        KCase((37, 20), hidden=256, num_topk=3, num_experts=8, num_sms=2, seed=1),
-        KCase((11, 5), hidden=256, num_topk=2, num_experts=4, dtype="cast", num_sms=1, seed=2),
+    for case, per_node in (
+        (KCase((37, 20), hidden=256, num_topk=3, num_experts=8, num_sms=2, seed=1), None),
+        (KCase((11, 5), hidden=256, num_topk=2, num_experts=4, dtype="cast", num_sms=1, seed=2), None),
+        # virtual nodes: 2 nodes x 2 ranks, the internode kernels
+        (KCase((29, 0, 13, 40), hidden=256, num_topk=4, num_experts=8, num_sms=2, seed=3), 2),
     ):
-        group = EmulatedGroup(case.num_ranks, num_sms=case.num_sms, timeout_s=600.0)
+        group = EmulatedGroup(
+            case.num_ranks, num_sms=case.num_sms, timeout_s=600.0, num_ranks_per_node=per_node
+        )
         xs, scales, idxs, weights = make_inputs(case)
         want = expected_dispatch(case, xs, scales, idxs, weights)
         dev = group.device

@@ -1,0 +1,310 @@
+"""Host side of the internode kernels (``csrc/internode_dispatch.cuh``, ``csrc/internode_combine.cuh``).
+
+``InternodeEngine`` launches them for N nodes x G GPUs (rank = node * G + local) with the inter-node hop
+on the ``nvlink-domain`` net (``NvlinkDomainNet``: direct stores into the rail peers' symmetric buffers,
+for nodes joined by NVLink and for virtual nodes on one GPU). The count exchange is the intranode
+notify kernel over all R ranks (so R <= 8 here: virtual nodes); the GIN net (``csrc/net_gin.cuh``,
+``commkit/backends/gin.py``) uses the same kernels with a ``GinNet``.
+
+Extra handle state (``InterState``): ``node_send_pos`` [sum T, N] int32, the position of each token among
+those its rank sends to each node (-1: none), and the forwarders' records written by dispatch and
+replayed by combine: for launch rank l = (n, g) and source node m, entries
+``fwd_offsets[l, m] .. fwd_offsets[l, m + 1]`` of ``fwd_mask`` (local GPUs the token went to) and
+``fwd_token`` (its source token), indexed by node_pos; sized by the source's token count, the unused
+tail keeps ``fwd_token`` = INT32_MAX so that combine's binary search stops before it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from commkit.backends import internode_layout as il
+from commkit.backends import kernels_layout as kl
+from commkit.backends.kernels import DispatchResult, KernelEngine, KernelState, _i32, _offsets, _u64
+from commkit.backends.symmetric import SymmetricBuffers
+from commkit.errors import ConfigError
+
+NET = "commkit::NvlinkDomainNet"
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class InterState(KernelState):
+    node_send_pos: torch.Tensor
+    fwd_offsets: torch.Tensor
+    fwd_mask: torch.Tensor
+    fwd_token: torch.Tensor
+
+
+def node_send_pos(send_pos: torch.Tensor, token_counts: list[int], gpus_per_node: int) -> torch.Tensor:
+    """[sum T, N] int32: position of each token among those its rank sends to each node, or -1."""
+    num_tokens, num_ranks = send_pos.shape
+    in_node = (send_pos.view(num_tokens, num_ranks // gpus_per_node, gpus_per_node) >= 0).any(-1)
+    out = torch.full(in_node.shape, -1, dtype=torch.int32, device=send_pos.device)
+    for lo, hi in itertools.pairwise(_offsets(token_counts)):
+        seg = in_node[lo:hi]
+        pos = torch.cumsum(seg.to(torch.int32), 0, dtype=torch.int32) - 1
+        out[lo:hi] = torch.where(seg, pos, -1)
+    return out
+
+
+def forwarder_offsets(token_counts: list[int], rank_base: int, gpus_per_node: int) -> list[list[int]]:
+    """fwd_offsets rows: for launch rank l = (n, g), the start of source node m's records (m = 0..N),
+    each source sized by its token count (a bound on the tokens it sends to one node)."""
+    num_nodes = len(token_counts) // gpus_per_node
+    rows, base = [], 0
+    for lr in range(len(token_counts)):
+        local = (rank_base + lr) % gpus_per_node
+        row = [base]
+        for m in range(num_nodes):
+            row.append(row[-1] + token_counts[m * gpus_per_node + local])
+        rows.append(row)
+        base = row[-1]
+    return rows
+
+
+class InternodeEngine(KernelEngine):
+    """Internode dispatch/combine for the ranks of one launch (all R of them: virtual nodes)."""
+
+    def __init__(
+        self,
+        num_ranks: int,
+        rank_base: int,
+        num_local: int,
+        buffers: SymmetricBuffers,
+        *,
+        gpus_per_node: int,
+        timeout_s: float,
+        device: torch.device,
+    ) -> None:
+        super().__init__(num_ranks, rank_base, num_local, buffers, timeout_s=timeout_s, device=device)
+        if (
+            gpus_per_node < 1
+            or num_ranks % gpus_per_node
+            or not 2 <= num_ranks // gpus_per_node <= il.MAX_NODES
+        ):
+            raise ConfigError(
+                f"num_ranks_per_node: expected a divisor of the {num_ranks} ranks giving 2 to {il.MAX_NODES} "
+                f"nodes, got {gpus_per_node}"
+            )
+        if rank_base != 0 or num_local != num_ranks:
+            raise ConfigError(
+                "InternodeEngine: the nvlink-domain count exchange needs every rank in one launch "
+                f"(virtual nodes), got ranks {rank_base}..{rank_base + num_local - 1} of {num_ranks}"
+            )
+        self.gpus_per_node = gpus_per_node
+        self.num_nodes = num_ranks // gpus_per_node
+        self._net_args: dict[tuple[int, il.InterLayout], torch.Tensor] = {}
+
+    def _net(self, num_sms: int, hidden: int, num_topk: int, dtype_code: int) -> torch.Tensor:
+        """Grows the buffers for the internode regions; the NvlinkDomainNet argument in device memory."""
+        nvl_slot = max(
+            il.dispatch_nvl_slot_bytes(hidden, num_topk, dtype_code), il.combine_slot_bytes(hidden)
+        )
+        net_slot = max(
+            il.dispatch_net_slot_bytes(hidden, num_topk, dtype_code, self.gpus_per_node),
+            il.combine_slot_bytes(hidden),
+        )
+        while True:
+            channels = max(self.buffers.max_channels, num_sms)
+            layout = il.inter_layout(
+                self.num_nodes, self.gpus_per_node, channels, nvl_slot, net_slot, staging=False
+            )
+            # NOTE: SymmetricBuffers sizes the intranode ring by a slot size; ask for one whose ring
+            # covers the internode regions (they start where that ring starts).
+            ring_slots = channels * kl.MAX_RANKS * kl.NUM_SLOTS
+            self.buffers.ensure(num_sms, -(-(layout.total_bytes - kl.ring_offset(channels)) // ring_slots))
+            if self.buffers.max_channels == channels:
+                break
+        bases = self.buffers.peer_bases
+        assert bases is not None  # ensure() allocated the buffers
+        key = (bases.data_ptr(), layout)
+        arg = self._net_args.get(key)
+        if arg is None:
+            raw = il.nvlink_domain_net(bases.data_ptr(), layout)
+            if len(self._net_args) > 16:
+                self._net_args.clear()
+            arg = self._net_args[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+        return arg
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        token_counts: list[int],
+        num_experts: int,
+        *,
+        state: KernelState | None,
+        num_sms: int,
+        cast_to_fp8: bool = False,
+        num_worst_tokens: int | None = None,
+    ) -> DispatchResult:
+        """As ``KernelEngine.dispatch`` (same outputs, bit for bit), through the internode kernels."""
+        hidden, num_topk = x.shape[1], topk_idx.shape[1]
+        fp8_in = x.dtype == torch.float8_e4m3fn
+        dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
+        self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
+        self._check_aligned("x", x)
+        if state is not None and not isinstance(state, InterState):
+            raise ValueError("handle: expected a handle of an internode dispatch of this group")
+        if state is not None and list(token_counts) != state.token_counts:
+            raise ValueError(
+                f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
+                f"got {list(token_counts)}"
+            )
+        g, n = self.gpus_per_node, self.num_nodes
+        kernel = self._kernel(
+            "csrc/internode_dispatch.cuh",
+            "internode_dispatch_kernel",
+            NET,
+            g,
+            n,
+            hidden,
+            num_topk,
+            dtype_code,
+        )
+        self._check_budget(kernel, num_sms)
+        net = self._net(num_sms, hidden, num_topk, dtype_code)
+        out_fp8 = dtype_code != kl.DTYPE_BF16
+
+        self._timing_begin()
+        if num_worst_tokens is not None:
+            row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
+            outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
+            outs[2].fill_(-1)
+            outs[3].zero_()
+        if state is None:
+            per_rank, per_expert, _, send_pos, token_offsets = self._layout(
+                topk_idx, token_counts, num_experts, with_in_rank=False
+            )
+            node_pos = node_send_pos(send_pos, list(token_counts), g)
+            meta = self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
+            recv_counts = expert_counts = None
+        else:
+            send_pos, meta, token_offsets, node_pos = (
+                state.send_pos,
+                state.meta,
+                state.token_offsets,
+                state.node_send_pos,
+            )
+            recv_counts, expert_counts = state.recv_counts, state.expert_counts
+            if (
+                num_worst_tokens is not None
+                and recv_counts is not None
+                and max(recv_counts, default=0) > num_worst_tokens
+            ):
+                raise ValueError(
+                    f"num_worst_tokens: expected at least the {max(recv_counts)} rows a rank receives with "
+                    f"this handle, got {num_worst_tokens}"
+                )
+            self._cached_notify()
+        fwd_rows = forwarder_offsets(list(token_counts), self.rank_base, g)
+        fwd_offsets = self._device_offsets([v for row in fwd_rows for v in row])
+        fwd_mask = torch.zeros(fwd_rows[-1][-1], dtype=torch.int32, device=self.device)
+        fwd_token = torch.full((fwd_rows[-1][-1],), INT32_MAX, dtype=torch.int32, device=self.device)
+
+        if num_worst_tokens is None:
+            if recv_counts is None:
+                meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
+                recv_counts = [row[self.num_ranks] for row in meta_host]
+                expert_counts = [row[2 * self.num_ranks + 1 :] for row in meta_host]
+            row_offsets = _offsets(recv_counts)
+            outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
+            self._poison(*outs)
+        out_x, out_scales, out_idx, out_weights, out_src_token = outs
+        recv_row_offsets = self._device_offsets(row_offsets[:-1])
+        args: tuple[Any, ...] = (
+            _u64(net),
+            _u64(self.buffers.peer_bases),
+            _i32(self.rank_base),
+            _i32(num_sms),
+            _i32(num_experts),
+            _u64(token_offsets),
+            _u64(x),
+            _u64(x_scales),
+            _u64(topk_idx),
+            _u64(topk_weights),
+            _u64(send_pos),
+            _u64(node_pos),
+            _u64(meta),
+            _u64(recv_row_offsets),
+            _u64(fwd_offsets),
+            _u64(fwd_mask),
+            _u64(fwd_token),
+            _u64(out_x),
+            _u64(out_scales),
+            _u64(out_idx),
+            _u64(out_weights),
+            _u64(out_src_token),
+            np.int64(self._timeout_ns),
+        )
+        self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
+        self._timing_end("dispatch")
+        new_state = InterState(
+            send_pos=send_pos,
+            meta=meta,
+            token_offsets=token_offsets,
+            token_counts=list(token_counts),
+            recv_row_offsets=recv_row_offsets,
+            recv_src_token=out_src_token,
+            recv_counts=recv_counts if num_worst_tokens is None else None,
+            expert_counts=expert_counts if num_worst_tokens is None else None,
+            num_worst_tokens=num_worst_tokens,
+            node_send_pos=node_pos,
+            fwd_offsets=fwd_offsets,
+            fwd_mask=fwd_mask,
+            fwd_token=fwd_token,
+        )
+        return DispatchResult(out_x, out_scales, out_idx, out_weights, row_offsets, new_state)
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, state: KernelState, num_experts: int, *, num_sms: int) -> torch.Tensor:
+        """x: [sum N_recv, H] bf16 packed like the dispatch outputs -> [sum T, H] bf16 (two-level sum)."""
+        if not isinstance(state, InterState):
+            raise ValueError("handle: expected a handle of an internode dispatch of this group")
+        hidden = x.shape[1]
+        self._check_shapes(num_experts, hidden, 1, False)
+        self._check_aligned("x", x)
+        kernel = self._kernel(
+            "csrc/internode_combine.cuh",
+            "internode_combine_kernel",
+            NET,
+            self.gpus_per_node,
+            self.num_nodes,
+            hidden,
+        )
+        self._check_budget(kernel, num_sms)
+        net = self._net(num_sms, hidden, 1, kl.DTYPE_BF16)
+        out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
+        self._poison(out)
+        self._timing_begin()
+        self._cached_notify()
+        args = (
+            _u64(net),
+            _u64(self.buffers.peer_bases),
+            _i32(self.rank_base),
+            _i32(num_sms),
+            _i32(num_experts),
+            _u64(state.token_offsets),
+            _u64(x),
+            _u64(state.recv_row_offsets),
+            _u64(state.recv_src_token),
+            _u64(state.meta),
+            _u64(state.node_send_pos),
+            _u64(state.fwd_offsets),
+            _u64(state.fwd_mask),
+            _u64(state.fwd_token),
+            _u64(out),
+            np.int64(self._timeout_ns),
+        )
+        self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
+        self._timing_end("combine")
+        return out

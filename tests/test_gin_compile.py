@@ -1,0 +1,173 @@
+"""CPU: csrc/net_gin.cuh (GinNet) compiles for sm_90 against two NCCL header sets, and the cache key
+covers extra include directories.
+
+(a) the installed nvidia.nccl package (nvidia-nccl-cu12/-cu13) when it has the GIN device API, else the
+latest nvidia-nccl-cu12 wheel; (b) nvidia-nccl-cu12==2.28.9, the oldest series with GIN. Wheels are
+downloaded with pip once into $COMMKIT_CACHE_DIR/nccl-wheels (default ~/.cache/commkit/nccl-wheels) and
+only their include directory is unpacked (commkit.jit.nccl.wheel_headers).
+
+Stack: NCCL's own device code of some GIN backends builds descriptors in local memory (measured with
+nvcc 13.0 on the kernel below: 2.28.9 16 bytes, from the proxy backend; 2.32.3 136 bytes, from the EFA-GDA
+and GPI backends). The build must contain every backend (NCCL picks one at run time), so those bytes are
+printed, not asserted to be 0; the same kernel built with only the GDAKI backend must have 0 bytes of
+stack, which shows that GinNet itself adds none. Spills must be 0 in both builds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from _nvcc import requires_nvcc
+
+from commkit.jit import nccl
+from commkit.jit.compiler import (
+    DEFAULT_OPTIONS,
+    CompileResult,
+    cache_key,
+    compile_source,
+    include_dirs_digest,
+    include_root,
+    nvcc_path,
+)
+
+pytestmark = requires_nvcc
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nccl_h"
+OLDEST = "nvidia-nccl-cu12==2.28.9"
+
+# Every member of GinNet::View, called the way the internode kernels call them: the writer group fills
+# staging slots, one thread delivers a chunk (and a signal-only end mark), frees slots, reads and resets.
+SOURCE = r"""
+#include "csrc/net_gin.cuh"
+
+namespace commkit {
+__global__ void __launch_bounds__(kNumThreads, 1) gin_net_members(GinNet net, int rank, int* out) {
+    const GinNet::View view = net.at(rank);
+    const int channel = blockIdx.x;
+    const int node = (view.node + 1) % view.layout.num_nodes;
+    uint8_t* slot = view.send_slot(node, channel, threadIdx.x % kNetSlots);
+    slot[threadIdx.x / kNetSlots] = static_cast<uint8_t>(threadIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        view.put_signal(node, channel, 0, kNetChunk, kNetDispatchTail, kNetChunk);
+        view.put_signal(node, channel, kNetChunk, 0, kNetDispatchTail, kFinishedBit);
+        const int tail = view.read_signal(kNetDispatchTail, channel, node);
+        out[channel] = tail + view.recv_slot(channel, node, tail % kNetSlots)[0];
+        view.signal_add(node, kNetDispatchHead, channel, kNetChunk);
+        view.reset_signal(kNetDispatchTail, channel, node);
+    }
+}
+}  // namespace commkit
+
+static void instantiate() { (void)reinterpret_cast<const void*>(&commkit::gin_net_members); }
+"""
+
+# Only NCCL's GDAKI backend (the macros NCCL's gin_device_common.h defaults to 1 when undefined)
+GDAKI_ONLY = ("-DNCCL_GIN_PROXY_ENABLE=0", "-DNCCL_GIN_GPI_ENABLE=0", "-DNCCL_GIN_EFA_GDA_ENABLE=0")
+
+
+def _installed_or_latest() -> nccl.NcclHeaders:
+    include = nccl.package_include_dir()
+    if include is not None:
+        try:
+            return nccl.check_headers(include, f"package nvidia.nccl at {include.parent}")
+        except nccl.NcclHeadersError as exc:
+            print(f"installed NCCL not usable for GIN ({exc}); using the latest nvidia-nccl-cu12 wheel")
+    return nccl.wheel_headers("nvidia-nccl-cu12")
+
+
+@pytest.fixture(scope="module", params=["installed-or-latest", "2.28.9"])
+def headers(request: pytest.FixtureRequest) -> nccl.NcclHeaders:
+    return _installed_or_latest() if request.param == "installed-or-latest" else nccl.wheel_headers(OLDEST)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gin-cache")
+
+
+def _compile(headers: nccl.NcclHeaders, cache: Path, extra: tuple[str, ...] = ()) -> CompileResult:
+    return compile_source(
+        SOURCE, options=DEFAULT_OPTIONS + extra, cache=cache, include_dirs=(headers.include_dir,)
+    )
+
+
+def test_gin_net_compiles_without_spills(headers: nccl.NcclHeaders, cache: Path) -> None:
+    result = _compile(headers, cache)
+    assert len(result.stats) == 1 and "gin_net_members" in result.entries[0], result.ptxas_log
+    stats = result.stats[result.entries[0]]
+    print(
+        f"NCCL {nccl.version_str(headers.version)} ({headers.origin}), all GIN backends: "
+        f"{stats.registers} registers, {stats.stack_frame_bytes} bytes stack, "
+        f"{stats.spill_store_bytes}/{stats.spill_load_bytes} bytes spill stores/loads"
+    )
+    assert stats.spill_store_bytes == 0 and stats.spill_load_bytes == 0, result.ptxas_log
+    assert stats.registers * 512 <= 65536  # one 512-thread block per SM, like dispatch/combine
+
+
+def test_gin_net_itself_adds_no_stack(headers: nccl.NcclHeaders, cache: Path) -> None:
+    result = _compile(headers, cache, GDAKI_ONLY)
+    stats = result.stats[result.entries[0]]
+    print(
+        f"NCCL {nccl.version_str(headers.version)}, GDAKI backend only: {stats.registers} registers, "
+        f"{stats.stack_frame_bytes} bytes stack"
+    )
+    assert (stats.stack_frame_bytes, stats.spill_store_bytes, stats.spill_load_bytes) == (0, 0, 0), (
+        result.ptxas_log
+    )
+
+
+def test_strong_signals_where_the_api_has_them(headers: nccl.NcclHeaders) -> None:
+    # net_gin.cuh names ncclGin_StrongSignalAdd from 2.30.5 on (before, every GIN signal is strong)
+    gin_h = (headers.include_dir / "nccl_device" / "gin.h").read_text()
+    assert ("ncclGin_StrongSignalAdd" in gin_h) == (headers.version >= (2, 30, 5))
+
+
+def test_older_nccl_is_refused_by_the_header(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"needs the headers of NCCL >= 2\.28\.7"):
+        compile_source(SOURCE, cache=tmp_path, include_dirs=(FIXTURES / "2.27.7",))
+
+
+def test_cache_key_covers_extra_include_dirs(tmp_path: Path) -> None:
+    nvcc = nvcc_path()
+    assert nvcc is not None
+    inc = tmp_path / "nccl"
+    shutil.copytree(FIXTURES / "2.28.9", inc)
+    root = include_root()
+    base = cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc, (inc,))
+    assert cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc, (inc,)) == base
+    assert cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc) != base
+    assert cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc, ()) == cache_key(
+        SOURCE, DEFAULT_OPTIONS, root, nvcc
+    )
+
+    (inc / "nccl.h").write_text((inc / "nccl.h").read_text() + "\n/* edited */\n")
+    edited = cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc, (inc,))
+    assert edited != base
+    (inc / "nccl_device" / "impl").mkdir(parents=True)
+    (inc / "nccl_device" / "impl" / "gin__funcs.h").write_text("/* a nested header */\n")
+    nested = cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc, (inc,))
+    assert nested != edited
+    (inc / "notes.txt").write_text("not a header")
+    assert cache_key(SOURCE, DEFAULT_OPTIONS, root, nvcc, (inc,)) == nested
+    # -I order is part of the key
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURES / "2.27.7", other)
+    assert include_dirs_digest((inc, other)) != include_dirs_digest((other, inc))
+
+
+def test_header_edit_under_include_dir_rebuilds(tmp_path: Path) -> None:
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    (inc / "extra.h").write_text("#define EXTRA_VALUE 1\n")
+    source = '#include "extra.h"\n__global__ void k(int* p) { *p = EXTRA_VALUE; }\n'
+    first = compile_source(source, cache=tmp_path / "cache", include_dirs=(inc,))
+    again = compile_source(source, cache=tmp_path / "cache", include_dirs=(inc,))
+    assert not first.cache_hit and again.cache_hit and again.cubin_path == first.cubin_path
+    (inc / "extra.h").write_text("#define EXTRA_VALUE 2\n")
+    rebuilt = compile_source(source, cache=tmp_path / "cache", include_dirs=(inc,))
+    assert not rebuilt.cache_hit and rebuilt.cubin_path != first.cubin_path
+    with pytest.raises(FileNotFoundError, match="include directories not found"):
+        compile_source(source, cache=tmp_path / "cache", include_dirs=(tmp_path / "missing",))

@@ -1,0 +1,276 @@
+"""CPU: the NCCL header lookup (commkit/jit/nccl.py) and the host side of the GIN transport
+(commkit/backends/gin.py) as far as they run without a GPU.
+
+Checked here: version parsing and the errors for missing / too old headers; the struct-layout probe
+against the headers of the installed-or-latest nvidia-nccl-cu12 and of 2.28.9; GinNet packed in Python
+reads back field by field in C; the requirements carry NCCL's initializer; the libnccl of each wheel
+exports every function gin.py calls and reports the headers' version; NCCL errors name the call and
+NCCL's error string; GinTransport fails with a clear error where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _nvcc import requires_nvcc
+
+from commkit.backends import gin
+from commkit.jit import nccl
+from commkit.jit.compiler import include_root, nvcc_path
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nccl_h"
+REPO = Path(__file__).resolve().parent.parent
+OLDEST = "nvidia-nccl-cu12==2.28.9"
+
+INTER = {
+    "num_nodes": 4,
+    "gpus_per_node": 8,
+    "max_channels": 24,
+    "nvl_slot_bytes": 14592,
+    "net_slot_bytes": 14464,
+    "signals_offset": 1 << 20,
+    "nvl_ring_offset": (1 << 20) + 4096,
+    "net_ring_offset": 3 << 30,
+    "net_stage_offset": 5 << 30,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# commkit/jit/nccl.py
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_parse_version_of_fixture_headers() -> None:
+    assert nccl.parse_version((FIXTURES / "2.28.9" / "nccl.h").read_text()) == (2, 28, 9)
+    assert nccl.parse_version((FIXTURES / "2.27.7" / "nccl.h").read_text()) == (2, 27, 7)
+    with pytest.raises(ValueError, match="NCCL_MINOR"):
+        nccl.parse_version((FIXTURES / "no_version" / "nccl.h").read_text())
+    # NCCL_VERSION_CODE as nccl.h computes it (the fixtures define it too)
+    assert nccl.version_code((2, 28, 9)) == 22809 and nccl.version_code((2, 8, 4)) == 2804
+    assert "#define NCCL_VERSION_CODE 22809" in (FIXTURES / "2.28.9" / "nccl.h").read_text()
+
+
+def test_too_old_missing_and_unreadable_headers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(nccl.NcclHeadersError, match=r"NCCL 2\.27\.7 at .*2\.27\.7.* is older than 2\.28\.7"):
+        nccl.check_headers(FIXTURES / "2.27.7", "fixture")
+    with pytest.raises(nccl.NcclHeadersError, match="cannot read the NCCL version"):
+        nccl.check_headers(FIXTURES / "no_version", "fixture")
+    with pytest.raises(nccl.NcclHeadersError, match="no nccl.h in"):
+        nccl.check_headers(tmp_path, "fixture")
+
+    # Environment override: found, too old, pointing nowhere
+    monkeypatch.setenv(nccl.ENV_INCLUDE, str(FIXTURES / "2.28.9"))
+    found = nccl.find_headers()
+    assert found.version == (2, 28, 9) and nccl.ENV_INCLUDE in found.origin
+    monkeypatch.setenv(nccl.ENV_INCLUDE, str(FIXTURES / "2.27.7"))
+    with pytest.raises(nccl.NcclHeadersError, match=rf"older than 2\.28\.7.*{nccl.ENV_INCLUDE}"):
+        nccl.find_headers()
+    monkeypatch.setenv(nccl.ENV_INCLUDE, str(tmp_path / "nowhere"))
+    with pytest.raises(nccl.NcclHeadersError, match=rf"no nccl.h in .*nowhere \({nccl.ENV_INCLUDE}="):
+        nccl.find_headers()
+
+    # Neither the variable nor the package
+    monkeypatch.delenv(nccl.ENV_INCLUDE)
+    monkeypatch.setattr(nccl, "package_include_dir", lambda: None)
+    with pytest.raises(nccl.NcclHeadersError, match=r"NCCL headers not found: .*nvidia-nccl-cu12>=2\.28\.7"):
+        nccl.find_headers()
+
+
+def test_headers_of_the_nvidia_nccl_package(tmp_path: Path) -> None:
+    # The wheels' layout: site-packages/nvidia/nccl/{include,lib} (a namespace package without __init__)
+    include = tmp_path / "site" / "nvidia" / "nccl" / "include"
+    include.mkdir(parents=True)
+    for name in ("nccl.h", "nccl_device.h"):
+        (include / name).write_text((FIXTURES / "2.28.9" / name).read_text())
+    code = "from commkit.jit import nccl; h = nccl.find_headers(); print(h.version, h.include_dir)"
+    env = {k: v for k, v in os.environ.items() if k != nccl.ENV_INCLUDE}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(REPO)])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == f"(2, 28, 9) {include.resolve()}"
+
+
+def test_library_lookup_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(nccl.ENV_LIB, str(tmp_path / "libnccl.so.2"))
+    with pytest.raises(nccl.NcclHeadersError, match=f"{nccl.ENV_LIB}=.* is not a file"):
+        nccl.find_library()
+    monkeypatch.delenv(nccl.ENV_LIB)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    headers = nccl.check_headers(FIXTURES / "2.28.9", "fixture")  # no lib/ next to the fixture
+    with pytest.raises(nccl.NcclHeadersError, match=r"libnccl not found \(tried .*libnccl.so.2"):
+        nccl.find_library(headers)
+    with pytest.raises(gin.NcclError, match="cannot load libnccl from"):
+        gin.NcclLibrary(tmp_path / "missing.so")
+    with pytest.raises(gin.NcclError, match=r"does not export \['ncclGetVersion'"):
+        gin.NcclLibrary("libc.so.6")  # loads, but is no NCCL
+
+
+def test_cupy_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(RuntimeError, match=r"needs CuPy: pip install 'commkit\[cu12\]'"):
+        gin._cupy_runtime()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real NCCL headers and libraries (wheels cached by commkit.jit.nccl.wheel_headers)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _installed_or_latest(with_library: bool) -> nccl.NcclHeaders:
+    include = nccl.package_include_dir()
+    if include is not None:
+        try:
+            return nccl.check_headers(include, f"package nvidia.nccl at {include.parent}")
+        except nccl.NcclHeadersError as exc:
+            print(f"installed NCCL not usable for GIN ({exc}); using the latest nvidia-nccl-cu12 wheel")
+    return nccl.wheel_headers("nvidia-nccl-cu12", with_library=with_library)
+
+
+@pytest.fixture(scope="module", params=["installed-or-latest", "2.28.9"])
+def headers(request: pytest.FixtureRequest) -> nccl.NcclHeaders:
+    if request.param == "installed-or-latest":
+        return _installed_or_latest(with_library=True)
+    return nccl.wheel_headers(OLDEST, with_library=True)
+
+
+@pytest.fixture(scope="module")
+def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("probe-cache")
+
+
+@pytest.fixture(scope="module")
+def library(headers: nccl.NcclHeaders) -> gin.NcclLibrary:
+    path = nccl.find_library(headers)
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        pytest.skip(f"{path} cannot be loaded here (no driver?): {exc}")
+    return gin.NcclLibrary(path)
+
+
+def test_library_exports_every_symbol_and_matches_headers(headers: nccl.NcclHeaders) -> None:
+    path = nccl.find_library(headers)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        pytest.skip(f"{path} cannot be loaded here (no driver?): {exc}")
+    missing = [name for name in gin.NCCL_SYMBOLS if not hasattr(lib, name)]
+    assert not missing, f"{path} lacks {missing}"
+    assert gin.load_library(headers).version_code() == headers.version_code
+
+
+def test_nccl_errors_name_the_call_and_the_reason(library: gin.NcclLibrary) -> None:
+    # A NULL out-argument: refused by every NCCL version, with or without a GPU
+    with pytest.raises(gin.NcclError, match=r"ncclGetUniqueId failed: invalid argument.*last error: .*NULL"):
+        library.call("ncclGetUniqueId", None)
+    with pytest.raises(AssertionError, match="not in NCCL_SYMBOLS"):
+        library.call("ncclAllReduce")
+
+
+@requires_nvcc
+def test_layout_probe_and_requirements(headers: nccl.NcclHeaders, probe_cache: Path) -> None:
+    layout = gin.probe_layout(headers, cache=probe_cache)
+    entries = list((probe_cache / "gin-layout").glob("*.json"))
+    assert gin.probe_layout(headers, cache=probe_cache) == layout  # from the cache
+    assert list((probe_cache / "gin-layout").glob("*.json")) == entries
+    print(f"NCCL {nccl.version_str(headers.version)}: {layout.sizes}")
+    assert layout.version_code == headers.version_code
+    assert layout.strong_signals == (headers.version >= (2, 30, 5))
+    assert layout.unique_id_bytes == 128 and layout.win_coll_symmetric == 1
+    assert layout.net_slots == 16
+    assert layout.size("ncclDevComm") > 0 and layout.size("ncclDevCommRequirements") > 0
+    assert layout.sizes["GinNet"] == (80, 8) and layout.sizes["InterLayout"] == (56, 8)
+    assert layout.fields["ncclDevComm.rank"][1] == 4
+    assert layout.fields["ncclDevComm.ginContextCount"][1] in (1, 4)  # uint8_t (2.28), uint32_t (2.32)
+
+    reqs = gin.requirements_bytes(layout, signal_count=4 * 24 * 4, context_count=4)
+    assert len(reqs) == layout.size("ncclDevCommRequirements")
+    for name, value in (("ginSignalCount", 384), ("ginContextCount", 4), ("ginCounterCount", 0)):
+        offset, size = layout.fields[f"ncclDevCommRequirements.{name}"]
+        assert int.from_bytes(reqs[offset : offset + size], "little") == value
+    if headers.version >= (2, 29, 0):  # NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER: size, magic, version first
+        size, magic, version = struct.unpack_from("<QII", reqs)
+        assert (size, version) == (len(reqs), headers.version_code) and magic != 0
+
+
+DECODE = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include "csrc/net_gin.cuh"
+int main(int argc, char** argv) {
+    unsigned char bytes[sizeof(commkit::GinNet)];
+    for (size_t i = 0; i < sizeof(bytes); ++i) {
+        char hex[3] = {argv[1][2 * i], argv[1][2 * i + 1], 0};
+        bytes[i] = (unsigned char)strtoul(hex, nullptr, 16);
+    }
+    commkit::GinNet net;
+    memcpy(&net, bytes, sizeof(net));
+    const commkit::InterLayout& l = net.layout;
+    printf("%llu %llu %llu %d %d %d %d %d %lld %lld %lld %lld\n", (unsigned long long)net.comm,
+           (unsigned long long)net.window, (unsigned long long)net.base, l.num_nodes, l.gpus_per_node,
+           l.max_channels, l.nvl_slot_bytes, l.net_slot_bytes, (long long)l.signals_offset,
+           (long long)l.nvl_ring_offset, (long long)l.net_ring_offset, (long long)l.net_stage_offset);
+}
+"""
+
+
+@requires_nvcc
+def test_packed_gin_net_reads_back_in_c(headers: nccl.NcclHeaders, probe_cache: Path, tmp_path: Path) -> None:
+    layout = gin.probe_layout(headers, cache=probe_cache)
+    pointers = {"comm": 0x7F00_0000_1000, "window": 0x7F00_0000_2000, "base": 0x7E00_0000_0000}
+    packed = gin.pack_gin_net(layout, inter=INTER, **pointers)
+    assert len(packed) == layout.size("GinNet")
+
+    arg = np.frombuffer(packed, dtype=gin.gin_net_dtype(layout))[0]
+    assert arg.dtype.itemsize == 80 and arg.dtype.alignment == 8
+    assert int(arg["net_stage_offset"]) == INTER["net_stage_offset"]
+    assert int(arg["window"]) == pointers["window"]
+
+    nvcc = nvcc_path()
+    assert nvcc is not None
+    (tmp_path / "decode.cu").write_text(DECODE)
+    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "--diag-suppress=177", "-I", str(include_root())]
+    cmd += ["-I", str(headers.include_dir), "-o", str(tmp_path / "decode"), str(tmp_path / "decode.cu")]
+    subprocess.run(cmd, check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "decode"), packed.hex()], capture_output=True, text=True, check=True)
+    expected = [*pointers.values(), *(INTER[name] for name in gin.INTER_LAYOUT_FIELDS)]
+    assert [int(v) for v in out.stdout.split()] == expected
+
+
+@requires_nvcc
+def test_transport_without_gpu_fails_clearly(headers: nccl.NcclHeaders, probe_cache: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: this test checks the error path without one")
+    nccl.find_library(headers)  # the library next to the headers (the fixture unpacked it)
+    script = textwrap.dedent(
+        """
+        import torch.distributed as dist
+        from commkit.backends.gin import GinTransport, NcclError
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            GinTransport(dist.group.WORLD, num_nodes=1, gpus_per_node=1, max_channels=4, buffer_bytes=1 << 20)
+        except NcclError as exc:
+            print("NcclError:", exc)
+        finally:
+            dist.destroy_process_group()
+        """
+    )
+    env = dict(os.environ, COMMKIT_NCCL_INCLUDE=str(headers.include_dir), COMMKIT_CACHE_DIR=str(probe_cache))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.pop(nccl.ENV_LIB, None)
+    cmd = [sys.executable, "-c", script]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("NcclError: ncclCommInitRank failed: "), proc.stdout + proc.stderr
+    assert "cuda" in proc.stdout.lower()  # NCCL's reason: no usable CUDA driver here
