@@ -38,6 +38,68 @@ struct DispatchConfig {
     static constexpr int kWarpsPerPeer = RoleSplit<kNumRanks>::kWarpsPerPeer;
 };
 
+// The receiving side of one dispatch queue (intranode, and the NVLink hop of internode): waits for the
+// tail (or its end), copies each slot's row, scales and [local expert x K][weights x K][src_token] to the
+// output row `row_of(slot_meta)`, and releases the head every kChunk rows and at the end. `slot_at(i)` is
+// ring slot i. Run by the kWarps warps of one group (named barrier `barrier_id`).
+template <typename Row, int kNumTopk, int kWarps, typename SlotAt, typename RowOf>
+__device__ __forceinline__ void drain_dispatch_queue(const int* tail, int* head, SlotAt slot_at, RowOf row_of,
+                                                     int barrier_id, int warp_in_group, int lane,
+                                                     const WaitContext& ctx, void* out_x, float* out_x_scales,
+                                                     int64_t* out_topk_idx, float* out_topk_weights,
+                                                     int* out_src_token) {
+    constexpr int kGroupThreads = kWarps * 32;
+    const int thread_in_group = warp_in_group * 32 + lane;
+    int consumed = 0, available = 0;
+    bool finished = false;
+    while (true) {
+        // Wait for the sender to publish more rows (or its end)
+        if (consumed == available) {
+            if (finished)
+                break;
+            const int value = warp_wait_until(
+                tail, [consumed](int v) { return (v & kCountMask) > consumed || (v & kFinishedBit) != 0; },
+                consumed + 1, ctx);
+            available = value & kCountMask;
+            finished = (value & kFinishedBit) != 0;
+            continue;
+        }
+
+        const uint8_t* slot = slot_at(consumed % kNumSlots);
+        const int* slot_meta = reinterpret_cast<const int*>(slot + Row::kMetaOffset);
+        const int64_t row = row_of(slot_meta);
+        copy_row<Row::kRowBytes / 16, kGroupThreads, false>(
+            reinterpret_cast<int4*>(static_cast<uint8_t*>(out_x) + row * Row::kRowBytes),
+            reinterpret_cast<const int4*>(slot), thread_in_group);
+        if constexpr (Row::kOutFp8)
+            for (int i = thread_in_group; i < Row::kNumScales; i += kGroupThreads)
+                out_x_scales[row * Row::kNumScales + i] = __int_as_float(
+                    ptx::ld_s32_no_allocate(reinterpret_cast<const int*>(slot + Row::kScalesOffset) + i));
+        if (warp_in_group == 0) {
+            if (lane < kNumTopk) {
+                out_topk_idx[row * kNumTopk + lane] = ptx::ld_s32_no_allocate(slot_meta + lane);
+                out_topk_weights[row * kNumTopk + lane] =
+                    __int_as_float(ptx::ld_s32_no_allocate(slot_meta + kNumTopk + lane));
+            }
+            if (lane == 0)
+                out_src_token[row] = ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk);
+        }
+        ++consumed;
+
+        // Free a chunk of slots
+        if (consumed % kChunk == 0) {
+            group_sync<kWarps>(barrier_id);
+            if (thread_in_group == 0)
+                ptx::st_release_sys(head, consumed);
+        }
+    }
+    if (consumed % kChunk != 0) {
+        group_sync<kWarps>(barrier_id);
+        if (thread_in_group == 0)
+            ptx::st_release_sys(head, consumed);
+    }
+}
+
 template <int kNumRanks, int kHidden, int kNumTopk, int kDtype>
 __global__ void __launch_bounds__(kNumThreads, 1)
     dispatch_kernel(const uint64_t* peer_bases, int rank_base, int num_channels, int max_channels,
@@ -135,56 +197,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         const int* tail = counter_ptr(own, max_channels, kDispatchTail, me.channel, peer);
         int* head = counter_ptr(peer_base(peer_bases, peer), max_channels, kDispatchHead, me.channel, me.rank);
         const WaitContext ctx{"dispatch", me.rank, me.channel, kRoleReceiver, peer, timeout_ns};
-        int consumed = 0, available = 0;
-        bool finished = false;
-        while (true) {
-            // Wait for the sender to publish more rows (or its end)
-            if (consumed == available) {
-                if (finished)
-                    break;
-                const int value = warp_wait_until(
-                    tail,
-                    [consumed](int v) { return (v & kCountMask) > consumed || (v & kFinishedBit) != 0; },
-                    consumed + 1, ctx);
-                available = value & kCountMask;
-                finished = (value & kFinishedBit) != 0;
-                continue;
-            }
-
-            const uint8_t* slot = slot_ptr(own, max_channels, Cfg::kSlotBytes, me.channel, peer,
-                                           consumed % kNumSlots);
-            const int* slot_meta = reinterpret_cast<const int*>(slot + Cfg::kMetaOffset);
-            const int64_t row = row_base + ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 1);
-            copy_row<Cfg::kRowBytes / 16, kGroupThreads, false>(
-                reinterpret_cast<int4*>(static_cast<uint8_t*>(out_x) + row * Cfg::kRowBytes),
-                reinterpret_cast<const int4*>(slot), thread_in_group);
-            if constexpr (Cfg::kOutFp8)
-                for (int i = thread_in_group; i < Cfg::kNumScales; i += kGroupThreads)
-                    out_x_scales[row * Cfg::kNumScales + i] = __int_as_float(
-                        ptx::ld_s32_no_allocate(reinterpret_cast<const int*>(slot + Cfg::kScalesOffset) + i));
-            if (warp_in_group == 0) {
-                if (lane < kNumTopk) {
-                    out_topk_idx[row * kNumTopk + lane] = ptx::ld_s32_no_allocate(slot_meta + lane);
-                    out_topk_weights[row * kNumTopk + lane] =
-                        __int_as_float(ptx::ld_s32_no_allocate(slot_meta + kNumTopk + lane));
-                }
-                if (lane == 0)
-                    out_src_token[row] = ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk);
-            }
-            ++consumed;
-
-            // Free a chunk of slots
-            if (consumed % kChunk == 0) {
-                group_sync<kWarpsPerPeer>(barrier_id);
-                if (thread_in_group == 0)
-                    ptx::st_release_sys(head, consumed);
-            }
-        }
-        if (consumed % kChunk != 0) {
-            group_sync<kWarpsPerPeer>(barrier_id);
-            if (thread_in_group == 0)
-                ptx::st_release_sys(head, consumed);
-        }
+        drain_dispatch_queue<Cfg, kNumTopk, kWarpsPerPeer>(
+            tail, head, [&](int idx) { return slot_ptr(own, max_channels, Cfg::kSlotBytes, me.channel, peer, idx); },
+            [&](const int* slot_meta) { return row_base + ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 1); },
+            barrier_id, warp_in_group, lane, ctx, out_x, out_x_scales, out_topk_idx, out_topk_weights, out_src_token);
     }
 
     // Every peer's last write into this rank's counters of this channel was observed: zero them

@@ -349,10 +349,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     } else {
         // ---------------- NVLink receivers: queue (c, src local = peer) -> outputs
         constexpr int kWarpsPerPeer = Cfg::kRecvWarpsPerPeer;
-        constexpr int kGroupThreads = kWarpsPerPeer * 32;
         const int peer = (warp - kNumRoleWarps) / kWarpsPerPeer;
         const int warp_in_group = (warp - kNumRoleWarps) % kWarpsPerPeer;
-        const int thread_in_group = warp_in_group * 32 + lane;
         const int barrier_id = Cfg::kRecvBarrierBase + peer;
         if (peer < kG) {
             const int meta_stride = 2 * kNumRanks + 1 + num_local_experts;
@@ -362,53 +360,15 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             int* head = counter_ptr(peer_base(peer_bases, node * kG + peer), lay.max_channels, kDispatchHead,
                                     me.channel, local);
             const WaitContext ctx{"dispatch", me.rank, me.channel, kRoleReceiver, node * kG + peer, timeout_ns};
-            int consumed = 0, available = 0;
-            bool finished = false;
-            while (true) {
-                if (consumed == available) {
-                    if (finished)
-                        break;
-                    const int value = warp_wait_until(
-                        tail,
-                        [consumed](int v) { return (v & kCountMask) > consumed || (v & kFinishedBit) != 0; },
-                        consumed + 1, ctx);
-                    available = value & kCountMask;
-                    finished = (value & kFinishedBit) != 0;
-                    continue;
-                }
-                const uint8_t* slot = lay.nvl_slot(own, me.channel, peer, consumed % kNumSlots);
-                const int* slot_meta = reinterpret_cast<const int*>(slot + Cfg::kMetaOffset);
-                const int src_rank = ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 1);
-                const int64_t row =
-                    row_base + my_meta[src_rank] + ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 2);
-                copy_row<Row::kRowBytes / 16, kGroupThreads, false>(
-                    reinterpret_cast<int4*>(static_cast<uint8_t*>(out_x) + row * Row::kRowBytes),
-                    reinterpret_cast<const int4*>(slot), thread_in_group);
-                if constexpr (Row::kOutFp8)
-                    for (int i = thread_in_group; i < Row::kNumScales; i += kGroupThreads)
-                        out_x_scales[row * Row::kNumScales + i] = __int_as_float(
-                            ptx::ld_s32_no_allocate(reinterpret_cast<const int*>(slot + Row::kScalesOffset) + i));
-                if (warp_in_group == 0) {
-                    if (lane < kNumTopk) {
-                        out_topk_idx[row * kNumTopk + lane] = ptx::ld_s32_no_allocate(slot_meta + lane);
-                        out_topk_weights[row * kNumTopk + lane] =
-                            __int_as_float(ptx::ld_s32_no_allocate(slot_meta + kNumTopk + lane));
-                    }
-                    if (lane == 0)
-                        out_src_token[row] = ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk);
-                }
-                ++consumed;
-                if (consumed % kChunk == 0) {
-                    group_sync<kWarpsPerPeer>(barrier_id);
-                    if (thread_in_group == 0)
-                        ptx::st_release_sys(head, consumed);
-                }
-            }
-            if (consumed % kChunk != 0) {
-                group_sync<kWarpsPerPeer>(barrier_id);
-                if (thread_in_group == 0)
-                    ptx::st_release_sys(head, consumed);
-            }
+            drain_dispatch_queue<Row, kNumTopk, kWarpsPerPeer>(
+                tail, head, [&](int idx) { return lay.nvl_slot(own, me.channel, peer, idx); },
+                [&](const int* slot_meta) -> int64_t {
+                    // NVLink slot metadata: [... src_token][src_rank][send_pos]
+                    return row_base + my_meta[ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 1)] +
+                           ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 2);
+                },
+                barrier_id, warp_in_group, lane, ctx, out_x, out_x_scales, out_topk_idx, out_topk_weights,
+                out_src_token);
         }
     }
 

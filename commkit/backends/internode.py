@@ -196,15 +196,7 @@ class InternodeEngine(KernelEngine):
                 state.node_send_pos,
             )
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
-            if (
-                num_worst_tokens is not None
-                and recv_counts is not None
-                and max(recv_counts, default=0) > num_worst_tokens
-            ):
-                raise ValueError(
-                    f"num_worst_tokens: expected at least the {max(recv_counts)} rows a rank receives with "
-                    f"this handle, got {num_worst_tokens}"
-                )
+            self._check_cached_worst(state, num_worst_tokens)
             self._cached_notify()
         fwd_rows = forwarder_offsets(list(token_counts), self.rank_base, g)
         fwd_offsets = self._device_offsets([v for row in fwd_rows for v in row])

@@ -436,21 +436,7 @@ class KernelEngine:
         else:
             send_pos, meta, token_offsets = state.send_pos, state.meta, state.token_offsets
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
-            if num_worst_tokens is not None:
-                # NOTE: no notify runs here, so the device check of num_worst_tokens does not either:
-                # the bound must be known to hold, else rows would land past the outputs.
-                if recv_counts is not None:
-                    if max(recv_counts, default=0) > num_worst_tokens:
-                        raise ValueError(
-                            f"num_worst_tokens: expected at least the {max(recv_counts)} rows a rank "
-                            f"receives with this handle, got {num_worst_tokens}"
-                        )
-                elif state.num_worst_tokens is None or num_worst_tokens < state.num_worst_tokens:
-                    raise ValueError(
-                        f"num_worst_tokens: with this handle (made with num_worst_tokens="
-                        f"{state.num_worst_tokens}) expected at least {state.num_worst_tokens}, "
-                        f"got {num_worst_tokens}"
-                    )
+            self._check_cached_worst(state, num_worst_tokens)
             self._cached_notify()
 
         if num_worst_tokens is None:
@@ -527,6 +513,25 @@ class KernelEngine:
         )
         self._launch(notify, self.num_local, 128, args)
         return meta
+
+    @staticmethod
+    def _check_cached_worst(state: KernelState, num_worst_tokens: int | None) -> None:
+        """A dispatch through a handle with num_worst_tokens: the outputs must hold every row."""
+        if num_worst_tokens is not None:
+            # NOTE: no notify runs here, so the device check of num_worst_tokens does not either:
+            # the bound must be known to hold, else rows would land past the outputs.
+            if state.recv_counts is not None:
+                if max(state.recv_counts, default=0) > num_worst_tokens:
+                    raise ValueError(
+                        f"num_worst_tokens: expected at least the {max(state.recv_counts)} rows a rank "
+                        f"receives with this handle, got {num_worst_tokens}"
+                    )
+            elif state.num_worst_tokens is None or num_worst_tokens < state.num_worst_tokens:
+                raise ValueError(
+                    f"num_worst_tokens: with this handle (made with num_worst_tokens="
+                    f"{state.num_worst_tokens}) expected at least {state.num_worst_tokens}, "
+                    f"got {num_worst_tokens}"
+                )
 
     def _cached_notify(self) -> None:
         kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
