@@ -55,15 +55,18 @@ class Buffer:
         group: the expert-parallel ``torch.distributed`` process group (default: WORLD); R ranks.
         num_sms: SMs given to the communication kernels (a per-call ``num_sms`` overrides it); None
             takes a tuning profile matching this cluster, else the default (see ``buf.config``).
-        backend: "auto" (the kernels when CUDA, CuPy and an NCCL group are there, else "torch"),
-            "torch" (torch.distributed all-to-all, gloo or NCCL) or "kernels".
+        backend: "auto" (the kernels when CUDA, CuPy and an NCCL group are there, and for a group
+            of several nodes also NCCL's GIN device API (NCCL >= 2.28.7 headers) and at most 32
+            ranks, 8 per node; else "torch"), "torch" (torch.distributed all-to-all, gloo or NCCL)
+            or "kernels". Over several nodes the kernels are the internode ones
+            (``commkit.backends.internode_backend``): a token crosses the network once per node.
         timeout_s: how long a rank waits for its peers before raising ``TimeoutError``.
         check_values: read ``topk_idx`` to check its range and compare a handle's routing; None
             checks CPU tensors only (on CUDA tensors the read is a host sync).
         num_ranks_per_node: G, ranks per node; nodes group the group's ranks contiguously (node n
             holds ranks [n*G, (n+1)*G)). None: ``$LOCAL_WORLD_SIZE`` (set by torchrun) if set, at
             most R (a group no larger than a node is taken to sit on one node), else R. G must
-            divide R. With more than one node the ``torch`` backend runs two-level (see
+            divide R. With more than one node both backends run two-level (``torch``: see
             ``commkit.backends.torch_hier``) and combine sums per node first (see ``combine``);
             ``buf.num_ranks_per_node`` says which G is in use.
 
@@ -138,18 +141,24 @@ class Buffer:
     def _make_backend(self, backend: str) -> Backend:
         reason = kernels_unavailable_reason(self.group)
         num_ranks = dist.get_world_size(self.group)
-        if reason is None and self.num_ranks_per_node < num_ranks:
-            reason = (
-                f"the group spans {num_ranks // self.num_ranks_per_node} nodes "
-                f"(num_ranks_per_node={self.num_ranks_per_node}); the kernels reach peers on one node only"
-            )
+        multi_node = self.num_ranks_per_node < num_ranks
+        if reason is None and multi_node:
+            from commkit.backends.internode_backend import internode_unavailable_reason
+
+            reason = internode_unavailable_reason(num_ranks, self.num_ranks_per_node)
         if backend == "kernels" and reason is not None:
             raise ConfigError(f"backend: 'kernels' cannot run here: {reason}")
         if backend == "kernels" or (backend == "auto" and reason is None):
+            if multi_node:
+                from commkit.backends.internode_backend import InternodeKernelsBackend
+
+                return InternodeKernelsBackend(
+                    self.group, timeout_s=self.timeout_s, num_ranks_per_node=self.num_ranks_per_node
+                )
             from commkit.backends.kernels import KernelsBackend
 
             return KernelsBackend(self.group, timeout_s=self.timeout_s)
-        if self.num_ranks_per_node < num_ranks:
+        if multi_node:
             from commkit.backends.torch_hier import HierTorchBackend
 
             return HierTorchBackend(
@@ -182,8 +191,9 @@ class Buffer:
 
         topk_idx: [T, K] int64 in [-1, E). Returns ``Layout``: num_tokens_per_rank [R],
         num_tokens_per_expert [E] (a token counted once per expert), is_token_in_rank [T, R] bool;
-        with the ``torch`` backend also num_tokens_per_node [N] (a token counted once per node of
-        ``num_ranks_per_node`` ranks) and is_token_in_node [T, N] bool (None with the kernels).
+        with the ``torch`` backend and the internode kernels also num_tokens_per_node [N] (a token
+        counted once per node of ``num_ranks_per_node`` ranks) and is_token_in_node [T, N] bool
+        (None with the intranode kernels).
         """
         num_experts = validate.check_num_experts(num_experts, self.num_ranks)
         topk_idx = validate.check_topk_idx(topk_idx, None, num_experts, self._check_values(topk_idx))

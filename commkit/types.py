@@ -56,8 +56,8 @@ class Layout:
     is_token_in_node:      [T, N] bool, or None
 
     Nodes group ranks contiguously: with G = ``Buffer.num_ranks_per_node``, node n holds ranks
-    [n*G, (n+1)*G) and N = R // G. The per-node fields are filled by the ``torch`` backend; a backend
-    that does not compute them leaves them None.
+    [n*G, (n+1)*G) and N = R // G. The per-node fields are filled by the ``torch`` backend, the
+    internode kernels and ``commkit.emulate``'s virtual nodes; the intranode kernels leave them None.
     """
 
     num_tokens_per_rank: torch.Tensor

@@ -18,7 +18,9 @@ NVLINK_NET = "commkit::NvlinkDomainNet"
 def representative_specs() -> dict[str, list[KernelSpec]]:
     """Kernel family -> the instantiations CI compiles."""
     return {
-        "layout": [KernelSpec("csrc/layout.cuh", "layout_kernel", (r, k)) for r in RANKS for k in (1, 4, 8)],
+        # 16 and 32 ranks: the internode groups (the layout kernel's largest)
+        "layout": [KernelSpec("csrc/layout.cuh", "layout_kernel", (r, k)) for r in RANKS for k in (1, 4, 8)]
+        + [KernelSpec("csrc/layout.cuh", "layout_kernel", (r, 8)) for r in (16, 32)],
         "notify": [KernelSpec("csrc/notify.cuh", "notify_kernel", (r,)) for r in RANKS]
         + [KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (r,)) for r in RANKS],
         "dispatch": [

@@ -30,9 +30,12 @@ class FakeKernels:
         self.launches: list[str] = []
 
     def u64(self, t: torch.Tensor | None) -> Any:
-        if t is not None:
-            self.tensors[t.data_ptr()] = t
-        return 0 if t is None else t.data_ptr()
+        if t is None:
+            return 0
+        # NOTE: empty tensors have data_ptr 0 (a null argument): they get a key of their own
+        key = t.data_ptr() or (1 << 62) + id(t)
+        self.tensors[key] = t
+        return key
 
     def t(self, ptr: Any) -> torch.Tensor:
         return self.tensors[int(ptr)]
@@ -341,24 +344,30 @@ class FakeKernels:
                 out[t] = acc.to(torch.bfloat16)
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
+def install_fakes(setattr_: Any, fk: FakeKernels | None = None) -> FakeKernels:
+    """Route every kernel launch to ``fk`` and stub the CUDA calls; ``setattr_``: monkeypatch.setattr
+    in a test, plain ``setattr`` in a spawned process."""
     import commkit.backends
     import commkit.emulate as emulate
 
-    fk = FakeKernels()
-    monkeypatch.setattr(kmod, "_u64", fk.u64)
-    monkeypatch.setattr(imod, "_u64", fk.u64)
-    monkeypatch.setattr(kmod.KernelEngine, "_kernel", lambda self, header, name, *a: (name, a))
-    monkeypatch.setattr(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
-    monkeypatch.setattr(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
-    monkeypatch.setattr(kmod.KernelEngine, "_wait", lambda self, phase, event: None)
+    fk = fk or FakeKernels()
+    setattr_(kmod, "_u64", fk.u64)
+    setattr_(imod, "_u64", fk.u64)
+    setattr_(kmod.KernelEngine, "_kernel", lambda self, header, name, *a, include_dirs=(): (name, a))
+    setattr_(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
+    setattr_(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
+    setattr_(kmod.KernelEngine, "_wait", lambda self, phase, event: None)
     props = type("Props", (), {"multi_processor_count": 132})()
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(commkit.backends, "kernels_unavailable_reason", lambda group=None: None)
-    monkeypatch.setattr(emulate.EmulatedGroup, "_run", lambda self, sync: None)
-    monkeypatch.setattr(emulate.EmulatedGroup, "_finish", lambda self, sync, tensors: None)
+    setattr_(torch.cuda, "get_device_properties", lambda device=None: props)
+    setattr_(torch.cuda, "synchronize", lambda device=None: None)
+    setattr_(torch.cuda, "Stream", lambda device=None: None)
+    setattr_(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    setattr_(commkit.backends, "kernels_unavailable_reason", lambda group=None: None)
+    setattr_(emulate.EmulatedGroup, "_run", lambda self, sync: None)
+    setattr_(emulate.EmulatedGroup, "_finish", lambda self, sync, tensors: None)
     return fk
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
+    return install_fakes(monkeypatch.setattr)

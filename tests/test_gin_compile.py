@@ -171,3 +171,56 @@ def test_header_edit_under_include_dir_rebuilds(tmp_path: Path) -> None:
     assert not rebuilt.cache_hit and rebuilt.cubin_path != first.cubin_path
     with pytest.raises(FileNotFoundError, match="include directories not found"):
         compile_source(source, cache=tmp_path / "cache", include_dirs=(tmp_path / "missing",))
+
+
+# The internode kernels themselves with the GIN net, as the multi-node Buffer compiles them
+# (KernelSpec with the NCCL include dir, csrc/internode_gin.cuh): (G, N, hidden, top-k, dtype) and
+# combine (G, N, hidden). Spill bytes measured with nvcc 13.0 (all GIN backends compiled in) are the
+# known defect below: the dispatch kernel sits at the 128-register cap of a 512-thread block, and
+# NCCL's device code pushes it over.
+GIN_DISPATCH = (
+    (2, 2, 2048, 1, 0),
+    (4, 2, 4096, 4, 1),
+    (4, 4, 7168, 8, 0),
+    (8, 2, 4096, 4, 0),
+    (8, 2, 7168, 8, 1),
+)
+GIN_COMBINE = ((2, 2, 12288), (8, 2, 7168), (8, 4, 7168))
+# (NCCL series, kernel, template args) that spill today (bytes of spill stores measured: see the note)
+KNOWN_SPILLS = {
+    ("2.32", "dispatch", (2, 2, 2048, 1, 0)),  # 32
+    ("2.32", "dispatch", (4, 4, 7168, 8, 0)),  # 56
+    ("2.32", "dispatch", (8, 2, 4096, 4, 0)),  # 28
+    ("2.32", "dispatch", (8, 2, 7168, 8, 1)),  # 4
+    ("2.32", "combine", (2, 2, 12288)),  # 16
+    ("2.32", "combine", (8, 4, 7168)),  # 8
+    ("2.28", "dispatch", (4, 4, 7168, 8, 0)),  # 32
+    ("2.28", "dispatch", (8, 2, 4096, 4, 0)),  # 32
+}
+
+
+def _gin_kernel_cases() -> list:
+    cases = [("dispatch", "internode_dispatch_kernel", t) for t in GIN_DISPATCH]
+    cases += [("combine", "internode_combine_kernel", t) for t in GIN_COMBINE]
+    return [pytest.param(*c, id=f"{c[0]}-{'-'.join(map(str, c[2]))}") for c in cases]
+
+
+@pytest.mark.parametrize(("kind", "name", "targs"), _gin_kernel_cases())
+def test_gin_internode_kernels_compile(
+    headers: nccl.NcclHeaders, cache: Path, kind: str, name: str, targs: tuple, request: pytest.FixtureRequest
+) -> None:
+    from commkit.jit.compiler import KernelSpec, compile_spec
+
+    spec = KernelSpec(
+        "csrc/internode_gin.cuh", name, ("commkit::GinNet", *targs), (str(headers.include_dir),)
+    )
+    result = compile_spec(spec, cache=cache)
+    stats = result.stats[result.entries[0]]
+    print(
+        f"NCCL {nccl.version_str(headers.version)} {kind} {targs}: {stats.registers} registers, "
+        f"{stats.stack_frame_bytes} B stack, {stats.spill_store_bytes}/{stats.spill_load_bytes} B spills"
+    )
+    series = ".".join(map(str, headers.version[:2]))
+    if (series, kind, targs) in KNOWN_SPILLS:
+        request.applymarker(pytest.mark.xfail(reason="known: spills at the register cap", strict=True))
+    assert stats.spill_store_bytes == 0 and stats.spill_load_bytes == 0, result.ptxas_log

@@ -1,5 +1,6 @@
-"""Bench expectations against commkit.reference, wrong-row counting, bytes, the tune objectives, and
-end-to-end CLI runs of bench and tune on the torch backend over gloo (2 CPU ranks; 4 ranks in 2 nodes)."""
+"""Bench expectations against commkit.reference, wrong-row counting, bytes (averaged over the input
+sets), the tune objectives, the ranks per node of DistRanks' Buffers, and end-to-end CLI runs of bench
+and tune on the torch backend over gloo (2 CPU ranks; 4 ranks in 2 nodes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from commkit.__main__ import main
+from commkit.launch import spawn_gloo
 from commkit.reference import combine_reference, dispatch_reference
 from commkit.tools.bench import (
     bytes_per_rank,
@@ -21,7 +23,9 @@ from commkit.tools.bench import (
     link_fields,
     make_input_set,
     payload_rows,
+    with_ranks_per_node,
 )
+from commkit.tools.ranks import DistRanks, VirtualRanks
 from commkit.tools.shapes import SHAPES, MoEShape, get_shape
 from commkit.tools.traffic import count_traffic
 from commkit.tools.tune import choose
@@ -101,6 +105,33 @@ def test_link_fields_one_node_and_several() -> None:
     assert fields["gbps_incl_own_node"] == pytest.approx(256 / 1e-3 / 1e9)
 
 
+def test_link_fields_average_the_input_sets() -> None:
+    # Two routings over 4 ranks in 2 nodes of 2 (one expert per rank), of different bytes: the timing
+    # rotates over both evenly, so every byte figure is their mean.
+    one = [torch.tensor([[2, 3]]), torch.tensor([[0, 1]]), torch.tensor([[2, 3]]), torch.tensor([[3, -1]])]
+    two = [torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), torch.tensor([[0, 1]]), torch.tensor([[0, 3]])]
+    t1, t2 = count_traffic(one, 4, 2, 128, "bf16"), count_traffic(two, 4, 2, 128, "bf16")
+    for op in ("dispatch", "combine"):
+        f1, f2 = t1.figures(op), t2.figures(op)
+        assert f1["ib_bytes_hier"] != f2["ib_bytes_hier"]  # the case shows the difference
+        link, nbytes, fields = link_fields([t1, t2], op, 1e-3)
+        assert link == "rdma" and nbytes == fields["rdma_bytes"]
+        assert fields["nvl_bytes"] == pytest.approx((f1["logical_bytes"] + f2["logical_bytes"]) / 2)
+        assert fields["rdma_bytes"] == pytest.approx((f1["ib_bytes_hier"] + f2["ib_bytes_hier"]) / 2)
+        assert fields["rdma_bytes_flat"] == pytest.approx((f1["ib_bytes_flat"] + f2["ib_bytes_flat"]) / 2)
+        incl = (f1["rdma_bytes_incl_own_node"] + f2["rdma_bytes_incl_own_node"]) / 2
+        assert fields["rdma_bytes_incl_own_node"] == pytest.approx(incl)
+        assert fields["gbps_incl_own_node"] == pytest.approx(incl / 1e-3 / 1e9)
+        assert fields["rdma_saved"] == pytest.approx(fields["rdma_bytes_flat"] / fields["rdma_bytes"])
+        # one set, alone or in a list: its own figures
+        assert link_fields([t1], op, 1e-3) == link_fields(t1, op, 1e-3)
+        assert link_fields(t1, op, 1e-3)[2]["rdma_saved"] == t1.ib_saved
+    with pytest.raises(ValueError, match="at least one input set"):
+        link_fields([], "dispatch", 1e-3)
+    with pytest.raises(ValueError, match="ranks per node"):
+        link_fields([t1, count_traffic(one, 4, 4, 128, "bf16")], "dispatch", 1e-3)
+
+
 def test_expected_combine_follows_the_nodes() -> None:
     # Top-8 over 8 ranks in 2 nodes of 4: tokens whose rows split 3 + 2 over the nodes round differently
     # in two levels than in one, so the expectation must follow the buffer's nodes.
@@ -158,25 +189,36 @@ def test_bench_cli_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bench_cli_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 gloo ranks in 2 nodes of 2 (the Buffers take the two-level path too, from $LOCAL_WORLD_SIZE):
-    rows carry the hierarchical and the flat RDMA bytes of the routing, their ratio and DeepEP's count,
-    in the JSON and the TSV."""
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    """4 gloo ranks in 2 nodes of 2 from --ranks-per-node alone (no $LOCAL_WORLD_SIZE: the Buffers take
+    the two-level path from the bench's DistRanks): rows carry the hierarchical and the flat RDMA bytes
+    of the routings, the mean over the 2 input sets timed, their ratio and DeepEP's count, in the JSON
+    and the TSV."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     code = main(["bench", "--ranks", "4", "--ranks-per-node", "2", "--reps", "2", "--warmup", "1",
-                 "--input-sets", "1", "--dtype", "fp8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+                 "--input-sets", "2", "--dtype", "fp8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     assert code == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [r["op"] for r in rows] == ["dispatch", "combine"]
-    # the routing the bench counted: input set 0 (salt = seed * 1000) of every rank
-    routing = make_input_set(TINY, "fp8", 0, 4, 0, 0.0, torch.device("cpu")).topk_idx
-    traffic = count_traffic(routing, TINY.num_experts, 2, TINY.hidden, "fp8")
+    # the routings the bench counted: input sets 0 and 1 (salt = seed * 1000 + i) of every rank
+    traffics = [
+        count_traffic(
+            make_input_set(TINY, "fp8", 0, 4, salt, 0.0, torch.device("cpu")).topk_idx,
+            TINY.num_experts, 2, TINY.hidden, "fp8",
+        )
+        for salt in (0, 1)
+    ]  # fmt: skip
     for r in rows:
-        fig = traffic.figures(r["op"])
+        figs = [t.figures(r["op"]) for t in traffics]
+        assert figs[0]["ib_bytes_hier"] != figs[1]["ib_bytes_hier"]  # the sets differ: the mean shows
+        mean = {key: (figs[0][key] + figs[1][key]) / 2 for key in figs[0]}
         assert r["wrong"] == 0 and r["nodes"] == 2 and r["gbps_link"] == "rdma"
-        assert r["rdma_bytes"] == fig["ib_bytes_hier"] > 0
-        assert r["rdma_bytes_flat"] == fig["ib_bytes_flat"] >= r["rdma_bytes"]
+        assert r["nvl_bytes"] == pytest.approx(mean["logical_bytes"])
+        assert r["rdma_bytes"] == pytest.approx(mean["ib_bytes_hier"]) and r["rdma_bytes"] > 0
+        assert r["rdma_bytes_flat"] == pytest.approx(mean["ib_bytes_flat"])
+        assert r["rdma_bytes_flat"] >= r["rdma_bytes"]
         assert r["rdma_saved"] == pytest.approx(r["rdma_bytes_flat"] / r["rdma_bytes"])
-        assert r["rdma_bytes_incl_own_node"] == fig["rdma_bytes_incl_own_node"] > r["rdma_bytes"]
+        assert r["rdma_bytes_incl_own_node"] == pytest.approx(mean["rdma_bytes_incl_own_node"])
+        assert r["rdma_bytes_incl_own_node"] > r["rdma_bytes"]
         assert r["gbps"] == pytest.approx(r["rdma_bytes"] / r["time_median_s"] / 1e9)
         assert r["gbps_incl_own_node"] == pytest.approx(
             r["rdma_bytes_incl_own_node"] / r["time_median_s"] / 1e9
@@ -187,6 +229,38 @@ def test_bench_cli_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     for line, r in zip(tsv[1:], rows, strict=True):
         assert float(line[head.index("flat RDMA MB")]) == pytest.approx(r["rdma_bytes_flat"] / 1e6, abs=1e-6)
         assert float(line[head.index("RDMA saved")]) == pytest.approx(r["rdma_saved"], abs=1e-6)
+
+
+def _dist_ranks_buffers(rank: int, world: int) -> dict:
+    out: dict = {}
+    for per_node in (2, None):
+        ctx = DistRanks.current(num_ranks_per_node=per_node)
+        buf, sig = ctx.make_buffer("torch"), ctx.signature()
+        out[per_node] = (buf.num_ranks_per_node, type(buf._backend).__name__, sig.num_ranks_per_node)
+    return out
+
+
+def test_dist_ranks_buffers_take_ranks_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 gloo ranks, no $LOCAL_WORLD_SIZE: a DistRanks made with 2 ranks per node makes two-level Buffers
+    (and keys its profiles by 2 per node); one made without makes one-node Buffers."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for got in spawn_gloo(_dist_ranks_buffers, 4, timeout_s=120):
+        assert got[2] == (2, "HierTorchBackend", 2)
+        assert got[None] == (4, "TorchBackend", 4)
+
+
+def test_bench_spec_ranks_per_node_reaches_dist_ranks() -> None:
+    """A DistRanks made without ranks per node takes the spec's (its Buffers run on the nodes the bytes
+    are counted for); one made with other ones raises; virtual ranks and a spec without stay as they are."""
+    ctx = DistRanks(0, 4, torch.device("cpu"))
+    assert with_ranks_per_node(ctx, 2).num_ranks_per_node == 2
+    assert with_ranks_per_node(ctx, None) is ctx
+    two = DistRanks(0, 4, torch.device("cpu"), num_ranks_per_node=2)
+    assert with_ranks_per_node(two, 2) is two and with_ranks_per_node(two, None) is two
+    with pytest.raises(ValueError, match="num_ranks_per_node"):
+        with_ranks_per_node(two, 4)
+    virtual = VirtualRanks(0, 2, torch.device("cpu"), True)
+    assert with_ranks_per_node(virtual, 1) is virtual
 
 
 def test_tune_cli_saves_profile_buffer_config_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

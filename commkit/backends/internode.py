@@ -1,10 +1,11 @@
 """Host side of the internode kernels (``csrc/internode_dispatch.cuh``, ``csrc/internode_combine.cuh``).
 
-``InternodeEngine`` launches them for N nodes x G GPUs (rank = node * G + local) with the inter-node hop
-on the ``nvlink-domain`` net (``NvlinkDomainNet``: direct stores into the rail peers' symmetric buffers,
-for nodes joined by NVLink and for virtual nodes on one GPU). The count exchange is the intranode
-notify kernel over all R ranks (so R <= 8 here: virtual nodes); the GIN net (``csrc/net_gin.cuh``,
-``commkit/backends/gin.py``) uses the same kernels with a ``GinNet``.
+``InternodeEngine`` launches them for N nodes x G GPUs (rank = node * G + local), with the inter-node
+hop given by a ``commkit.backends.internode_net`` provider: ``NvlinkDomain`` (direct stores into the
+rail peers' symmetric buffers; virtual nodes on one GPU, nodes joined by NVLink) or ``Gin`` (NCCL's
+device API, ``csrc/net_gin.cuh``). Virtual nodes run every rank in one launch and exchange counts with
+the intranode notify kernel (R <= 8); one rank per process (``internode_backend``) exchanges them over
+the process group (``count_exchange``).
 
 Extra handle state (``InterState``): ``node_send_pos`` [sum T, N] int32, the position of each token among
 those its rank sends to each node (-1: none), and the forwarders' records written by dispatch and
@@ -25,11 +26,12 @@ import torch
 
 from commkit.backends import internode_layout as il
 from commkit.backends import kernels_layout as kl
+from commkit.backends.count_exchange import GroupCountExchange
+from commkit.backends.internode_net import NetProvider, NvlinkDomain
 from commkit.backends.kernels import DispatchResult, KernelEngine, KernelState, _i32, _offsets, _u64
 from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import ConfigError
 
-NET = "commkit::NvlinkDomainNet"
 INT32_MAX = 2**31 - 1
 
 
@@ -69,7 +71,16 @@ def forwarder_offsets(token_counts: list[int], rank_base: int, gpus_per_node: in
 
 
 class InternodeEngine(KernelEngine):
-    """Internode dispatch/combine for the ranks of one launch (all R of them: virtual nodes)."""
+    """Internode dispatch/combine for the ranks of one launch.
+
+    Two ways to run: all R ranks in one launch (virtual nodes, ``exchange`` None: the notify kernel
+    over the ranks' buffers, so R <= 8), or one rank per process (``exchange``: a
+    ``GroupCountExchange`` of the process group, R <= 32; ``buffers`` then reach the ranks of this
+    rank's node only). ``net``: the inter-node hop (``commkit.backends.internode_net``; default the
+    nvlink-domain net over ``buffers``).
+    """
+
+    max_ranks = il.MAX_RANKS
 
     def __init__(
         self,
@@ -81,28 +92,51 @@ class InternodeEngine(KernelEngine):
         gpus_per_node: int,
         timeout_s: float,
         device: torch.device,
+        exchange: GroupCountExchange | None = None,
+        net: NetProvider | None = None,
     ) -> None:
         super().__init__(num_ranks, rank_base, num_local, buffers, timeout_s=timeout_s, device=device)
         if (
             gpus_per_node < 1
+            or gpus_per_node > kl.MAX_RANKS
             or num_ranks % gpus_per_node
             or not 2 <= num_ranks // gpus_per_node <= il.MAX_NODES
         ):
             raise ConfigError(
-                f"num_ranks_per_node: expected a divisor of the {num_ranks} ranks giving 2 to {il.MAX_NODES} "
-                f"nodes, got {gpus_per_node}"
+                f"num_ranks_per_node: expected a divisor of the {num_ranks} ranks, at most {kl.MAX_RANKS}, "
+                f"giving 2 to {il.MAX_NODES} nodes, got {gpus_per_node}"
             )
-        if rank_base != 0 or num_local != num_ranks:
+        if exchange is None and (rank_base != 0 or num_local != num_ranks or num_ranks > kl.MAX_RANKS):
             raise ConfigError(
-                "InternodeEngine: the nvlink-domain count exchange needs every rank in one launch "
-                f"(virtual nodes), got ranks {rank_base}..{rank_base + num_local - 1} of {num_ranks}"
+                "InternodeEngine: without a process-group count exchange every rank runs in one launch "
+                f"(virtual nodes, at most {kl.MAX_RANKS}), got ranks {rank_base}.."
+                f"{rank_base + num_local - 1} of {num_ranks}"
+            )
+        if exchange is not None and (num_local != 1 or rank_base != exchange.rank):
+            raise ConfigError(
+                f"InternodeEngine: with a process-group count exchange a launch runs this process's rank "
+                f"{exchange.rank} alone, got ranks {rank_base}..{rank_base + num_local - 1}"
             )
         self.gpus_per_node = gpus_per_node
         self.num_nodes = num_ranks // gpus_per_node
-        self._net_args: dict[tuple[int, il.InterLayout], torch.Tensor] = {}
+        self.exchange = exchange
+        self.net = net or NvlinkDomain()
+        self._net_args: dict[bytes, torch.Tensor] = {}
+
+    def _inter_kernel(self, header: str, name: str, *args: int) -> Any:
+        net = self.net
+        return self._kernel(
+            net.header or header,
+            name,
+            net.cpp_type,
+            self.gpus_per_node,
+            self.num_nodes,
+            *args,
+            include_dirs=net.include_dirs,
+        )
 
     def _net(self, num_sms: int, hidden: int, num_topk: int, dtype_code: int) -> torch.Tensor:
-        """Grows the buffers for the internode regions; the NvlinkDomainNet argument in device memory."""
+        """Grows the buffers for the internode regions; the Net argument in device memory."""
         nvl_slot = max(
             il.dispatch_nvl_slot_bytes(hidden, num_topk, dtype_code), il.combine_slot_bytes(hidden)
         )
@@ -110,27 +144,51 @@ class InternodeEngine(KernelEngine):
             il.dispatch_net_slot_bytes(hidden, num_topk, dtype_code, self.gpus_per_node),
             il.combine_slot_bytes(hidden),
         )
-        while True:
-            channels = max(self.buffers.max_channels, num_sms)
-            layout = il.inter_layout(
-                self.num_nodes, self.gpus_per_node, channels, nvl_slot, net_slot, staging=False
-            )
-            # NOTE: SymmetricBuffers sizes the intranode ring by a slot size; ask for one whose ring
-            # covers the internode regions (they start where that ring starts).
-            ring_slots = channels * kl.MAX_RANKS * kl.NUM_SLOTS
-            self.buffers.ensure(num_sms, -(-(layout.total_bytes - kl.ring_offset(channels)) // ring_slots))
-            if self.buffers.max_channels == channels:
-                break
-        bases = self.buffers.peer_bases
-        assert bases is not None  # ensure() allocated the buffers
-        key = (bases.data_ptr(), layout)
-        arg = self._net_args.get(key)
+        raw = self.net.argument(self.buffers, num_sms, self.num_nodes, self.gpus_per_node, nvl_slot, net_slot)
+        arg = self._net_args.get(raw)
         if arg is None:
-            raw = il.nvlink_domain_net(bases.data_ptr(), layout)
             if len(self._net_args) > 16:
                 self._net_args.clear()
-            arg = self._net_args[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+            arg = self._net_args[raw] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
         return arg
+
+    def _exchange_counts(
+        self,
+        token_counts: list[int],
+        token_offsets: torch.Tensor,
+        per_rank: torch.Tensor,
+        per_expert: torch.Tensor,
+        num_experts: int,
+        num_worst_tokens: int | None,
+    ) -> torch.Tensor:
+        """``meta`` [num_local, 2R + 1 + L]: the notify kernel, or the process group's exchange."""
+        if self.exchange is None:
+            return self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
+        return self.exchange.notify(per_rank, per_expert, token_counts[0], num_worst_tokens)
+
+    def _forwarder_rows(
+        self, token_counts: list[int], meta_host: list[list[int]] | None, num_worst_tokens: int | None
+    ) -> list[list[int]]:
+        """fwd_offsets rows of the launch's ranks. With every rank in the launch the sources' token
+        counts are known; one rank per process reads them from the exchanged counts, or, when nothing
+        is read back (num_worst_tokens), bounds each source node's records by G * num_worst_tokens
+        (a token forwarded to this node is a received row of at least one of its G ranks, each of
+        which receives at most num_worst_tokens rows)."""
+        if self.exchange is None:
+            return forwarder_offsets(token_counts, self.rank_base, self.gpus_per_node)
+        g, local = self.gpus_per_node, self.rank_base % self.gpus_per_node
+        if meta_host is not None:
+            sizes = [meta_host[0][self.num_ranks + 1 + m * g + local] for m in range(self.num_nodes)]
+        else:
+            assert num_worst_tokens is not None
+            sizes = [g * num_worst_tokens] * self.num_nodes
+        return [_offsets(sizes)]
+
+    def _cached_notify(self) -> None:
+        if self.exchange is None:
+            super()._cached_notify()
+        else:
+            self.exchange.barrier()
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(
@@ -160,16 +218,9 @@ class InternodeEngine(KernelEngine):
                 f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
                 f"got {list(token_counts)}"
             )
-        g, n = self.gpus_per_node, self.num_nodes
-        kernel = self._kernel(
-            "csrc/internode_dispatch.cuh",
-            "internode_dispatch_kernel",
-            NET,
-            g,
-            n,
-            hidden,
-            num_topk,
-            dtype_code,
+        g = self.gpus_per_node
+        kernel = self._inter_kernel(
+            "csrc/internode_dispatch.cuh", "internode_dispatch_kernel", hidden, num_topk, dtype_code
         )
         self._check_budget(kernel, num_sms)
         net = self._net(num_sms, hidden, num_topk, dtype_code)
@@ -186,7 +237,9 @@ class InternodeEngine(KernelEngine):
                 topk_idx, token_counts, num_experts, with_in_rank=False
             )
             node_pos = node_send_pos(send_pos, list(token_counts), g)
-            meta = self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
+            meta = self._exchange_counts(
+                list(token_counts), token_offsets, per_rank, per_expert, num_experts, num_worst_tokens
+            )
             recv_counts = expert_counts = None
         else:
             send_pos, meta, token_offsets, node_pos = (
@@ -198,16 +251,22 @@ class InternodeEngine(KernelEngine):
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
             self._check_cached_worst(state, num_worst_tokens)
             self._cached_notify()
-        fwd_rows = forwarder_offsets(list(token_counts), self.rank_base, g)
-        fwd_offsets = self._device_offsets([v for row in fwd_rows for v in row])
-        fwd_mask = torch.zeros(fwd_rows[-1][-1], dtype=torch.int32, device=self.device)
-        fwd_token = torch.full((fwd_rows[-1][-1],), INT32_MAX, dtype=torch.int32, device=self.device)
+        meta_host = None
+        if num_worst_tokens is None and recv_counts is None:
+            meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
+            recv_counts = [row[self.num_ranks] for row in meta_host]
+            expert_counts = [row[2 * self.num_ranks + 1 :] for row in meta_host]
+        if state is not None:  # same routing: the records have the same size
+            fwd_offsets, num_records = state.fwd_offsets, state.fwd_token.numel()
+        else:
+            fwd_rows = self._forwarder_rows(list(token_counts), meta_host, num_worst_tokens)
+            fwd_offsets = self._device_offsets([v for row in fwd_rows for v in row])
+            num_records = fwd_rows[-1][-1]
+        fwd_mask = torch.zeros(num_records, dtype=torch.int32, device=self.device)
+        fwd_token = torch.full((num_records,), INT32_MAX, dtype=torch.int32, device=self.device)
 
         if num_worst_tokens is None:
-            if recv_counts is None:
-                meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
-                recv_counts = [row[self.num_ranks] for row in meta_host]
-                expert_counts = [row[2 * self.num_ranks + 1 :] for row in meta_host]
+            assert recv_counts is not None
             row_offsets = _offsets(recv_counts)
             outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
             self._poison(*outs)
@@ -265,14 +324,7 @@ class InternodeEngine(KernelEngine):
         hidden = x.shape[1]
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
-        kernel = self._kernel(
-            "csrc/internode_combine.cuh",
-            "internode_combine_kernel",
-            NET,
-            self.gpus_per_node,
-            self.num_nodes,
-            hidden,
-        )
+        kernel = self._inter_kernel("csrc/internode_combine.cuh", "internode_combine_kernel", hidden)
         self._check_budget(kernel, num_sms)
         net = self._net(num_sms, hidden, 1, kl.DTYPE_BF16)
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)

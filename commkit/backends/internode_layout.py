@@ -14,6 +14,7 @@ from commkit.backends import kernels_layout as kl
 NET_SLOTS = 16
 NET_CHUNK = 4
 MAX_NODES = 32
+MAX_RANKS = 32  # ranks of a group: the layout kernel keeps a token's ranks in a 32-bit mask
 NUM_SIGNAL_KINDS = 4
 
 

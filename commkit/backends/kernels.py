@@ -114,6 +114,8 @@ class DispatchResult:
 class KernelEngine:
     """Launches the kernels for ranks [rank_base, rank_base + num_local) of a num_ranks-rank group."""
 
+    max_ranks = kl.MAX_RANKS  # ranks of a group the kernels serve (one NVLink domain)
+
     def __init__(
         self,
         num_ranks: int,
@@ -124,8 +126,8 @@ class KernelEngine:
         timeout_s: float,
         device: torch.device,
     ) -> None:
-        if not 1 <= num_ranks <= kl.MAX_RANKS:
-            raise ConfigError(f"num_ranks: the kernels support 1 to {kl.MAX_RANKS} ranks, got {num_ranks}")
+        if not 1 <= num_ranks <= self.max_ranks:
+            raise ConfigError(f"num_ranks: the kernels support 1 to {self.max_ranks} ranks, got {num_ranks}")
         self.num_ranks = num_ranks
         self.rank_base = rank_base
         self.num_local = num_local
@@ -154,13 +156,13 @@ class KernelEngine:
         self.poison_outputs = False
 
     # ------------------------------------------------------------------ helpers
-    def _kernel(self, header: str, name: str, *args: int | str) -> Any:
-        key = (header, name, *args)
+    def _kernel(self, header: str, name: str, *args: int | str, include_dirs: tuple[str, ...] = ()) -> Any:
+        key = (header, name, *args, include_dirs)
         kernel = self._kernels.get(key)
         if kernel is None:
             from commkit.jit.loader import get_kernel
 
-            kernel = self._kernels[key] = get_kernel(KernelSpec(header, name, tuple(args)))
+            kernel = self._kernels[key] = get_kernel(KernelSpec(header, name, tuple(args), include_dirs))
         return kernel
 
     def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:

@@ -40,7 +40,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "--ranks", type=int, default=2, help="ranks to spawn over gloo on CPU (ignored under torchrun)"
     )
     parser.add_argument(
-        "--ranks-per-node", type=int, help="for byte accounting (default: $LOCAL_WORLD_SIZE or all)"
+        "--ranks-per-node",
+        type=int,
+        help="ranks per node of the Buffers and of the byte counts (default: $LOCAL_WORLD_SIZE or all)",
     )
     parser.add_argument(
         "--virtual",

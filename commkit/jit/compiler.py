@@ -43,11 +43,13 @@ HEADER_SUFFIXES = (".cuh", ".h", ".hpp", ".cu")
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel instantiation: header (relative to the include root), C++ name and template args."""
+    """One kernel instantiation: header (relative to the include root), C++ name and template args;
+    ``include_dirs``: extra ``-I`` directories its header needs (the NCCL headers of the GIN path)."""
 
     header: str
     name: str
     template_args: tuple[int | str, ...]
+    include_dirs: tuple[str, ...] = ()
 
     def expression(self) -> str:
         return f"commkit::{self.name}<{', '.join(str(a) for a in self.template_args)}>"
@@ -260,4 +262,6 @@ def compile_source(
 
 def compile_spec(spec: KernelSpec, **kwargs: object) -> CompileResult:
     """Compile one instantiation (through the cache); its entry is ``result.entries[0]``."""
+    if spec.include_dirs:
+        kwargs.setdefault("include_dirs", tuple(Path(d) for d in spec.include_dirs))
     return compile_source(generate_source([spec]), **kwargs)  # type: ignore[arg-type]

@@ -1,7 +1,10 @@
 """Dispatch/combine bandwidth in the style of nccl-tests, checked on every run.
 
-Bytes (per rank, the mean over ranks; "logical" bytes as in DeepEP's published figures), all counted by
-``commkit.tools.traffic.count_traffic`` from the routing (its docstring has the counting rules):
+Bytes (per rank: the mean over ranks, and over the input sets the timing rotates over, each set weighted
+equally; "logical" bytes as in DeepEP's published figures), all counted by
+``commkit.tools.traffic.count_traffic`` from each input set's routing (its docstring has the counting
+rules), on the nodes the Buffers run on (``num_ranks_per_node``: ``--ranks-per-node``, else
+``$LOCAL_WORLD_SIZE`` (at most all ranks), else one node; virtual ranks: one node):
 
 - dispatch NVLink bytes (``nvl_bytes``): rows this rank receives x row bytes (H x element size, plus the
   FP8 scales ceil(H/128) x 4); dispatch RDMA bytes (``rdma_bytes``): rows this rank sends to other
@@ -11,9 +14,10 @@ Bytes (per rank, the mean over ranks; "logical" bytes as in DeepEP's published f
 
 Rows of a run over several nodes (``nodes`` > 1) also carry, for the same routing: ``rdma_bytes_flat``,
 the network bytes of a flat all-to-all (one row per (token, remote rank)); ``rdma_saved`` =
-``rdma_bytes_flat / rdma_bytes`` (None when no token leaves its node); and ``rdma_bytes_incl_own_node``
-with ``gbps_incl_own_node``: the count behind DeepEP's published internode RDMA figures ((token, node)
-pairs with the own node included), to compare with peers' numbers. Rows of one node have none of them.
+``rdma_bytes_flat / rdma_bytes`` (the ratio of the means; None when no token leaves its node); and
+``rdma_bytes_incl_own_node`` with ``gbps_incl_own_node``: the count behind DeepEP's published internode
+RDMA figures ((token, node) pairs with the own node included), to compare with peers' numbers. Rows of
+one node have none of them.
 
 GB/s = the link's bytes / median time: NVLink bytes on one node, RDMA bytes across nodes. Time per
 repetition = the slowest rank's, measured after a barrier, with the L2 flushed (CUDA) and the inputs
@@ -261,16 +265,30 @@ def bytes_per_rank(
     return out
 
 
-def link_fields(traffic: Traffic, op: str, median_s: float) -> tuple[str, float, dict[str, Any]]:
+def link_fields(
+    traffic: Traffic | Sequence[Traffic], op: str, median_s: float
+) -> tuple[str, float, dict[str, Any]]:
     """(link, its bytes, the row's byte fields) of ``op``: NVLink bytes on one node, RDMA bytes of the
-    hierarchical path across nodes, where the flat all-to-all's and DeepEP's counts come too."""
-    fig = traffic.figures(op)
+    hierarchical path across nodes, where the flat all-to-all's and DeepEP's counts come too.
+
+    Several ``Traffic`` (the input sets a timing rotates over): every byte figure is the mean over them,
+    each weighted equally; ``rdma_saved`` is the ratio of the mean flat and hierarchical bytes."""
+    traffics = [traffic] if isinstance(traffic, Traffic) else list(traffic)
+    if not traffics:
+        raise ValueError("traffic: expected the counts of at least one input set, got none")
+    settings = {(t.num_ranks, t.num_ranks_per_node) for t in traffics}
+    if len(settings) > 1:
+        raise ValueError(f"traffic: expected counts of one (ranks, ranks per node) setting, got {settings}")
+    figs = [t.figures(op) for t in traffics]
+    fig = {key: sum(f[key] for f in figs) / len(figs) for key in figs[0]}
     fields: dict[str, Any] = {"nvl_bytes": fig["logical_bytes"], "rdma_bytes": fig["ib_bytes_hier"]}
-    if traffic.num_nodes == 1:
+    if traffics[0].num_nodes == 1:
         return "nvl", fields["nvl_bytes"], fields
+    # NOTE: from the row counts (as ``Traffic.ib_saved``): one set gives exactly its ``ib_saved``
+    hier = sum(sum(t.ib_rows_hier) for t in traffics)
     fields.update(
         rdma_bytes_flat=fig["ib_bytes_flat"],
-        rdma_saved=traffic.ib_saved,
+        rdma_saved=sum(sum(t.ib_rows_flat) for t in traffics) / hier if hier else None,
         rdma_bytes_incl_own_node=fig["rdma_bytes_incl_own_node"],
         gbps_incl_own_node=gbps(fig["rdma_bytes_incl_own_node"], median_s),
     )
@@ -493,9 +511,30 @@ def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[dict[str, Any
     """Run on every rank (inside an initialised process group); returns the rows (same on every rank)."""
     from commkit.tools.ranks import DistRanks
 
-    ctx = DistRanks.current(timeout_s=spec.comm_timeout_s)
+    ctx = DistRanks.current(timeout_s=spec.comm_timeout_s, num_ranks_per_node=spec.num_ranks_per_node)
     assert (ctx.rank, ctx.num_ranks) == (rank, num_ranks), ((ctx.rank, ctx.num_ranks), (rank, num_ranks))
     return bench_ranks(ctx, spec)
+
+
+def with_ranks_per_node(ctx: RankContext, num_ranks_per_node: int | None) -> RankContext:
+    """``ctx`` whose Buffers run on ``num_ranks_per_node`` ranks per node (the spec's; None: as made).
+
+    A ``DistRanks`` made without one (e.g. by a caller that did not pass the spec's) takes it; one made
+    with another raises, as its Buffers and the byte accounting would disagree. Virtual ranks are one
+    node (``Buffer.from_backend``) and are returned as they are."""
+    from commkit.tools.ranks import DistRanks
+
+    if num_ranks_per_node is None or not isinstance(ctx, DistRanks):
+        return ctx
+    if ctx.num_ranks_per_node is None:
+        return dataclasses.replace(ctx, num_ranks_per_node=num_ranks_per_node)
+    if ctx.num_ranks_per_node != num_ranks_per_node:
+        raise ValueError(
+            f"num_ranks_per_node: the spec has {num_ranks_per_node} ranks per node, the DistRanks "
+            f"{ctx.num_ranks_per_node}; make the DistRanks with the spec's "
+            "(DistRanks.current(num_ranks_per_node=...))"
+        )
+    return ctx
 
 
 def bench_virtual(
@@ -531,14 +570,11 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
     from commkit.tools.roofline import roofline_unavailable_reason
 
     rank, num_ranks, device = ctx.rank, ctx.num_ranks, ctx.device
-    num_ranks_per_node = (
-        num_ranks
-        if ctx.virtual
-        else spec.num_ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", num_ranks))
-    )
-    if num_ranks % num_ranks_per_node:
-        raise ValueError(f"ranks per node {num_ranks_per_node} must divide ranks {num_ranks}")
+    ctx = with_ranks_per_node(ctx, spec.num_ranks_per_node)
     buf = ctx.make_buffer(spec.backend)
+    # NOTE: the bytes are counted on the nodes the Buffers run on (a Buffer resolves None to
+    # $LOCAL_WORLD_SIZE or all ranks, and checks that it divides them); virtual ranks: one node.
+    num_ranks_per_node = num_ranks if ctx.virtual else buf.num_ranks_per_node
     baseline = (
         ctx.make_buffer(TORCH_BASELINE)
         if spec.baseline and buf.backend != TORCH_BASELINE and not ctx.virtual
@@ -562,7 +598,12 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
             make_input_set(shape, dtype, rank, num_ranks, spec.seed * 1000 + i, spec.skew, device)
             for i in range(spec.num_input_sets)
         ]
-        traffic = count_traffic(sets[0].topk_idx, shape.num_experts, num_ranks_per_node, shape.hidden, dtype)
+        # NOTE: repetition i times set i % len(sets), so the timing weighs the sets it reaches equally
+        # (up to one repetition); the bytes are their mean (see link_fields).
+        traffics = [
+            count_traffic(s.topk_idx, shape.num_experts, num_ranks_per_node, shape.hidden, dtype)
+            for s in sets[: max(1, spec.reps)]
+        ]
         effective_sms = num_sms if num_sms is not None else buf.config.num_sms
         try:
             d, c = measure_backend(ctx, buf, sets, shape, dtype, num_sms, spec)
@@ -580,7 +621,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
         num_nodes = num_ranks // num_ranks_per_node
         for op, meas, base_meas in (("dispatch", d, base and base[0]), ("combine", c, base and base[1])):
             stats = TimeStats.of(meas.times_s)
-            link, link_bytes, byte_fields = link_fields(traffic, op, stats.median_s)
+            link, link_bytes, byte_fields = link_fields(traffics, op, stats.median_s)
             row: dict[str, Any] = {
                 "shape": shape.name, "op": op, "backend": buf.backend, "ranks": num_ranks, "nodes": num_nodes,
                 "virtual": ctx.virtual,

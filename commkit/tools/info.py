@@ -94,6 +94,20 @@ def collect(sysfs_root: str | Path = "/sys", nvml_module: Any = None) -> dict[st
     return info
 
 
+def internode_status(kernels_reason: str | None) -> str:
+    """Whether a group of several nodes can run the internode kernels (GIN) here, or why not."""
+    from commkit.jit import nccl as nccl_headers
+
+    try:
+        headers = nccl_headers.find_headers()
+    except nccl_headers.NcclHeadersError as exc:
+        return f"not usable: the inter-node hop needs NCCL's GIN device API: {exc}"
+    found = f"GIN device API of NCCL {nccl_headers.version_str(headers.version)} ({headers.origin})"
+    if kernels_reason is not None:
+        return f"not usable: {kernels_reason} ({found} found)"
+    return f"usable: {found}; up to 32 ranks, 8 per node"
+
+
 def backends_status() -> dict[str, str]:
     """Backend name -> 'usable' or why not."""
     import torch.distributed as dist
@@ -117,6 +131,7 @@ def backends_status() -> dict[str, str]:
     except Exception as exc:  # the backends package is another engineer's; report, do not crash
         reason = f"cannot check: {exc}"
     out["kernels"] = "usable" if reason is None else f"not usable: {reason}"
+    out["kernels (several nodes)"] = internode_status(reason)
     if not torch.cuda.is_available():
         out["emulate"] = "not usable: virtual ranks need a CUDA GPU (torch.cuda.is_available() is False)"
     elif importlib.util.find_spec("commkit.emulate") is None:

@@ -4,7 +4,9 @@
 only through a ``RankContext``:
 
 - ``DistRanks``: this process is one rank of the initialised default group (torchrun, or the gloo
-  processes of ``commkit.launch``); barrier and reductions are ``torch.distributed`` collectives.
+  processes of ``commkit.launch``); barrier and reductions are ``torch.distributed`` collectives. Its
+  ``num_ranks_per_node`` (the tools' ``--ranks-per-node``) goes to every Buffer it makes (None: the
+  Buffer's default, ``$LOCAL_WORLD_SIZE`` or all ranks).
 - ``VirtualRanks``: one thread per virtual rank of a ``commkit.emulate.EmulatedGroup`` (all ranks on
   one GPU); barrier and reductions meet the other threads of the group (``threading.Barrier``), and
   the buffer is ``Buffer.from_backend(virtual_rank)``. ``run_virtual(N, fn)`` runs ``fn(ctx)`` on N
@@ -78,10 +80,15 @@ class DistRanks(RankContext):
 
     group: Any = None
     timeout_s: float = 60.0  # the Buffers' communication timeout (device spin budget, peer waits)
+    # the Buffers' ranks per node (None: the Buffer's default, $LOCAL_WORLD_SIZE or all ranks)
+    num_ranks_per_node: int | None = None
 
     @classmethod
-    def current(cls, group: Any = None, *, timeout_s: float = 60.0) -> DistRanks:
-        """The initialised group; CUDA devices on NCCL, else CPU. ``timeout_s``: the Buffers' one."""
+    def current(
+        cls, group: Any = None, *, timeout_s: float = 60.0, num_ranks_per_node: int | None = None
+    ) -> DistRanks:
+        """The initialised group; CUDA devices on NCCL, else CPU. ``timeout_s`` and
+        ``num_ranks_per_node``: the Buffers' ones (see ``commkit.Buffer``)."""
         import torch.distributed as dist
 
         device = (
@@ -89,7 +96,15 @@ class DistRanks(RankContext):
             if dist.get_backend(group) == "nccl"
             else torch.device("cpu")
         )
-        return cls(dist.get_rank(group), dist.get_world_size(group), device, False, group, timeout_s)
+        return cls(
+            dist.get_rank(group),
+            dist.get_world_size(group),
+            device,
+            False,
+            group,
+            timeout_s,
+            num_ranks_per_node,
+        )
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -128,12 +143,23 @@ class DistRanks(RankContext):
     def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
         from commkit import Buffer
 
-        return Buffer(self.group, backend=backend, num_sms=num_sms, timeout_s=self.timeout_s)
+        return Buffer(
+            self.group,
+            backend=backend,
+            num_sms=num_sms,
+            timeout_s=self.timeout_s,
+            num_ranks_per_node=self.num_ranks_per_node,
+        )
 
     def signature(self) -> Any:
+        """``cluster_signature(group)``, with this context's ``num_ranks_per_node`` where it has one (the
+        nodes its Buffers run on)."""
         from commkit.profiles import cluster_signature
 
-        return cluster_signature(self.group)
+        sig = cluster_signature(self.group)
+        if self.num_ranks_per_node is None:
+            return sig
+        return dataclasses.replace(sig, num_ranks_per_node=self.num_ranks_per_node)
 
 
 class _Meeting:

@@ -36,7 +36,10 @@ def tune_rank(rank: int, num_ranks: int, spec: TuneSpec) -> dict[str, Any]:
     """On every rank of the process group: the sweep rows, this cluster's signature and the backend name."""
     from commkit.tools.ranks import DistRanks
 
-    return tune_ranks(DistRanks.current(timeout_s=spec.bench.comm_timeout_s), spec)
+    ranks = DistRanks.current(
+        timeout_s=spec.bench.comm_timeout_s, num_ranks_per_node=spec.bench.num_ranks_per_node
+    )
+    return tune_ranks(ranks, spec)
 
 
 def tune_virtual(

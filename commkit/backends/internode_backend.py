@@ -1,0 +1,157 @@
+"""The ``kernels`` backend for a group that spans several nodes: the internode kernels, one rank per
+process (``Buffer`` picks it when ``num_ranks_per_node`` < R and the kernels can run).
+
+Per rank: a process group of its node's ranks (made with ``use_local_synchronization``, so only they
+take part) over which the CUDA IPC buffers of the NVLink hop are exchanged (``NodeBuffers``: the
+kernels index ``peer_bases`` by group rank and touch only their own node's entries, the others are 0);
+the inter-node hop on NCCL's GIN (``commkit.backends.internode_net.Gin``: an NCCL communicator of the
+group, a window, a device communicator, made on the first dispatch); the count exchange and barrier
+over the group (``commkit.backends.count_exchange``). Same API, outputs and handles as the intranode
+``KernelsBackend``; combine sums per node first (``commkit.reference``'s two-level rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from commkit.backends import internode_layout as il
+from commkit.backends import kernels_layout as kl
+from commkit.backends.count_exchange import GroupCountExchange
+from commkit.backends.internode import InternodeEngine
+from commkit.backends.internode_net import Gin, NetProvider
+from commkit.backends.kernels import KernelsBackend
+from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
+from commkit.backends.torch_dist import node_mask
+from commkit.errors import ConfigError
+from commkit.types import Layout
+
+
+def internode_unavailable_reason(num_ranks: int, num_ranks_per_node: int) -> str | None:
+    """Why the internode kernels cannot serve R ranks in nodes of G here (None when they can); the
+    CUDA/CuPy/NCCL-group conditions are ``kernels_unavailable_reason``'s."""
+    g = num_ranks_per_node
+    if g > kl.MAX_RANKS:
+        return f"{g} ranks per node: the internode kernels reach at most {kl.MAX_RANKS} GPUs of a node"
+    if num_ranks > il.MAX_RANKS or num_ranks // g > il.MAX_NODES:
+        return (
+            f"{num_ranks} ranks in {num_ranks // g} nodes: the internode kernels support at most "
+            f"{il.MAX_RANKS} ranks and {il.MAX_NODES} nodes"
+        )
+    from commkit.jit import nccl as nccl_headers
+
+    try:
+        nccl_headers.find_headers()
+    except nccl_headers.NcclHeadersError as exc:
+        return f"the inter-node hop needs NCCL's GIN device API: {exc}"
+    return None
+
+
+def node_ranks(num_ranks: int, num_ranks_per_node: int, rank: int) -> range:
+    """Group ranks of ``rank``'s node (nodes hold contiguous ranks)."""
+    first = rank // num_ranks_per_node * num_ranks_per_node
+    return range(first, min(first + num_ranks_per_node, num_ranks))
+
+
+def make_node_group(group: dist.ProcessGroup | None, num_ranks_per_node: int) -> dist.ProcessGroup:
+    """A process group of this rank's node; only the node's ranks call this (local synchronization)."""
+    rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
+    parent = group if group is not None else dist.group.WORLD
+    assert parent is not None  # the default group is initialised
+    ranks = [dist.get_global_rank(parent, r) for r in node_ranks(num_ranks, num_ranks_per_node, rank)]
+    node = dist.new_group(ranks, use_local_synchronization=True)
+    assert node is not None  # this rank is in it
+    return node
+
+
+def scatter_node_bases(node_bases: torch.Tensor, num_ranks: int, first_rank: int) -> torch.Tensor:
+    """``peer_bases`` [R] int64 of a rank: its node's buffers at their group ranks, 0 elsewhere."""
+    bases = torch.zeros(num_ranks, dtype=torch.int64, device=node_bases.device)
+    bases[first_rank : first_rank + node_bases.numel()] = node_bases
+    return bases
+
+
+class NodeBuffers(SymmetricBuffers):
+    """The IPC buffers of a node, addressed by the group ranks of the whole (multi-node) group."""
+
+    def __init__(self, node: SymmetricBuffers, *, num_ranks: int, first_rank: int) -> None:
+        self.node = node
+        self.num_ranks, self.first_rank = num_ranks, first_rank
+        self._node_bases: torch.Tensor | None = None
+
+    def ensure(self, num_channels: int, slot_bytes: int) -> None:
+        self.node.ensure(num_channels, slot_bytes)
+        self.max_channels, self.max_slot_bytes = self.node.max_channels, self.node.max_slot_bytes
+        if self.node.peer_bases is not self._node_bases:  # allocated or regrown
+            self._node_bases = self.node.peer_bases
+            assert self._node_bases is not None
+            self.peer_bases = scatter_node_bases(self._node_bases, self.num_ranks, self.first_rank)
+
+    def close(self) -> None:
+        close = getattr(self.node, "close", None)
+        if close is not None:
+            close()
+        self.peer_bases = self._node_bases = None
+
+
+class InternodeKernelsBackend(KernelsBackend):
+    """Backend protocol (``commkit.backends.base``) with the internode kernels, one rank per process."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        *,
+        timeout_s: float,
+        num_ranks_per_node: int,
+        device: torch.device | None = None,
+        max_num_sms: int | None = None,
+        net: NetProvider | None = None,
+    ) -> None:
+        """Collective over ``group``. ``net``: the inter-node hop (default: GIN over ``group``)."""
+        # NOTE: KernelsBackend.__init__ is not called: its IPC buffers span the whole group
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.num_ranks_per_node = num_ranks_per_node
+        reason = internode_unavailable_reason(self.num_ranks, num_ranks_per_node) if net is None else None
+        if reason is not None:
+            raise ConfigError(f"backend: the internode kernels cannot run here: {reason}")
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        num_sms_device = torch.cuda.get_device_properties(self.device).multi_processor_count
+        local = node_ranks(self.num_ranks, num_ranks_per_node, self.rank)
+        node_buffers = IpcBuffers(
+            make_node_group(group, num_ranks_per_node),
+            self.device,
+            max_num_sms=max_num_sms or num_sms_device,
+            timeout_s=timeout_s,
+        )
+        self.buffers: Any = NodeBuffers(node_buffers, num_ranks=self.num_ranks, first_rank=local.start)
+        self.net = net or Gin(
+            group, num_nodes=self.num_ranks // num_ranks_per_node, gpus_per_node=num_ranks_per_node
+        )
+        self.engine = InternodeEngine(
+            self.num_ranks,
+            self.rank,
+            1,
+            self.buffers,
+            gpus_per_node=num_ranks_per_node,
+            timeout_s=timeout_s,
+            device=self.device,
+            exchange=GroupCountExchange(group, device=self.device, timeout_s=timeout_s),
+            net=self.net,
+        )
+        self.comm_stream = torch.cuda.Stream(self.device)
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        """As the intranode backend's, with the per-node fields filled."""
+        layout = super().get_dispatch_layout(topk_idx, num_experts)
+        in_node = node_mask(layout.is_token_in_rank, self.num_ranks_per_node)
+        return dataclasses.replace(layout, num_tokens_per_node=in_node.sum(0), is_token_in_node=in_node)
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.net.close()
+        self.buffers.close()

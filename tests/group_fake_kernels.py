@@ -1,0 +1,130 @@
+"""CPU stand-ins for the internode kernels when each rank is its own process (gloo).
+
+A launch of the internode dispatch or combine covers this process's rank only, and the kernels'
+contract spans all ranks. ``GroupFakeKernels`` gathers every rank's arguments over the process group,
+packs them the way a launch of all ranks would see them (``FakeKernels``' virtual-node stand-ins,
+which check the contract: rows at ``meta`` offsets, forwarder records within ``fwd_offsets``), runs
+that, and keeps this rank's part of the outputs. So what the host side of one rank per process computes
+(the exchanged ``meta``, the forwarder sizes, the handles) is checked against the contract.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fake_kernels import FakeKernels, install_fakes
+
+from commkit.backends import internode_backend as ib
+from commkit.backends import internode_net
+from commkit.backends import kernels as kmod
+from commkit.types import EventHandle
+
+
+def _gather(t: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Every rank's ``t`` (sent as raw bytes: a tensor's own pickling is not needed here)."""
+    msg = None if t is None else (t.dtype, tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, msg)
+    return [None if m is None else _tensor(*m) for m in out]
+
+
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...], raw: bytes) -> torch.Tensor:
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class GroupFakeKernels(FakeKernels):
+    def _pack(self, tensors: list[torch.Tensor | None]) -> Any:
+        if tensors[0] is None:
+            return 0
+        return self.u64(torch.cat([t for t in tensors if t is not None]))
+
+    def _packed_offsets(self, counts: list[int]) -> Any:
+        return self.u64(torch.tensor([sum(counts[:r]) for r in range(len(counts) + 1)], dtype=torch.int32))
+
+    def _packed_records(self, fwd_offsets: Any) -> tuple[list[int], Any]:
+        rows = _gather(self.t(fwd_offsets))
+        sizes = [int(r[-1]) for r in rows]  # type: ignore[index]
+        base = [sum(sizes[:r]) for r in range(len(rows))]
+        packed = torch.stack([r + b for r, b in zip(rows, base, strict=True)])  # type: ignore[operator]
+        return base, self.u64(packed.to(torch.int32))
+
+    def internode_dispatch_kernel(self, targs, blocks, net, peers, rank_base, num_channels, num_experts,
+                                  offsets, x, scales, topk, weights, send_pos, node_pos, meta, recv_rows,
+                                  fwd_offsets, fwd_mask, fwd_token, *outs_and_timeout):  # fmt: skip
+        *outs, timeout = outs_and_timeout
+        rank, world = dist.get_rank(), dist.get_world_size()
+        assert int(rank_base) == rank and blocks == int(num_channels)  # this rank alone
+        token_counts = [int(t.shape[0]) for t in _gather(self.t(topk))]  # type: ignore[union-attr]
+        own_outs = [self.t(o) if int(o) else None for o in outs]
+        out_rows = [int(t.shape[0]) for t in _gather(own_outs[0])]  # type: ignore[union-attr]
+        base, packed_fwd = self._packed_records(fwd_offsets)
+        packed_outs = [self._pack(_gather(o)) for o in own_outs]
+        mask, token = self._pack(_gather(self.t(fwd_mask))), self._pack(_gather(self.t(fwd_token)))
+        args = [self._pack(_gather(self.t(p) if int(p) else None))
+                for p in (x, scales, topk, weights, send_pos, node_pos, meta)]  # fmt: skip
+        super().internode_dispatch_kernel(
+            targs, blocks * world, net, peers, 0, num_channels, num_experts,
+            self._packed_offsets(token_counts), *args, self._packed_offsets(out_rows),
+            packed_fwd, mask, token, *packed_outs, timeout,
+        )  # fmt: skip
+        lo = sum(out_rows[:rank])
+        for own, packed in zip(own_outs, packed_outs, strict=True):
+            if own is not None:
+                own.copy_(self.t(packed)[lo : lo + own.shape[0]])
+        for own, packed in ((fwd_mask, mask), (fwd_token, token)):
+            t = self.t(own)
+            t.copy_(self.t(packed)[base[rank] : base[rank] + t.numel()])
+
+    def internode_combine_kernel(self, targs, blocks, net, peers, rank_base, num_channels, num_experts,
+                                 offsets, x, recv_rows, recv_src, meta, node_pos, fwd_offsets, fwd_mask,
+                                 fwd_token, out, timeout):  # fmt: skip
+        rank, world = dist.get_rank(), dist.get_world_size()
+        assert int(rank_base) == rank and blocks == int(num_channels)
+        own_out = self.t(out)
+        token_counts = [int(t.shape[0]) for t in _gather(own_out)]  # type: ignore[union-attr]
+        rows = [int(t.shape[0]) for t in _gather(self.t(recv_src))]  # type: ignore[union-attr]
+        _, packed_fwd = self._packed_records(fwd_offsets)
+        args = [self._pack(_gather(self.t(p))) for p in (x,)]
+        rest = [self._pack(_gather(self.t(p))) for p in (recv_src, meta, node_pos)]
+        records = [self._pack(_gather(self.t(p))) for p in (fwd_mask, fwd_token)]
+        packed_out = self._pack(_gather(own_out))
+        super().internode_combine_kernel(
+            targs, blocks * world, net, peers, 0, num_channels, num_experts,
+            self._packed_offsets(token_counts), *args, self._packed_offsets(rows), *rest, packed_fwd,
+            *records, packed_out, timeout,
+        )  # fmt: skip
+        lo = sum(token_counts[:rank])
+        own_out.copy_(self.t(packed_out)[lo : lo + own_out.shape[0]])
+
+
+def install_group_fakes() -> GroupFakeKernels:
+    """In a spawned gloo process: ``Buffer(backend="kernels", num_ranks_per_node=G)`` then builds an
+    ``InternodeKernelsBackend`` on CPU tensors whose launches run in ``GroupFakeKernels``. The node's
+    IPC buffers and the GIN window are not made: the net is the nvlink-domain one over null bases."""
+    import commkit.buffer
+
+    fk = install_fakes(setattr, GroupFakeKernels())
+    commkit.buffer.kernels_unavailable_reason = lambda group=None: None  # type: ignore[assignment]
+    ib.internode_unavailable_reason = lambda num_ranks, per_node: None  # type: ignore[assignment]
+
+    def ensure(self: Any, num_channels: int, slot_bytes: int) -> None:
+        self.max_channels = max(num_channels, self.max_channels, self.reserve_channels)
+        self.max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
+        if self.peer_bases is None:
+            self.peer_bases = torch.zeros(self.num_ranks, dtype=torch.int64)
+
+    kmod.IpcBuffers.ensure = ensure  # type: ignore[method-assign]
+    kmod.IpcBuffers.close = lambda self: None  # type: ignore[method-assign]
+    ib.Gin = lambda group, **kw: internode_net.NvlinkDomain()  # type: ignore[assignment,misc]
+    ib.InternodeKernelsBackend.__init__ = functools.partialmethod(  # type: ignore[method-assign]
+        ib.InternodeKernelsBackend.__init__, device=torch.device("cpu")
+    )
+    ib.InternodeKernelsBackend.device_type = "cpu"
+    kmod.KernelsBackend._begin = lambda self, ev: None  # type: ignore[method-assign,assignment]
+    kmod.KernelsBackend._end = lambda self, caller, a, i, o: EventHandle(None)  # type: ignore[method-assign]
+    return fk

@@ -1,0 +1,180 @@
+"""``Buffer(backend="kernels")`` over a group told it spans several nodes builds the internode kernels
+backend, one rank per gloo process; with the kernel launches replaced by CPU stand-ins of their
+contract (tests/group_fake_kernels.py) its dispatch, cached dispatch, num_worst_tokens dispatch and
+two-level combine equal the node-aware reference bit for bit. This checks the host side that a real
+multi-node run uses (node groups, process-group count exchange and barriers, forwarder record sizes,
+handles), not the kernels (tests/gpu/test_internode_gpu.py; the protocol model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import Case, bits, expert_output, make_inputs
+from test_torch_backend import check_dispatch, rescaled
+
+import commkit
+from commkit.launch import spawn_gloo
+from commkit.reference import combine_reference, dispatch_reference, layout_reference
+
+FIELDS = ("x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_expert")
+
+
+def cases_for(world: int, per_node: int) -> list[Case]:
+    g: dict = dict(num_experts=4 * world, ranks_per_node=per_node)
+    return [
+        Case("uniform", (24,) * world, seed=1, **g),
+        Case(
+            "odd-unused",
+            tuple(5 + 3 * r for r in range(world)),
+            hidden=72,
+            num_topk=3,
+            unused=0.3,
+            seed=2,
+            **g,
+        ),
+        Case("empty-node", (16,) * world, empty_node=world // per_node - 1, seed=4, **g),
+        Case("zero-token-node", (0,) * per_node + (11,) * (world - per_node), seed=7, **g),
+        Case("fp8-aligned", (13,) * world, hidden=128, fp8=True, expert_alignment=4, seed=10, **g),
+    ]
+
+
+def _run(rank: int, world: int, per_node: int) -> dict:
+    from group_fake_kernels import install_group_fakes
+
+    install_group_fakes()
+    buf = commkit.Buffer(backend="kernels", timeout_s=60, num_ranks_per_node=per_node)
+    results = []
+    for case in cases_for(world, per_node):
+        x, topk_idx, weights = make_inputs(case, rank)
+        kw = dict(expert_alignment=case.expert_alignment, num_sms=2)
+        layout = buf.get_dispatch_layout(topk_idx, case.num_experts)
+        out = buf.dispatch(x, topk_idx, weights, case.num_experts, layout=layout, **kw)
+        y = buf.combine(expert_output(out.x.to(torch.bfloat16), rank), out.handle, num_sms=2)
+        again = buf.dispatch(rescaled(x), topk_idx, weights, case.num_experts, handle=out.handle, **kw)
+        y_again = buf.combine(expert_output(again.x.to(torch.bfloat16), rank), again.handle, num_sms=2)
+        # num_worst_tokens: nothing read back; the first N_recv rows are the dispatch's
+        worst = sum(case.tokens)
+        w = buf.dispatch(x, topk_idx, weights, case.num_experts, num_worst_tokens=worst, **kw)
+        w_x = expert_output(w.x.to(torch.bfloat16), rank)
+        y_worst = buf.combine(w_x, w.handle, num_sms=2)
+        w_again = buf.dispatch(x, topk_idx, weights, case.num_experts, handle=w.handle,
+                               num_worst_tokens=worst, **kw)  # fmt: skip
+        results.append(
+            dict(
+                layout=layout,
+                **{f: getattr(out, f) for f in FIELDS},
+                y=y.x,
+                cached={f: getattr(again, f) for f in FIELDS},
+                y_again=y_again.x,
+                worst={f: getattr(w, f) for f in FIELDS},
+                worst_again_x=w_again.x,
+                y_worst=y_worst.x,
+            )
+        )
+    return dict(cases=results, backend=type(buf._backend).__name__, per_node=buf.num_ranks_per_node)
+
+
+@pytest.mark.parametrize(("world", "per_node"), [(4, 2), (8, 4), (8, 2)])
+def test_internode_backend_host_logic(world: int, per_node: int) -> None:
+    got = spawn_gloo(_run, world, per_node, timeout_s=300)
+    assert all(g["backend"] == "InternodeKernelsBackend" and g["per_node"] == per_node for g in got)
+    for c, case in enumerate(cases_for(world, per_node)):
+        inputs = [make_inputs(case, r) for r in range(world)]
+        idxs, weights = [inp[1] for inp in inputs], [inp[2] for inp in inputs]
+        for cached in (False, True):
+            xs = [rescaled(inp[0]) if cached else inp[0] for inp in inputs]
+            ref = dispatch_reference(
+                [x[0] for x in xs] if case.fp8 else xs,
+                idxs,
+                weights,
+                case.num_experts,
+                x_scales=[x[1] for x in xs] if case.fp8 else None,
+                expert_alignment=case.expert_alignment,
+            )
+            x_experts = [expert_output(d.x.to(torch.bfloat16), q) for q, d in enumerate(ref)]
+            ys = combine_reference(x_experts, ref, list(case.tokens), per_node)
+            for r in range(world):
+                g, where = got[r]["cases"][c], f"case {case.name}, rank {r}, cached={cached}"
+                check_dispatch(g["cached"] if cached else g, ref[r], case.fp8, where)
+                assert torch.equal(bits(g["y_again" if cached else "y"]), bits(ys[r])), where
+                if cached:
+                    continue
+                # num_worst_tokens: worst rows, the first N_recv valid, counts not read back
+                wo, n = g["worst"], ref[r].x.shape[0]
+                assert wo["x"].shape[0] == sum(case.tokens) and wo["num_tokens_per_expert"] == [], where
+                assert torch.equal(bits(wo["x"][:n]), bits(ref[r].x)), where
+                assert torch.equal(bits(g["worst_again_x"][:n]), bits(ref[r].x)), where
+                assert torch.equal(wo["topk_idx"][:n], ref[r].topk_idx), where
+                assert (wo["topk_idx"][n:] == -1).all() and (wo["topk_weights"][n:] == 0).all(), where
+                assert torch.equal(bits(g["y_worst"]), bits(ys[r])), where
+                lay = layout_reference(idxs[r], case.num_experts, world, per_node)
+                for f in ("is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_expert",
+                          "is_token_in_node", "num_tokens_per_node"):  # fmt: skip
+                    assert torch.equal(getattr(g["layout"], f), getattr(lay, f)), f"{where}: {f}"
+
+
+def test_internode_unavailable_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    from commkit.backends.internode_backend import internode_unavailable_reason
+    from commkit.jit import nccl
+    from commkit.tools.info import internode_status
+
+    assert "at most 8 GPUs of a node" in str(internode_unavailable_reason(32, 16))
+    assert "at most 32 ranks" in str(internode_unavailable_reason(64, 8))
+
+    def missing(min_version=nccl.MIN_VERSION):  # noqa: ANN001, ANN202
+        raise nccl.NcclHeadersError("no nccl.h found")
+
+    monkeypatch.setattr(nccl, "find_headers", missing)
+    assert (
+        internode_unavailable_reason(16, 8)
+        == "the inter-node hop needs NCCL's GIN device API: no nccl.h found"
+    )
+    assert internode_status(None).startswith("not usable: the inter-node hop needs NCCL's GIN device API")
+    found = nccl.NcclHeaders(include_dir=nccl.Path("/x"), version=(2, 30, 5), origin="test")
+    monkeypatch.setattr(nccl, "find_headers", lambda min_version=nccl.MIN_VERSION: found)
+    assert internode_unavailable_reason(16, 8) is None
+    assert internode_status(None).startswith("usable: GIN device API of NCCL 2.30.5 (test)")
+    assert internode_status("no CUDA device").startswith("not usable: no CUDA device (GIN device API")
+
+
+def _pick(rank: int, world: int) -> list[str]:
+    """Without CUDA, "auto" over 2 nodes takes the two-level torch path; "kernels" says why not."""
+    names = [type(commkit.Buffer(num_ranks_per_node=2)._backend).__name__]
+    try:
+        commkit.Buffer(backend="kernels", num_ranks_per_node=2)
+    except commkit.errors.ConfigError as exc:
+        names.append(str(exc))
+    return names
+
+
+def test_buffer_backend_choice_over_nodes() -> None:
+    got = spawn_gloo(_pick, 4, timeout_s=60)
+    for names in got:
+        assert names[0] == "HierTorchBackend"
+        assert names[1].startswith("backend: 'kernels' cannot run here: no CUDA device")
+
+
+def test_gin_regions_split_between_ipc_buffers_and_window() -> None:
+    """GIN: the IPC buffers hold the regions before the net ring; the window holds the net ring and
+    the staging copy at offsets of its own; the NVLink offsets are the same in both layouts."""
+    from commkit.backends import internode_layout as il
+    from commkit.backends import kernels_layout as kl
+    from commkit.backends.internode_net import grown_layout, window_layout
+    from commkit.backends.symmetric import SymmetricBuffers
+
+    class Buffers(SymmetricBuffers):
+        def ensure(self, num_channels: int, slot_bytes: int) -> None:
+            self.max_channels = max(num_channels, self.max_channels, 24)  # reserves 24 channels
+            self.max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
+
+    for net_in_window in (False, True):
+        bufs = Buffers()
+        lay = grown_layout(bufs, 8, 4, 8, 14592, 14656, net_in_window=net_in_window)
+        assert lay.max_channels == 24
+        covered = kl.total_bytes(bufs.max_channels, bufs.max_slot_bytes)
+        needed = lay.net_ring_offset if net_in_window else lay.total_bytes
+        assert needed <= covered < needed + 24 * kl.MAX_RANKS * kl.NUM_SLOTS
+    win = window_layout(lay)
+    net_bytes = 24 * 4 * il.NET_SLOTS * 14656
+    assert (win.net_ring_offset, win.net_stage_offset, win.total_bytes) == (0, net_bytes, 2 * net_bytes)
+    assert (win.nvl_ring_offset, win.signals_offset) == (lay.nvl_ring_offset, lay.signals_offset)
