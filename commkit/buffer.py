@@ -104,7 +104,9 @@ class Buffer:
         self.num_ranks_per_node = _ranks_per_node(num_ranks_per_node, dist.get_world_size(group))
         self._setup(self._make_backend(backend), check_values)
         # NOTE: the backend is chosen first: a profile tuned for one backend must not configure another.
-        self.config: BufferConfig = resolve_config(num_sms, group=group, backend=self.backend)
+        # NOTE: profiles are keyed by the nodes this buffer runs on (num_ranks_per_node as resolved)
+        signature = dataclasses.replace(cluster_signature(group), num_ranks_per_node=self.num_ranks_per_node)
+        self.config: BufferConfig = resolve_config(num_sms, signature=signature, backend=self.backend)
 
     @classmethod
     def from_backend(

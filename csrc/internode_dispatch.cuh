@@ -84,7 +84,13 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
     const BlockRank me = block_rank(rank_base, num_channels);
     const Net& net = *net_ptr;  // in device memory: a GinNet holds NCCL's device communicator
-    const auto view = net.at(me.rank);
+    // NOTE: the view lives in shared memory, read where used: held in registers by every role it
+    // pushed the GIN builds past the register cap (spills)
+    __shared__ typename Net::View s_view;
+    if (threadIdx.x == 0)
+        s_view = net.at(me.rank);
+    __syncthreads();
+    const auto& view = s_view;
     const InterLayout& lay = net.layout;
     const int node = me.rank / kG, local = me.rank % kG;
     const int warp = threadIdx.x / 32, lane = ptx::lane_id();

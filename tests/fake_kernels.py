@@ -353,7 +353,7 @@ def install_fakes(setattr_: Any, fk: FakeKernels | None = None) -> FakeKernels:
     fk = fk or FakeKernels()
     setattr_(kmod, "_u64", fk.u64)
     setattr_(imod, "_u64", fk.u64)
-    setattr_(kmod.KernelEngine, "_kernel", lambda self, header, name, *a, include_dirs=(): (name, a))
+    setattr_(kmod.KernelEngine, "_kernel", lambda self, header, name, *a, **compile_kw: (name, a))
     setattr_(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
     setattr_(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
     setattr_(kmod.KernelEngine, "_wait", lambda self, phase, event: None)

@@ -36,3 +36,25 @@ def test_argument_beats_profile_beats_default(tmp_path: Path) -> None:
     (from_profile, explicit), _ = spawn_gloo(configs, 2, str(store))
     assert from_profile[:2] == (13, f"profile:{path}")
     assert explicit[:2] == (7, "argument")
+
+
+def node_configs(rank: int, world: int, profile_dir: str) -> tuple[int, int]:
+    """A profile tuned for 2 ranks per node: found by Buffer(num_ranks_per_node=2), not by Buffer()."""
+    import dataclasses
+
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    os.environ["COMMKIT_PROFILE_DIR"] = profile_dir
+    if rank == 0:
+        sig = dataclasses.replace(cluster_signature(), num_ranks_per_node=2)
+        save_profile(Profile(sig, "torch", 11, "fastest", "test", {}, {}, "2026-01-01"), profile_dir)
+    import torch.distributed as dist
+
+    dist.barrier()
+    two = commkit.Buffer(backend="torch", num_ranks_per_node=2).config.num_sms
+    one = commkit.Buffer(backend="torch").config.num_sms
+    return two, one
+
+
+def test_profiles_match_the_buffers_ranks_per_node(tmp_path: Path) -> None:
+    for two, one in spawn_gloo(node_configs, 4, str(tmp_path / "profiles")):
+        assert (two, one) == (11, DEFAULT_NUM_SMS)

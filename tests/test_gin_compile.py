@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from _nvcc import requires_nvcc
 
+from commkit.backends.gin import GIN_BACKENDS, backend_defines
 from commkit.jit import nccl
 from commkit.jit.compiler import (
     DEFAULT_OPTIONS,
@@ -174,53 +175,68 @@ def test_header_edit_under_include_dir_rebuilds(tmp_path: Path) -> None:
 
 
 # The internode kernels themselves with the GIN net, as the multi-node Buffer compiles them
-# (KernelSpec with the NCCL include dir, csrc/internode_gin.cuh): (G, N, hidden, top-k, dtype) and
-# combine (G, N, hidden). Spill bytes measured with nvcc 13.0 (all GIN backends compiled in) are the
-# known defect below: the dispatch kernel sits at the 128-register cap of a 512-thread block, and
-# NCCL's device code pushes it over.
-GIN_DISPATCH = (
-    (2, 2, 2048, 1, 0),
-    (4, 2, 4096, 4, 1),
-    (4, 4, 7168, 8, 0),
-    (8, 2, 4096, 4, 0),
-    (8, 2, 7168, 8, 1),
-)
-GIN_COMBINE = ((2, 2, 12288), (8, 2, 7168), (8, 4, 7168))
-# (NCCL series, kernel, template args) that spill today (bytes of spill stores measured: see the note)
-KNOWN_SPILLS = {
-    ("2.32", "dispatch", (2, 2, 2048, 1, 0)),  # 32
-    ("2.32", "dispatch", (4, 4, 7168, 8, 0)),  # 56
-    ("2.32", "dispatch", (8, 2, 4096, 4, 0)),  # 28
-    ("2.32", "dispatch", (8, 2, 7168, 8, 1)),  # 4
-    ("2.32", "combine", (2, 2, 12288)),  # 16
-    ("2.32", "combine", (8, 4, 7168)),  # 8
-    ("2.28", "dispatch", (4, 4, 7168, 8, 0)),  # 32
-    ("2.28", "dispatch", (8, 2, 4096, 4, 0)),  # 32
-}
+# (KernelSpec with the NCCL include dir, csrc/internode_gin.cuh, and only the GIN backend the device
+# communicator uses: commkit.backends.gin.backend_defines): (G, N, hidden, top-k, dtype) for dispatch,
+# (G, N, hidden) for combine. No spills with any single backend. (With every backend compiled in, NCCL
+# 2.32's EFA-GDA and GPI code pushed 2x2 combine over the 128-register cap: not what runs.) Stack: the
+# EFA-GDA, GPI and (2.28) proxy backends keep descriptors in local memory, so it is printed; GDAKI
+# builds must have none.
+GIN_DISPATCH = ((2, 2, 2048, 1, 0), (4, 4, 7168, 8, 0), (8, 2, 7168, 8, 1), (8, 4, 7168, 8, 2))
+GIN_COMBINE = ((2, 2, 12288), (8, 4, 7168))
 
 
 def _gin_kernel_cases() -> list:
-    cases = [("dispatch", "internode_dispatch_kernel", t) for t in GIN_DISPATCH]
-    cases += [("combine", "internode_combine_kernel", t) for t in GIN_COMBINE]
-    return [pytest.param(*c, id=f"{c[0]}-{'-'.join(map(str, c[2]))}") for c in cases]
+    cases = [("internode_dispatch_kernel", t) for t in GIN_DISPATCH]
+    cases += [("internode_combine_kernel", t) for t in GIN_COMBINE]
+    return [pytest.param(*c, id=f"{c[0].split('_')[1]}-{'-'.join(map(str, c[1]))}") for c in cases]
 
 
-@pytest.mark.parametrize(("kind", "name", "targs"), _gin_kernel_cases())
-def test_gin_internode_kernels_compile(
-    headers: nccl.NcclHeaders, cache: Path, kind: str, name: str, targs: tuple, request: pytest.FixtureRequest
+def _backends_of(headers: nccl.NcclHeaders) -> list[int]:
+    """The GIN backends (ncclNetDeviceType) these headers have a device implementation of."""
+    gin_dir = headers.include_dir / "nccl_device" / "gin"
+    text = "".join(p.read_text(errors="replace") for p in gin_dir.rglob("*.h"))
+    return [code for code, name in GIN_BACKENDS.items() if f"NCCL_GIN_{name}_ENABLE" in text]
+
+
+@pytest.mark.parametrize(("name", "targs"), _gin_kernel_cases())
+def test_gin_internode_kernels_compile_per_backend(
+    headers: nccl.NcclHeaders, cache: Path, name: str, targs: tuple
 ) -> None:
     from commkit.jit.compiler import KernelSpec, compile_spec
 
-    spec = KernelSpec(
-        "csrc/internode_gin.cuh", name, ("commkit::GinNet", *targs), (str(headers.include_dir),)
+    backends = _backends_of(headers)
+    assert 3 in backends and 2 in backends, backends  # GDAKI and the proxy exist in every GIN NCCL
+    for backend in backends:
+        spec = KernelSpec(
+            "csrc/internode_gin.cuh",
+            name,
+            ("commkit::GinNet", *targs),
+            (str(headers.include_dir),),
+            backend_defines((backend,)),
+        )
+        result = compile_spec(spec, cache=cache)
+        stats = result.stats[result.entries[0]]
+        print(
+            f"NCCL {nccl.version_str(headers.version)} {GIN_BACKENDS[backend]} {name} {targs}: "
+            f"{stats.registers} registers, {stats.stack_frame_bytes} B stack, "
+            f"{stats.spill_store_bytes}/{stats.spill_load_bytes} B spills"
+        )
+        assert stats.spill_store_bytes == 0 and stats.spill_load_bytes == 0, result.ptxas_log
+        if backend == 3:
+            assert stats.stack_frame_bytes == 0, result.ptxas_log
+
+
+def test_backend_defines() -> None:
+    assert backend_defines((3,)) == (
+        "-DNCCL_GIN_PROXY_ENABLE=0",
+        "-DNCCL_GIN_GDAKI_ENABLE=1",
+        "-DNCCL_GIN_GPI_ENABLE=0",
+        "-DNCCL_GIN_EFA_GDA_ENABLE=0",
     )
-    result = compile_spec(spec, cache=cache)
-    stats = result.stats[result.entries[0]]
-    print(
-        f"NCCL {nccl.version_str(headers.version)} {kind} {targs}: {stats.registers} registers, "
-        f"{stats.stack_frame_bytes} B stack, {stats.spill_store_bytes}/{stats.spill_load_bytes} B spills"
+    assert backend_defines((2, 3)) == (
+        "-DNCCL_GIN_PROXY_ENABLE=1",
+        "-DNCCL_GIN_GDAKI_ENABLE=1",
+        "-DNCCL_GIN_GPI_ENABLE=0",
+        "-DNCCL_GIN_EFA_GDA_ENABLE=0",
     )
-    series = ".".join(map(str, headers.version[:2]))
-    if (series, kind, targs) in KNOWN_SPILLS:
-        request.applymarker(pytest.mark.xfail(reason="known: spills at the register cap", strict=True))
-    assert stats.spill_store_bytes == 0 and stats.spill_load_bytes == 0, result.ptxas_log
+    assert backend_defines(()) == () and backend_defines((3, 9)) == ()  # unknown: every backend stays

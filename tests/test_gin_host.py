@@ -190,6 +190,10 @@ def test_layout_probe_and_requirements(headers: nccl.NcclHeaders, probe_cache: P
     assert layout.sizes["GinNet"] == (80, 8) and layout.sizes["InterLayout"] == (56, 8)
     assert layout.fields["ncclDevComm.rank"][1] == 4
     assert layout.fields["ncclDevComm.ginContextCount"][1] in (1, 4)  # uint8_t (2.28), uint32_t (2.32)
+    # The backends of the devComm's contexts (2.28: ginTypes[4]) or connections (ginNetDeviceTypes)
+    assert layout.fields["ncclDevComm.ginBackendCount"][1] in (1, 4)
+    assert layout.fields["ncclDevComm.ginBackends"][1] >= 4
+    _check_backend_types(layout)
 
     reqs = gin.requirements_bytes(layout, signal_count=4 * 24 * 4, context_count=4)
     assert len(reqs) == layout.size("ncclDevCommRequirements")
@@ -199,6 +203,21 @@ def test_layout_probe_and_requirements(headers: nccl.NcclHeaders, probe_cache: P
     if headers.version >= (2, 29, 0):  # NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER: size, magic, version first
         size, magic, version = struct.unpack_from("<QII", reqs)
         assert (size, version) == (len(reqs), headers.version_code) and magic != 0
+
+
+def _check_backend_types(layout: gin.GinLayout) -> None:
+    """GinTransport.backend_types reads the used entries of a devComm as NCCL would have filled it."""
+    import ctypes
+
+    devcomm = ctypes.create_string_buffer(layout.size("ncclDevComm"))
+    offset, size = layout.fields["ncclDevComm.ginBackends"]
+    count_offset, count_size = layout.fields["ncclDevComm.ginBackendCount"]
+    devcomm[offset : offset + 3] = bytes([3, 3, 5])  # the third entry is past the count: unused
+    devcomm[count_offset : count_offset + count_size] = (2).to_bytes(count_size, "little")
+    transport = gin.GinTransport.__new__(gin.GinTransport)
+    transport.layout, transport._devcomm_ptr = layout, ctypes.addressof(devcomm)
+    assert transport.backend_types == (3,)
+    assert gin.backend_defines(transport.backend_types)[1] == "-DNCCL_GIN_GDAKI_ENABLE=1"
 
 
 DECODE = r"""

@@ -70,6 +70,22 @@ INTER_LAYOUT_FIELDS = (
 GIN_NET_POINTERS = ("comm", "window", "base")
 
 
+# ncclNetDeviceType of a GIN backend -> the name in NCCL's NCCL_GIN_<NAME>_ENABLE macros
+GIN_BACKENDS = {2: "PROXY", 3: "GDAKI", 4: "GPI", 5: "EFA_GDA"}
+
+
+def backend_defines(backend_types: tuple[int, ...]) -> tuple[str, ...]:
+    """nvcc options that compile only the GIN backends in ``backend_types`` into a kernel (NCCL's device
+    code branches on the backend at run time; the others are dead code that costs registers: with all
+    of them the internode kernels spill). Empty when a type is unknown (a newer NCCL): all stay in."""
+    if not backend_types or any(t not in GIN_BACKENDS for t in backend_types):
+        return ()
+    return tuple(
+        f"-DNCCL_GIN_{name}_ENABLE={int(code in backend_types)}"
+        for code, name in sorted(GIN_BACKENDS.items())
+    )
+
+
 class NcclError(RuntimeError):
     """An NCCL call failed (the message names the call and NCCL's error string)."""
 
@@ -82,12 +98,32 @@ PROBE_SOURCE = r"""
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
+#include <type_traits>
 #include "csrc/net_gin.cuh"
 
 #define FIELD(type, name) printf(#type "." #name " %zu %zu\n", offsetof(type, name), sizeof(((type*)0)->name))
 
 using commkit::GinNet;
 using commkit::InterLayout;
+
+// The GIN backend (ncclNetDeviceType) of each connection (NCCL >= 2.29: ginNetDeviceTypes, used
+// entries: ginConnectionCount) or context (2.28: ginTypes, ginContextCount): ncclDevComm.ginBackends.
+template <typename T, typename = void>
+struct HasNetDeviceTypes : std::false_type {};
+template <typename T>
+struct HasNetDeviceTypes<T, std::void_t<decltype(&T::ginNetDeviceTypes)>> : std::true_type {};
+#define DEV_COMM_FIELD_AS(label, name) \
+    printf("ncclDevComm." label " %zu %zu\n", offsetof(T, name), sizeof(((T*)0)->name))
+template <typename T>
+void print_backends() {
+    if constexpr (HasNetDeviceTypes<T>::value) {
+        DEV_COMM_FIELD_AS("ginBackends", ginNetDeviceTypes);
+        DEV_COMM_FIELD_AS("ginBackendCount", ginConnectionCount);
+    } else {
+        DEV_COMM_FIELD_AS("ginBackends", ginTypes);
+        DEV_COMM_FIELD_AS("ginBackendCount", ginContextCount);
+    }
+}
 
 int main() {
 #ifdef NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
@@ -114,6 +150,7 @@ int main() {
     FIELD(ncclDevComm, rank);
     FIELD(ncclDevComm, nRanks);
     FIELD(ncclDevComm, ginContextCount);
+    print_backends<ncclDevComm>();
     FIELD(ncclDevCommRequirements, ginContextCount);
     FIELD(ncclDevCommRequirements, ginSignalCount);
     FIELD(ncclDevCommRequirements, ginCounterCount);
@@ -459,6 +496,14 @@ class GinTransport:
             )
         if self.context_count < 1:
             raise NcclError("ncclDevCommCreate: the device communicator has no GIN context (no GIN network?)")
+
+    @property
+    def backend_types(self) -> tuple[int, ...]:
+        """The GIN backends (ncclNetDeviceType) of the device communicator's connections."""
+        offset, size = self.layout.fields["ncclDevComm.ginBackends"]
+        count = min(self._dev_comm_field("ginBackendCount"), size)
+        raw = ctypes.string_at(self._devcomm_ptr + offset, count)
+        return tuple(sorted({b for b in raw if b}))
 
     @property
     def context_count(self) -> int:

@@ -133,6 +133,7 @@ class InternodeEngine(KernelEngine):
             self.num_nodes,
             *args,
             include_dirs=net.include_dirs,
+            defines=net.defines,
         )
 
     def _net(self, num_sms: int, hidden: int, num_topk: int, dtype_code: int) -> torch.Tensor:
@@ -219,11 +220,13 @@ class InternodeEngine(KernelEngine):
                 f"got {list(token_counts)}"
             )
         g = self.gpus_per_node
+        # NOTE: the net first: GIN compiles in only the backends of the transport it makes
+        self._check_num_sms(num_sms)
+        net = self._net(num_sms, hidden, num_topk, dtype_code)
         kernel = self._inter_kernel(
             "csrc/internode_dispatch.cuh", "internode_dispatch_kernel", hidden, num_topk, dtype_code
         )
         self._check_budget(kernel, num_sms)
-        net = self._net(num_sms, hidden, num_topk, dtype_code)
         out_fp8 = dtype_code != kl.DTYPE_BF16
 
         self._timing_begin()
@@ -324,9 +327,10 @@ class InternodeEngine(KernelEngine):
         hidden = x.shape[1]
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
+        self._check_num_sms(num_sms)
+        net = self._net(num_sms, hidden, 1, kl.DTYPE_BF16)
         kernel = self._inter_kernel("csrc/internode_combine.cuh", "internode_combine_kernel", hidden)
         self._check_budget(kernel, num_sms)
-        net = self._net(num_sms, hidden, 1, kl.DTYPE_BF16)
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
         self._timing_begin()

@@ -30,6 +30,11 @@ class NetProvider(Protocol):
     header: str | None  # a header to include instead of the kernel's own (one that declares the Net)
     include_dirs: tuple[str, ...]  # extra -I directories its header needs
 
+    @property
+    def defines(self) -> tuple[str, ...]:
+        """Extra -D options of the kernels (known once ``argument`` has run)."""
+        ...
+
     def argument(
         self,
         buffers: SymmetricBuffers,
@@ -75,6 +80,7 @@ class NvlinkDomain:
     cpp_type = "commkit::NvlinkDomainNet"
     header: str | None = None  # csrc/net.cuh declares it; the kernels' headers include that
     include_dirs: tuple[str, ...] = ()
+    defines: tuple[str, ...] = ()
 
     def argument(
         self,
@@ -108,6 +114,16 @@ class Gin:
     cpp_type = "commkit::GinNet"
     header: str | None = "csrc/internode_gin.cuh"  # both kernels and csrc/net_gin.cuh (NCCL's device API)
     include_dirs: tuple[str, ...]  # the NCCL headers' directory
+
+    @property
+    def defines(self) -> tuple[str, ...]:
+        """Only the GIN backends the device communicator uses are compiled in (all of them make the
+        kernels spill); known once the transport exists (``argument``)."""
+        from commkit.backends.gin import backend_defines
+
+        if self.transport is None:
+            raise RuntimeError("Gin.defines: the transport is made by the first argument() call")
+        return backend_defines(self.transport.backend_types)
 
     def __init__(self, group: Any, *, num_nodes: int, gpus_per_node: int, headers: Any = None) -> None:
         from commkit.jit import nccl as nccl_headers

@@ -156,13 +156,21 @@ class KernelEngine:
         self.poison_outputs = False
 
     # ------------------------------------------------------------------ helpers
-    def _kernel(self, header: str, name: str, *args: int | str, include_dirs: tuple[str, ...] = ()) -> Any:
-        key = (header, name, *args, include_dirs)
+    def _kernel(
+        self,
+        header: str,
+        name: str,
+        *args: int | str,
+        include_dirs: tuple[str, ...] = (),
+        defines: tuple[str, ...] = (),
+    ) -> Any:
+        key = (header, name, *args, include_dirs, defines)
         kernel = self._kernels.get(key)
         if kernel is None:
             from commkit.jit.loader import get_kernel
 
-            kernel = self._kernels[key] = get_kernel(KernelSpec(header, name, tuple(args), include_dirs))
+            spec = KernelSpec(header, name, tuple(args), include_dirs, defines)
+            kernel = self._kernels[key] = get_kernel(spec)
         return kernel
 
     def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
@@ -187,10 +195,7 @@ class KernelEngine:
         key = (kernel, num_sms)  # kernels are cached for the process: keys stay unique
         if key in self._budget_ok:
             return
-        if not 1 <= num_sms <= self._num_sms_device:
-            raise ConfigError(
-                f"num_sms: expected 1 to {self._num_sms_device} (the device's SMs), got {num_sms}"
-            )
+        self._check_num_sms(num_sms)
         per_sm = self._occupancy.get(kernel)
         if per_sm is None:
             per_sm = self._occupancy[kernel] = self._blocks_per_sm(kernel)
@@ -203,6 +208,12 @@ class KernelEngine:
                 f"use num_sms <= {capacity // self.num_local}"
             )
         self._budget_ok.add(key)
+
+    def _check_num_sms(self, num_sms: int) -> None:
+        if not 1 <= num_sms <= self._num_sms_device:
+            raise ConfigError(
+                f"num_sms: expected 1 to {self._num_sms_device} (the device's SMs), got {num_sms}"
+            )
 
     def _blocks_per_sm(self, kernel: Any) -> int:
         try:

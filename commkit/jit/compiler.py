@@ -44,12 +44,14 @@ HEADER_SUFFIXES = (".cuh", ".h", ".hpp", ".cu")
 @dataclass(frozen=True)
 class KernelSpec:
     """One kernel instantiation: header (relative to the include root), C++ name and template args;
-    ``include_dirs``: extra ``-I`` directories its header needs (the NCCL headers of the GIN path)."""
+    ``include_dirs``: extra ``-I`` directories its header needs (the NCCL headers of the GIN path);
+    ``defines``: extra ``-D`` options (e.g. which of NCCL's GIN backends to compile in)."""
 
     header: str
     name: str
     template_args: tuple[int | str, ...]
     include_dirs: tuple[str, ...] = ()
+    defines: tuple[str, ...] = ()
 
     def expression(self) -> str:
         return f"commkit::{self.name}<{', '.join(str(a) for a in self.template_args)}>"
@@ -264,4 +266,8 @@ def compile_spec(spec: KernelSpec, **kwargs: object) -> CompileResult:
     """Compile one instantiation (through the cache); its entry is ``result.entries[0]``."""
     if spec.include_dirs:
         kwargs.setdefault("include_dirs", tuple(Path(d) for d in spec.include_dirs))
+    if spec.defines:
+        if any(not d.startswith("-D") for d in spec.defines):
+            raise ValueError(f"KernelSpec.defines: expected -DNAME[=VALUE] options, got {spec.defines}")
+        kwargs.setdefault("options", DEFAULT_OPTIONS + spec.defines)
     return compile_source(generate_source([spec]), **kwargs)  # type: ignore[arg-type]
