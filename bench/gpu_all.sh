@@ -3,14 +3,15 @@
 # benchmarks. Logs and results go under $OUT (default: ./gpu_out). From the repository root:
 #     bash bench/gpu_all.sh                      # every step (more than one 10-minute device call)
 #     bash bench/gpu_all.sh install gpu_tests    # only these steps
-# Steps: env install gpu_tests memcheck racecheck synccheck stress demo bench bench_kernels overlap tune
+# Steps: env install gpu_tests memcheck racecheck synccheck stress demo bench bench_nodes bench_kernels
+# overlap tune
 # (`sanitizers` selects memcheck racecheck synccheck).
 # The device allows 10 minutes per call; suggested split into calls of < 10 minutes each:
 #     1. bash bench/gpu_all.sh env install gpu_tests
 #     2. bash bench/gpu_all.sh sanitizers
 #     3. bash bench/gpu_all.sh stress demo
 #     4. bash bench/gpu_all.sh bench bench_kernels
-#     5. bash bench/gpu_all.sh overlap tune
+#     5. bash bench/gpu_all.sh bench_nodes overlap tune
 # Each step is capped at STEP_LIMIT seconds (<= 540) and at what is left of DEADLINE (seconds since
 # this script started, default 570): a step that would not fit is not started and is recorded as
 # "skipped: no time". Each selected step runs even if an earlier one failed; a summary line per step
@@ -22,7 +23,7 @@ STEP_LIMIT="${STEP_LIMIT:-540}"
 MIN_STEP="${MIN_STEP:-30}"  # a step is not started with less time than this left
 mkdir -p "$OUT"
 export COMMKIT_CACHE_DIR="${COMMKIT_CACHE_DIR:-$HOME/.cache/commkit}"
-SELECTED=" ${*:-env install gpu_tests sanitizers stress demo bench bench_kernels overlap tune} "
+SELECTED=" ${*:-env install gpu_tests sanitizers stress demo bench bench_nodes bench_kernels overlap tune} "
 SELECTED="${SELECTED/ sanitizers / memcheck racecheck synccheck }"
 SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 failed=0
@@ -77,6 +78,9 @@ step stress 420 python tests/gpu/stress.py --rounds 1000 --max-seconds 360
 step demo 120 python -m commkit demo
 step bench 420 python -m commkit bench --virtual 8 --shape deepseek-v3 --num-sms 8 --num-sms 16 --reps 10 \
     --out "$OUT/bench" --no-progress
+# Virtual nodes (2 x 4): the internode kernels, nvlink-domain hop; rows report RDMA vs flat bytes
+step bench_nodes 240 python -m commkit bench --virtual 8 --ranks-per-node 4 --shape deepseek-v3 --num-sms 8 \
+    --num-sms 16 --reps 10 --out "$OUT/bench_nodes" --no-progress
 step bench_kernels 300 python tests/gpu/bench_kernels.py --out "$OUT/bench_kernels.json"
 step overlap 300 python -m commkit overlap --virtual 8 --out "$OUT/overlap" --reps 5 --warmup 1
 step tune 300 python -m commkit tune --virtual 8 --num-sms 4 --num-sms 8 --num-sms 16 --reps 5 --warmup 1 \

@@ -122,13 +122,14 @@ class Buffer:
         Profiles are matched with the backend's ranks, all on this node."""
         self = cls.__new__(cls)
         self.group = None
-        self.num_ranks_per_node = backend.num_ranks
+        # NOTE: a backend that runs (virtual) nodes says how many ranks each holds; else one node
+        self.num_ranks_per_node = getattr(backend, "num_ranks_per_node", backend.num_ranks)
         self.timeout_s = _check_timeout(timeout_s)
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
         self._setup(backend, check_values)
         signature = dataclasses.replace(
-            cluster_signature(), num_ranks=backend.num_ranks, num_ranks_per_node=backend.num_ranks
+            cluster_signature(), num_ranks=backend.num_ranks, num_ranks_per_node=self.num_ranks_per_node
         )
         self.config = resolve_config(num_sms, signature=signature, backend=backend.name)
         return self

@@ -440,6 +440,7 @@ class VirtualRank:
         self.group = group
         self.rank = rank
         self.num_ranks = group.num_ranks
+        self.num_ranks_per_node = group.num_ranks_per_node  # virtual nodes (Buffer.from_backend reads it)
         self.device_type = group.device.type
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:

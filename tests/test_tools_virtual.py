@@ -192,3 +192,18 @@ def test_virtual_option_refusals(capsys: pytest.CaptureFixture[str]) -> None:
     assert "needs a process group" in capsys.readouterr().err
     assert main(["tune", "--virtual", "0"]) != 0
     assert "positive number of virtual ranks" in capsys.readouterr().err
+
+
+def test_bench_on_virtual_nodes(fake, profiles: Path) -> None:
+    """--virtual 4 --ranks-per-node 2: two virtual nodes run the internode kernels, combine is checked
+    against the two-level sum, and the rows count the bytes that cross nodes."""
+    shape = SHAPE.with_(num_experts=8)
+    rows = bench_virtual(
+        4, _spec(shapes=[shape], dtypes=["bf16"], num_ranks_per_node=2), timeout_s=30.0, device=CPU
+    )
+    assert "internode_dispatch_kernel" in fake.launches and "internode_combine_kernel" in fake.launches
+    assert "dispatch_kernel" not in fake.launches
+    for r in rows:
+        assert r["virtual"] is True and r["ranks"] == 4 and r["nodes"] == 2, r
+        assert r["wrong"] == 0, r
+        assert r["rdma_bytes"] > 0 and r["rdma_bytes"] < r["rdma_bytes_flat"], r

@@ -4,7 +4,8 @@ Bytes (per rank: the mean over ranks, and over the input sets the timing rotates
 equally; "logical" bytes as in DeepEP's published figures), all counted by
 ``commkit.tools.traffic.count_traffic`` from each input set's routing (its docstring has the counting
 rules), on the nodes the Buffers run on (``num_ranks_per_node``: ``--ranks-per-node``, else
-``$LOCAL_WORLD_SIZE`` (at most all ranks), else one node; virtual ranks: one node):
+``$LOCAL_WORLD_SIZE`` (at most all ranks), else one node; virtual ranks: ``--ranks-per-node`` makes
+virtual nodes that run the internode kernels, else one node):
 
 - dispatch NVLink bytes (``nvl_bytes``): rows this rank receives x row bytes (H x element size, plus the
   FP8 scales ceil(H/128) x 4); dispatch RDMA bytes (``rdma_bytes``): rows this rank sends to other
@@ -520,8 +521,8 @@ def with_ranks_per_node(ctx: RankContext, num_ranks_per_node: int | None) -> Ran
     """``ctx`` whose Buffers run on ``num_ranks_per_node`` ranks per node (the spec's; None: as made).
 
     A ``DistRanks`` made without one (e.g. by a caller that did not pass the spec's) takes it; one made
-    with another raises, as its Buffers and the byte accounting would disagree. Virtual ranks are one
-    node (``Buffer.from_backend``) and are returned as they are."""
+    with another raises, as its Buffers and the byte accounting would disagree. Virtual ranks get their
+    nodes from their group (``run_virtual(num_ranks_per_node=...)``) and are returned as they are."""
     from commkit.tools.ranks import DistRanks
 
     if num_ranks_per_node is None or not isinstance(ctx, DistRanks):
@@ -551,7 +552,7 @@ def bench_virtual(
     return run_virtual(
         num_ranks, lambda ctx: bench_ranks(ctx, spec), num_sms=min(budgets, default=DEFAULT_NUM_SMS),
         timeout_s=spec.comm_timeout_s if timeout_s is None else timeout_s, host_timeout_s=host_timeout_s,
-        device=device,
+        device=device, num_ranks_per_node=spec.num_ranks_per_node,
     )[0]  # fmt: skip
 
 
@@ -573,8 +574,8 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
     ctx = with_ranks_per_node(ctx, spec.num_ranks_per_node)
     buf = ctx.make_buffer(spec.backend)
     # NOTE: the bytes are counted on the nodes the Buffers run on (a Buffer resolves None to
-    # $LOCAL_WORLD_SIZE or all ranks, and checks that it divides them); virtual ranks: one node.
-    num_ranks_per_node = num_ranks if ctx.virtual else buf.num_ranks_per_node
+    # $LOCAL_WORLD_SIZE or all ranks, and checks that it divides them; virtual ranks: their group's).
+    num_ranks_per_node = buf.num_ranks_per_node
     baseline = (
         ctx.make_buffer(TORCH_BASELINE)
         if spec.baseline and buf.backend != TORCH_BASELINE and not ctx.virtual

@@ -239,12 +239,11 @@ class VirtualRanks(RankContext):
         return Buffer.from_backend(self.backend, num_sms=num_sms, timeout_s=self.timeout_s)
 
     def signature(self) -> Any:
-        """As ``Buffer.from_backend`` matches profiles: N ranks, all on this node."""
+        """As ``Buffer.from_backend`` matches profiles: N ranks, in the group's (virtual) nodes."""
         from commkit.profiles import cluster_signature
 
-        return dataclasses.replace(
-            cluster_signature(), num_ranks=self.num_ranks, num_ranks_per_node=self.num_ranks
-        )
+        per_node = getattr(self.group, "num_ranks_per_node", self.num_ranks)
+        return dataclasses.replace(cluster_signature(), num_ranks=self.num_ranks, num_ranks_per_node=per_node)
 
 
 def run_virtual(
@@ -255,9 +254,11 @@ def run_virtual(
     timeout_s: float = 60.0,
     host_timeout_s: float | None = None,
     device: torch.device | str | None = None,
+    num_ranks_per_node: int | None = None,
 ) -> list[Any]:
     """Run ``fn(ctx)`` on ``num_ranks`` virtual ranks of one GPU (``commkit.emulate``); the results by
     rank. ``num_sms``: the group's default budget (a Buffer passes its own on every call).
+    ``num_ranks_per_node``: virtual nodes of that many ranks (the internode kernels; None: one node).
     ``timeout_s``: the communication timeout (``EmulatedGroup``/``Buffer`` ``timeout_s``: the device
     spin budget and the wait for the other ranks' calls); ``host_timeout_s``: how long a rank waits for
     the others at the tools' own barriers and reductions (rank 0 alone may run a baseline meanwhile;
@@ -266,7 +267,13 @@ def run_virtual(
 
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
         raise ValueError(f"num_ranks: expected a positive number of virtual ranks, got {num_ranks!r}")
-    group = EmulatedGroup(num_ranks, num_sms=num_sms or DEFAULT_NUM_SMS, timeout_s=timeout_s, device=device)
+    group = EmulatedGroup(
+        num_ranks,
+        num_sms=num_sms or DEFAULT_NUM_SMS,
+        timeout_s=timeout_s,
+        device=device,
+        num_ranks_per_node=num_ranks_per_node,
+    )
     meeting = _Meeting(num_ranks, host_timeout_s if host_timeout_s is not None else max(timeout_s, 1800.0))
 
     def body(virtual_rank: Any) -> Any:

@@ -47,7 +47,8 @@ def tune_virtual(
     device: Any = None,
 ) -> dict:  # fmt: skip
     """``tune_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result. The signature has
-    ``num_ranks = num_ranks_per_node = N``, as ``Buffer.from_backend`` looks profiles up.
+    ``num_ranks = N`` and the virtual nodes' ranks per node (``spec.bench.num_ranks_per_node``, None:
+    N), as ``Buffer.from_backend`` looks profiles up.
     ``timeout_s``: the communication timeout (default ``spec.bench.comm_timeout_s``)."""
     from commkit.emulate import DEFAULT_NUM_SMS
     from commkit.tools.ranks import run_virtual
@@ -55,7 +56,7 @@ def tune_virtual(
     return run_virtual(
         num_ranks, lambda ctx: tune_ranks(ctx, spec), num_sms=min(spec.candidates, default=DEFAULT_NUM_SMS),
         timeout_s=spec.bench.comm_timeout_s if timeout_s is None else timeout_s,
-        host_timeout_s=host_timeout_s, device=device,
+        host_timeout_s=host_timeout_s, device=device, num_ranks_per_node=spec.bench.num_ranks_per_node,
     )[0]  # fmt: skip
 
 
