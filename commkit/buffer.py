@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -107,6 +108,7 @@ class Buffer:
         # NOTE: profiles are keyed by the nodes this buffer runs on (num_ranks_per_node as resolved)
         signature = dataclasses.replace(cluster_signature(group), num_ranks_per_node=self.num_ranks_per_node)
         self.config: BufferConfig = resolve_config(num_sms, signature=signature, backend=self.backend)
+        self._apply_profile_knobs()
 
     @classmethod
     def from_backend(
@@ -132,6 +134,7 @@ class Buffer:
             cluster_signature(), num_ranks=backend.num_ranks, num_ranks_per_node=self.num_ranks_per_node
         )
         self.config = resolve_config(num_sms, signature=signature, backend=backend.name)
+        self._apply_profile_knobs()
         return self
 
     def _setup(self, backend: Backend, check_values: bool | None) -> None:
@@ -151,13 +154,19 @@ class Buffer:
             reason = internode_unavailable_reason(num_ranks, self.num_ranks_per_node)
         if backend == "kernels" and reason is not None:
             raise ConfigError(f"backend: 'kernels' cannot run here: {reason}")
-        if backend == "kernels" or (backend == "auto" and reason is None):
-            if multi_node:
-                from commkit.backends.internode_backend import InternodeKernelsBackend
+        if (backend == "kernels" or (backend == "auto" and reason is None)) and multi_node:
+            from commkit.backends.internode_backend import InternodeKernelsBackend
 
+            try:
                 return InternodeKernelsBackend(
                     self.group, timeout_s=self.timeout_s, num_ranks_per_node=self.num_ranks_per_node
                 )
+            except ConfigError as exc:
+                if backend == "kernels":
+                    raise
+                # NOTE: every rank raised (the backend agrees on GIN's setup): all take the torch path
+                warnings.warn(f"{exc}; backend 'auto' takes the torch path", stacklevel=3)
+        elif backend == "kernels" or (backend == "auto" and reason is None):
             from commkit.backends.kernels import KernelsBackend
 
             return KernelsBackend(self.group, timeout_s=self.timeout_s)
@@ -333,6 +342,30 @@ class Buffer:
             previous_event=previous_event,
             async_finish=async_finish,
         )
+
+    def set_knobs(self, **knobs: int) -> None:
+        """Kernel parameters besides the SM budget, for backends that have them; a tuning profile's
+        ``knobs`` are applied the same way when the buffer is made. The internode kernels' role split:
+        ``internode_dispatch_forwarder_warps`` (1-7 of the 8 warps that send: the net senders get the
+        rest; default 4) and ``internode_combine_forwarder_warps`` (1-7 of the 8 that reduce: the final
+        reducers get the rest; default 4). Every rank must set the same values."""
+        from commkit.backends.internode import KNOBS
+
+        unknown = sorted(set(knobs) - set(KNOBS))
+        if unknown:
+            raise ValueError(f"knobs: expected names among {sorted(KNOBS)}, got {unknown}")
+        apply = getattr(self._backend, "set_knobs", None)
+        if apply is None:
+            raise ConfigError(f"knobs: the {self.backend!r} backend here has none (the internode kernels do)")
+        apply(dict(knobs))
+
+    def _apply_profile_knobs(self) -> None:
+        from commkit.backends.internode import KNOBS
+
+        known = {name: value for name, value in self.config.knobs if name in KNOBS}
+        apply = getattr(self._backend, "set_knobs", None)
+        if apply is not None and known:
+            apply(known)
 
     def close(self) -> None:
         """Release the backend's resources (the kernels' symmetric buffer: collective, bounded by

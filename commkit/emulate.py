@@ -446,6 +446,13 @@ class VirtualRank:
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         return self.group._collective(self.rank, "layout", {"topk_idx": topk_idx, "num_experts": num_experts})
 
+    def set_knobs(self, knobs: dict[str, int]) -> None:
+        """The internode kernels' role split (virtual nodes; shared by the group's ranks)."""
+        apply = getattr(self.group.engine, "set_knobs", None)
+        if apply is None:
+            raise ConfigError("knobs: one virtual node runs the intranode kernels, which have none")
+        apply(knobs)
+
     def dispatch(
         self,
         x: torch.Tensor,

@@ -29,8 +29,11 @@
 
 namespace commkit {
 
-template <int kGpusPerNode, int kNumNodes, int kHidden>
+// kFwdWarps: warps of the forwarder-reducers (role split, configured and tuned from the host); the
+// final reducers have the other kNumRoleWarps - kFwdWarps.
+template <int kGpusPerNode, int kNumNodes, int kHidden, int kFwdWarps_ = 4>
 struct InterCombineConfig {
+    static_assert(kFwdWarps_ >= 1 && kFwdWarps_ < kNumRoleWarps, "1 to 7 forwarder-reducer warps");
     static_assert(kNumNodes >= 2 && kNumNodes <= kMaxNodes, "2 to kMaxNodes nodes");
     static_assert(kGpusPerNode >= 1 && kGpusPerNode <= kMaxRanks, "1 to 8 GPUs per node");
     static_assert(kHidden % 8 == 0, "rows move in 16-byte words");
@@ -40,7 +43,9 @@ struct InterCombineConfig {
     static constexpr int kMetaOffset = static_cast<int>(align_up(kRowBytes, 16));
     static constexpr int kSlotBytes = kMetaOffset + 16;  // NVLink and net slots alike
     static constexpr int kSendWarpsPerPeer = kNumRoleWarps / kGpusPerNode > 0 ? kNumRoleWarps / kGpusPerNode : 1;
-    static constexpr int kFwdWarp = 8, kFinalWarp = 12, kGroupWarps = 4, kGroupThreads = 128;
+    static constexpr int kFwdWarps = kFwdWarps_, kFinalWarps = kNumRoleWarps - kFwdWarps_;
+    static constexpr int kFwdWarp = kNumRoleWarps, kFinalWarp = kNumRoleWarps + kFwdWarps;
+    static constexpr int kFwdThreads = kFwdWarps * 32, kFinalThreads = kFinalWarps * 32;
     static constexpr int kFwdBarrierId = 1 + kGpusPerNode, kFinalBarrierId = 2 + kGpusPerNode;
     static_assert(kFinalBarrierId < 16, "out of named barriers");
 };
@@ -65,14 +70,14 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
     return word;
 }
 
-template <typename Net, int kGpusPerNode, int kNumNodes, int kHidden>
+template <typename Net, int kGpusPerNode, int kNumNodes, int kHidden, int kFwdWarps = 4>
 __global__ void __launch_bounds__(kNumThreads, 1)
     internode_combine_kernel(const Net* net_ptr, const uint64_t* peer_bases, int rank_base, int num_channels, int num_experts,
                              const int* token_offsets, const void* x, const int* recv_row_offsets,
                              const int* recv_src_token, const int* meta, const int* node_send_pos,
                              const int* fwd_offsets, const int* fwd_mask, const int* fwd_token, void* out,
                              int64_t timeout_ns) {
-    using Cfg = InterCombineConfig<kGpusPerNode, kNumNodes, kHidden>;
+    using Cfg = InterCombineConfig<kGpusPerNode, kNumNodes, kHidden, kFwdWarps>;
     constexpr int kNumRanks = Cfg::kNumRanks;
     constexpr int kG = kGpusPerNode;
 
@@ -155,7 +160,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             s_nvl_consumed[tid] = 0;
             s_nvl_available[tid] = 0;
         }
-        group_sync<Cfg::kGroupWarps>(Cfg::kFwdBarrierId);
+        group_sync<Cfg::kFwdWarps>(Cfg::kFwdBarrierId);
         for (int m = 0; m < kNumNodes; ++m) {
             const int src = m * kG + local;
             WaitContext ctx = ctx0;
@@ -187,9 +192,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                             view, kNetCombineHead, me.channel, m, [sent](int v) { return sent - v < kNetSlots; },
                             sent - kNetSlots + 1, ctx);
                 }
-                group_sync<Cfg::kGroupWarps>(Cfg::kFwdBarrierId);
+                group_sync<Cfg::kFwdWarps>(Cfg::kFwdBarrierId);
                 uint8_t* dst = view.send_slot(m, me.channel, sent % kNetSlots);
-                for (int w = tid; w < Cfg::kRowInt4; w += Cfg::kGroupThreads) {
+                for (int w = tid; w < Cfg::kRowInt4; w += Cfg::kFwdThreads) {
                     float acc[8];
 #pragma unroll
                     for (int e = 0; e < 8; ++e)
@@ -211,7 +216,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                         report_and_trap("combine forwarder: row out of order", me.rank, me.channel, kRoleReducer,
                                         node * kG + tid, src_token, got);
                 }
-                group_sync<Cfg::kGroupWarps>(Cfg::kFwdBarrierId);
+                group_sync<Cfg::kFwdWarps>(Cfg::kFwdBarrierId);
                 if (tid == 0) {
                     for (int bits = mask; bits != 0; bits &= bits - 1) {
                         const int jj = __ffs(bits) - 1;
@@ -226,7 +231,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                         view.put_signal(m, me.channel, (sent - kNetChunk) % kNetSlots, kNetChunk, kNetCombineTail,
                                         kNetChunk);
                 }
-                group_sync<Cfg::kGroupWarps>(Cfg::kFwdBarrierId);
+                group_sync<Cfg::kFwdWarps>(Cfg::kFwdBarrierId);
             }
             if (tid == 0) {
                 const int rest = sent % kNetChunk;
@@ -262,7 +267,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             s_net_consumed[tid] = 0;
             s_net_available[tid] = 0;
         }
-        group_sync<Cfg::kGroupWarps>(Cfg::kFinalBarrierId);
+        group_sync<Cfg::kFinalWarps>(Cfg::kFinalBarrierId);
         for (int t = token_base + token_begin; t < token_base + token_end; ++t) {
             const int* in_node = node_send_pos + int64_t{t} * kNumNodes;
             if (tid == 0) {
@@ -276,8 +281,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                     }
                 }
             }
-            group_sync<Cfg::kGroupWarps>(Cfg::kFinalBarrierId);
-            for (int w = tid; w < Cfg::kRowInt4; w += Cfg::kGroupThreads) {
+            group_sync<Cfg::kFinalWarps>(Cfg::kFinalBarrierId);
+            for (int w = tid; w < Cfg::kRowInt4; w += Cfg::kFinalThreads) {
                 float acc[8];
 #pragma unroll
                 for (int e = 0; e < 8; ++e)
@@ -299,7 +304,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                     report_and_trap("combine: partial out of order", me.rank, me.channel, kRoleReducer,
                                     tid * kG + local, t - token_base, got);
             }
-            group_sync<Cfg::kGroupWarps>(Cfg::kFinalBarrierId);
+            group_sync<Cfg::kFinalWarps>(Cfg::kFinalBarrierId);
             if (tid == 0) {
                 for (int m = 0; m < kNumNodes; ++m) {
                     if (ptx::ld_nc_s32(in_node + m) < 0)
@@ -309,7 +314,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                         view.signal_add(m, kNetCombineHead, me.channel, kNetChunk);
                 }
             }
-            group_sync<Cfg::kGroupWarps>(Cfg::kFinalBarrierId);
+            group_sync<Cfg::kFinalWarps>(Cfg::kFinalBarrierId);
         }
         if (tid < kNumNodes && s_net_consumed[tid] % kNetChunk != 0)
             view.signal_add(tid, kNetCombineHead, me.channel, s_net_consumed[tid] % kNetChunk);

@@ -30,8 +30,11 @@
 
 namespace commkit {
 
-template <int kGpusPerNode, int kNumNodes, int kHidden, int kNumTopk, int kDtype>
+// kFwdWarps: warps of the forwarder (role split, configured and tuned from the host); the net senders
+// have the other kNumRoleWarps - kFwdWarps, the NVLink receivers the second half of the block.
+template <int kGpusPerNode, int kNumNodes, int kHidden, int kNumTopk, int kDtype, int kFwdWarps_ = 4>
 struct InterDispatchConfig {
+    static_assert(kFwdWarps_ >= 1 && kFwdWarps_ < kNumRoleWarps, "1 to 7 forwarder warps");
     using Row = DispatchConfig<kGpusPerNode, kHidden, kNumTopk, kDtype>;  // row format, scales offset
     static_assert(kNumNodes >= 2 && kNumNodes <= kMaxNodes, "2 to kMaxNodes nodes");
     static_assert(kGpusPerNode >= 1 && kGpusPerNode <= kMaxRanks, "1 to 8 GPUs per node");
@@ -40,8 +43,8 @@ struct InterDispatchConfig {
     static constexpr int kNetSlotBytes =
         static_cast<int>(align_up(kMetaOffset + (2 * kNumTopk + 2 + kGpusPerNode) * 4, 16));
     static constexpr int kNvlSlotBytes = static_cast<int>(align_up(kMetaOffset + (2 * kNumTopk + 3) * 4, 16));
-    static constexpr int kNetSendWarps = 4;
-    static constexpr int kFwdWarps = 4;
+    static constexpr int kNetSendWarps = kNumRoleWarps - kFwdWarps_;
+    static constexpr int kFwdWarps = kFwdWarps_;
     static constexpr int kFwdThreads = kFwdWarps * 32;
     static constexpr int kFwdBarrierId = 1;
     static constexpr int kRecvWarpsPerPeer = kNumRoleWarps / kGpusPerNode > 0 ? kNumRoleWarps / kGpusPerNode : 1;
@@ -68,7 +71,7 @@ struct ForwardState {
     int done;       // every row forwarded and its head published
 };
 
-template <typename Net, int kGpusPerNode, int kNumNodes, int kHidden, int kNumTopk, int kDtype>
+template <typename Net, int kGpusPerNode, int kNumNodes, int kHidden, int kNumTopk, int kDtype, int kFwdWarps = 4>
 __global__ void __launch_bounds__(kNumThreads, 1)
     internode_dispatch_kernel(const Net* net_ptr, const uint64_t* peer_bases, int rank_base, int num_channels,
                               int num_experts, const int* token_offsets, const void* x, const float* x_scales,
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                               const int* fwd_offsets, int* fwd_mask, int* fwd_token, void* out_x,
                               float* out_x_scales, int64_t* out_topk_idx, float* out_topk_weights,
                               int* out_src_token, int64_t timeout_ns) {
-    using Cfg = InterDispatchConfig<kGpusPerNode, kNumNodes, kHidden, kNumTopk, kDtype>;
+    using Cfg = InterDispatchConfig<kGpusPerNode, kNumNodes, kHidden, kNumTopk, kDtype, kFwdWarps>;
     using Row = typename Cfg::Row;
     constexpr int kNumRanks = Cfg::kNumRanks;
     constexpr int kG = kGpusPerNode;
@@ -270,6 +273,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                 const int node_pos = from_x ? ptx::ld_nc_s32(node_send_pos + int64_t{t_own} * kNumNodes + node)
                                             : ptx::ld_s32_no_allocate(slot_meta + 2 * kNumTopk + 1);
                 const int idx = my_fwd_offsets[m] + node_pos;
+                // The host sizes the records (a bound with num_worst_tokens): never write past them
+                if (idx >= my_fwd_offsets[m + 1])
+                    report_and_trap("dispatch forwarder: records full (num_worst_tokens too small?)", me.rank,
+                                    me.channel, kRoleSender, m * kG + local, my_fwd_offsets[m + 1], idx);
                 fwd_mask[idx] = mask;
                 fwd_token[idx] = src_token();
             }

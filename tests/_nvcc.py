@@ -41,6 +41,17 @@ def representative_specs() -> dict[str, list[KernelSpec]]:
             for (h, k) in HIDDEN_TOPK
             for d in DTYPES
         ],
+        # Role splits other than the default 4 + 4 (the knobs of commkit.backends.internode.KNOBS)
+        "internode_roles": [
+            KernelSpec(
+                "csrc/internode_dispatch.cuh", "internode_dispatch_kernel", (NVLINK_NET, 8, 2, 7168, 8, 1, w)
+            )
+            for w in (1, 2, 6, 7)
+        ]
+        + [
+            KernelSpec("csrc/internode_combine.cuh", "internode_combine_kernel", (NVLINK_NET, 8, 4, 7168, w))
+            for w in (1, 2, 6, 7)
+        ],
         "internode_combine": [
             KernelSpec("csrc/internode_combine.cuh", "internode_combine_kernel", (NVLINK_NET, g, n, h))
             for (g, n) in NODES

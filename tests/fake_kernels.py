@@ -28,6 +28,7 @@ class FakeKernels:
     def __init__(self) -> None:
         self.tensors: dict[int, torch.Tensor] = {}
         self.launches: list[str] = []
+        self.compiled: list[tuple[str, str, tuple, dict]] = []  # (header, kernel, targs, options) per lookup
 
     def u64(self, t: torch.Tensor | None) -> Any:
         if t is None:
@@ -212,7 +213,7 @@ class FakeKernels:
         out_src,
         timeout,
     ):
-        _, gpus, nodes, hidden, num_topk, dtype = targs
+        _, gpus, nodes, hidden, num_topk, dtype, _fwd_warps = targs
         assert self._net_layout(net) == (nodes, gpus)
         num_ranks = nodes * gpus
         assert blocks == num_ranks * int(num_channels)
@@ -272,7 +273,7 @@ class FakeKernels:
         out,
         timeout,
     ):
-        _, gpus, nodes, hidden = targs
+        _, gpus, nodes, hidden, _fwd_warps = targs
         assert self._net_layout(net) == (nodes, gpus)
         num_ranks = nodes * gpus
         offsets, x, recv_rows = self.t(offsets).tolist(), self.t(x), self.t(recv_rows).tolist()
@@ -353,7 +354,12 @@ def install_fakes(setattr_: Any, fk: FakeKernels | None = None) -> FakeKernels:
     fk = fk or FakeKernels()
     setattr_(kmod, "_u64", fk.u64)
     setattr_(imod, "_u64", fk.u64)
-    setattr_(kmod.KernelEngine, "_kernel", lambda self, header, name, *a, **compile_kw: (name, a))
+
+    def kernel(self: Any, header: str, name: str, *targs: Any, **compile_kw: Any) -> tuple:
+        fk.compiled.append((header, name, targs, compile_kw))
+        return name, targs
+
+    setattr_(kmod.KernelEngine, "_kernel", kernel)
     setattr_(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
     setattr_(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
     setattr_(kmod.KernelEngine, "_wait", lambda self, phase, event: None)

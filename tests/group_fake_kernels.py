@@ -1,4 +1,4 @@
-"""CPU stand-ins for the internode kernels when each rank is its own process (gloo).
+"""CPU stand-ins for the internode kernels and the GIN transport when each rank is its own process (gloo).
 
 A launch of the internode dispatch or combine covers this process's rank only, and the kernels'
 contract spans all ranks. ``GroupFakeKernels`` gathers every rank's arguments over the process group,
@@ -38,6 +38,14 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], raw: bytes) -> torch.Ten
 
 
 class GroupFakeKernels(FakeKernels):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transports_at: list[tuple[str, int]] = []  # (kernel, GIN transports made so far) per launch
+
+    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
+        self.transports_at.append((kernel[0], len(FakeGinTransport.made)))
+        super().launch(kernel, num_blocks, num_threads, args)
+
     def _pack(self, tensors: list[torch.Tensor | None]) -> Any:
         if tensors[0] is None:
             return 0
@@ -102,11 +110,47 @@ class GroupFakeKernels(FakeKernels):
         own_out.copy_(self.t(packed_out)[lo : lo + own_out.shape[0]])
 
 
+class FakeGinTransport:
+    """``commkit.backends.gin.GinTransport`` without NCCL: as collective as the real one (the group's
+    rank 0 broadcasts, as it does the unique id), records what was made, and packs a NvlinkDomainNet of
+    the window layout (what ``FakeKernels`` decodes). ``$FAKE_GIN_FAIL_RANKS``: ranks whose setup fails."""
+
+    made: list[tuple[int, int]] = []  # (max_channels, buffer_bytes) of every transport made here
+    closed = 0
+
+    def __init__(self, group: Any, *, num_nodes: int, gpus_per_node: int, max_channels: int,
+                 buffer_bytes: int, headers: Any = None, context_count: int = 4) -> None:  # fmt: skip
+        import os
+
+        group = group if group is not None else dist.group.WORLD
+        payload: list[Any] = ["unique id"]
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+        failing = os.environ.get("FAKE_GIN_FAIL_RANKS", "")
+        if str(dist.get_rank(group)) in failing.split(","):
+            raise RuntimeError("ncclDevCommCreate: the device communicator has no GIN context (fake)")
+        self.num_nodes, self.gpus_per_node = num_nodes, gpus_per_node
+        self.max_channels, self.buffer_bytes = max_channels, buffer_bytes
+        self.backend_types = (3,)  # GDAKI
+        FakeGinTransport.made.append((max_channels, buffer_bytes))
+
+    def net_bytes(self, inter: Any) -> bytes:
+        assert (inter.num_nodes, inter.gpus_per_node, inter.max_channels) == (
+            self.num_nodes, self.gpus_per_node, self.max_channels
+        )  # fmt: skip
+        assert inter.net_ring_offset == 0 and inter.total_bytes <= self.buffer_bytes  # the window's layout
+        return internode_net.il.nvlink_domain_net(0, inter)
+
+    def close(self) -> None:
+        FakeGinTransport.closed += 1
+
+
 def install_group_fakes() -> GroupFakeKernels:
     """In a spawned gloo process: ``Buffer(backend="kernels", num_ranks_per_node=G)`` then builds an
-    ``InternodeKernelsBackend`` on CPU tensors whose launches run in ``GroupFakeKernels``. The node's
-    IPC buffers and the GIN window are not made: the net is the nvlink-domain one over null bases."""
+    ``InternodeKernelsBackend`` on CPU tensors whose launches run in ``GroupFakeKernels``, with the real
+    ``Gin`` provider over ``FakeGinTransport``. The node's IPC buffers are not made (null bases)."""
     import commkit.buffer
+    from commkit.backends import gin
+    from commkit.jit import nccl
 
     fk = install_fakes(setattr, GroupFakeKernels())
     commkit.buffer.kernels_unavailable_reason = lambda group=None: None  # type: ignore[assignment]
@@ -120,7 +164,9 @@ def install_group_fakes() -> GroupFakeKernels:
 
     kmod.IpcBuffers.ensure = ensure  # type: ignore[method-assign]
     kmod.IpcBuffers.close = lambda self: None  # type: ignore[method-assign]
-    ib.Gin = lambda group, **kw: internode_net.NvlinkDomain()  # type: ignore[assignment,misc]
+    gin.GinTransport = FakeGinTransport  # type: ignore[misc,assignment]
+    fake_headers = nccl.NcclHeaders(nccl.Path("/fake/nccl/include"), (2, 30, 5), "fake")
+    nccl.find_headers = lambda min_version=nccl.MIN_VERSION: fake_headers  # type: ignore[assignment]
     ib.InternodeKernelsBackend.__init__ = functools.partialmethod(  # type: ignore[method-assign]
         ib.InternodeKernelsBackend.__init__, device=torch.device("cpu")
     )

@@ -7,6 +7,8 @@ handles), not the kernels (tests/gpu/test_internode_gpu.py; the protocol model).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from cases import Case, bits, expert_output, make_inputs
@@ -35,13 +37,24 @@ def cases_for(world: int, per_node: int) -> list[Case]:
         Case("empty-node", (16,) * world, empty_node=world // per_node - 1, seed=4, **g),
         Case("zero-token-node", (0,) * per_node + (11,) * (world - per_node), seed=7, **g),
         Case("fp8-aligned", (13,) * world, hidden=128, fp8=True, expert_alignment=4, seed=10, **g),
+        # One source spreads its tokens over another node's GPUs: its forwarder there gets more tokens
+        # than any GPU of that node receives (the G x num_worst_tokens bound of the records)
+        Case("one-source", (40,) + (0,) * (world - 1), num_topk=1, empty_node=0, seed=12, **g),
     ]
+
+
+def worst_rows(case: Case, world: int) -> int:
+    """num_worst_tokens = the most rows any rank receives (tight)."""
+    inputs = [make_inputs(case, r) for r in range(world)]
+    xs = [inp[0][0] if case.fp8 else inp[0] for inp in inputs]
+    ref = dispatch_reference(xs, [inp[1] for inp in inputs], [inp[2] for inp in inputs], case.num_experts)
+    return max(1, max(d.x.shape[0] for d in ref))
 
 
 def _run(rank: int, world: int, per_node: int) -> dict:
     from group_fake_kernels import install_group_fakes
 
-    install_group_fakes()
+    fk = install_group_fakes()
     buf = commkit.Buffer(backend="kernels", timeout_s=60, num_ranks_per_node=per_node)
     results = []
     for case in cases_for(world, per_node):
@@ -53,7 +66,7 @@ def _run(rank: int, world: int, per_node: int) -> dict:
         again = buf.dispatch(rescaled(x), topk_idx, weights, case.num_experts, handle=out.handle, **kw)
         y_again = buf.combine(expert_output(again.x.to(torch.bfloat16), rank), again.handle, num_sms=2)
         # num_worst_tokens: nothing read back; the first N_recv rows are the dispatch's
-        worst = sum(case.tokens)
+        worst = worst_rows(case, world)
         w = buf.dispatch(x, topk_idx, weights, case.num_experts, num_worst_tokens=worst, **kw)
         w_x = expert_output(w.x.to(torch.bfloat16), rank)
         y_worst = buf.combine(w_x, w.handle, num_sms=2)
@@ -71,13 +84,40 @@ def _run(rank: int, world: int, per_node: int) -> dict:
                 y_worst=y_worst.x,
             )
         )
-    return dict(cases=results, backend=type(buf._backend).__name__, per_node=buf.num_ranks_per_node)
+    buf.close()
+    from group_fake_kernels import FakeGinTransport
+
+    compiled = {
+        (h, name, tuple(kw.get("defines", ()))) for h, name, _, kw in fk.compiled if "internode" in name
+    }
+    return dict(
+        cases=results,
+        backend=type(buf._backend).__name__,
+        per_node=buf.num_ranks_per_node,
+        transports=(FakeGinTransport.made, FakeGinTransport.closed),
+        transports_at=fk.transports_at,
+        compiled=compiled,
+    )
 
 
 @pytest.mark.parametrize(("world", "per_node"), [(4, 2), (8, 4), (8, 2)])
 def test_internode_backend_host_logic(world: int, per_node: int) -> None:
     got = spawn_gloo(_run, world, per_node, timeout_s=300)
     assert all(g["backend"] == "InternodeKernelsBackend" and g["per_node"] == per_node for g in got)
+    gdaki_only = ("-DNCCL_GIN_PROXY_ENABLE=0", "-DNCCL_GIN_GDAKI_ENABLE=1",
+                  "-DNCCL_GIN_GPI_ENABLE=0", "-DNCCL_GIN_EFA_GDA_ENABLE=0")  # fmt: skip
+    for g in got:
+        # The GIN kernels, compiled for the transport's backend only
+        assert {(h, d) for h, _, d in g["compiled"]} == {("csrc/internode_gin.cuh", gdaki_only)}
+        # Made at construction (smallest window), then again only when a dispatch's rows are larger
+        # than any before: never for a combine (dispatch sizes the slots for both); every one closed
+        made, closed = g["transports"]
+        sizes = [b for _, b in made]
+        assert all(c == 132 for c, _ in made) and sizes == sorted(set(sizes)) and closed == len(made), made
+        launches = [(k, n) for k, n in g["transports_at"] if k.startswith("internode")]
+        for (kind, before), (after_kind, after) in itertools.pairwise(launches):
+            if after_kind == "internode_combine_kernel":
+                assert kind == "internode_dispatch_kernel" and after == before, launches
     for c, case in enumerate(cases_for(world, per_node)):
         inputs = [make_inputs(case, r) for r in range(world)]
         idxs, weights = [inp[1] for inp in inputs], [inp[2] for inp in inputs]
@@ -101,7 +141,9 @@ def test_internode_backend_host_logic(world: int, per_node: int) -> None:
                     continue
                 # num_worst_tokens: worst rows, the first N_recv valid, counts not read back
                 wo, n = g["worst"], ref[r].x.shape[0]
-                assert wo["x"].shape[0] == sum(case.tokens) and wo["num_tokens_per_expert"] == [], where
+                assert wo["x"].shape[0] == worst_rows(case, world) and wo["num_tokens_per_expert"] == [], (
+                    where
+                )
                 assert torch.equal(bits(wo["x"][:n]), bits(ref[r].x)), where
                 assert torch.equal(bits(g["worst_again_x"][:n]), bits(ref[r].x)), where
                 assert torch.equal(wo["topk_idx"][:n], ref[r].topk_idx), where
@@ -178,3 +220,32 @@ def test_gin_regions_split_between_ipc_buffers_and_window() -> None:
     net_bytes = 24 * 4 * il.NET_SLOTS * 14656
     assert (win.net_ring_offset, win.net_stage_offset, win.total_bytes) == (0, net_bytes, 2 * net_bytes)
     assert (win.nvl_ring_offset, win.signals_offset) == (lay.nvl_ring_offset, lay.signals_offset)
+
+
+def _gin_fails(rank: int, world: int) -> list[str]:
+    """GIN cannot be set up on rank 1: "kernels" raises on every rank, "auto" falls back on every rank."""
+    import os
+    import warnings
+
+    from group_fake_kernels import install_group_fakes
+
+    install_group_fakes()
+    os.environ["FAKE_GIN_FAIL_RANKS"] = "1"
+    out = []
+    try:
+        commkit.Buffer(backend="kernels", num_ranks_per_node=2)
+    except commkit.errors.ConfigError as exc:
+        out.append(str(exc))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out.append(type(commkit.Buffer(num_ranks_per_node=2)._backend).__name__)
+    out.append(str(caught[0].message) if caught else "no warning")
+    return out
+
+
+def test_gin_setup_failure_is_agreed_by_every_rank() -> None:
+    for error, backend, warning in spawn_gloo(_gin_fails, 4, timeout_s=60):
+        assert error.startswith("backend: the GIN transport could not be set up on ranks [1] (rank 1: ")
+        assert "no GIN context (fake)" in error
+        assert backend == "HierTorchBackend"
+        assert warning.endswith("backend 'auto' takes the torch path") and "ranks [1]" in warning

@@ -205,3 +205,51 @@ def test_host_mirror_of_internode_structs(tmp_path: Path) -> None:
     raw = il.nvlink_domain_net(0x1234, lay)
     assert len(raw) == values["sizeof_net"]
     assert int.from_bytes(raw[8 + 24 : 8 + 32], "little") == lay.signals_offset
+
+
+def test_role_split_knobs(fake: FakeKernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The role split reaches the kernels' template arguments, from Buffer.set_knobs or a profile."""
+    import dataclasses
+
+    from commkit import Buffer
+    from commkit.emulate import EmulatedGroup
+    from commkit.errors import ConfigError
+    from commkit.profiles import Profile, cluster_signature, save_profile
+
+    xs, idxs, ws = _node_limited_inputs([9, 4, 0, 6], 64, 3, 8, 2, seed=5)
+
+    def run(group: EmulatedGroup, **knobs: int) -> list[tuple]:
+        fake.compiled.clear()
+
+        def per_rank(rank):  # noqa: ANN001, ANN202
+            buf = Buffer.from_backend(rank, num_sms=1)
+            if knobs:
+                buf.set_knobs(**knobs)
+            out = buf.dispatch(xs[rank.rank], idxs[rank.rank], ws[rank.rank], 8)
+            buf.combine(out.x, out.handle)
+
+        group.spawn(per_rank)
+        return sorted({(name, targs[-1]) for _, name, targs, _ in fake.compiled if "internode" in name})
+
+    group = EmulatedGroup(4, num_sms=1, device="cpu", num_ranks_per_node=2)
+    assert run(group) == [("internode_combine_kernel", 4), ("internode_dispatch_kernel", 4)]
+    knobs = dict(internode_dispatch_forwarder_warps=2, internode_combine_forwarder_warps=6)
+    assert run(group, **knobs) == [("internode_combine_kernel", 6), ("internode_dispatch_kernel", 2)]
+
+    # A tuning profile's knobs, for this signature (4 ranks in virtual nodes of 2)
+    monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(tmp_path))
+    sig = dataclasses.replace(cluster_signature(), num_ranks=4, num_ranks_per_node=2)
+    save_profile(Profile(sig, "kernels", 1, "fastest", "test", {"internode_dispatch_forwarder_warps": 6}, {},
+                         "2026-01-01"), tmp_path)  # fmt: skip
+    group = EmulatedGroup(4, num_sms=1, device="cpu", num_ranks_per_node=2)
+    buf = group.spawn(lambda rank: Buffer.from_backend(rank))[0]
+    assert buf.config.knobs == (("internode_dispatch_forwarder_warps", 6),)
+    assert group.engine.dispatch_forwarder_warps == 6 and group.engine.combine_forwarder_warps == 4
+
+    with pytest.raises(ValueError, match=r"knobs: expected names among .*got \['chunk'\]"):
+        buf.set_knobs(chunk=4)
+    with pytest.raises(ConfigError, match="internode_combine_forwarder_warps: expected 1 to 7 warps"):
+        buf.set_knobs(internode_combine_forwarder_warps=8)
+    one_node = EmulatedGroup(2, num_sms=1, device="cpu")
+    with pytest.raises(ConfigError, match="one virtual node runs the intranode kernels"):
+        one_node.spawn(lambda rank: Buffer.from_backend(rank).set_knobs(internode_dispatch_forwarder_warps=2))

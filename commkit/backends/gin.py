@@ -417,6 +417,7 @@ class GinTransport:
     ) -> None:
         import torch.distributed as dist
 
+        group = group if group is not None else dist.group.WORLD  # get_global_rank needs the object
         self.headers = headers or nccl_headers.find_headers()
         self.layout = probe_layout(self.headers)
         self.lib = load_library(self.headers)

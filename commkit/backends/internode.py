@@ -33,6 +33,12 @@ from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import ConfigError
 
 INT32_MAX = 2**31 - 1
+DEFAULT_FORWARDER_WARPS = 4
+# Knobs (tuning profiles' ``knobs``, ``Buffer.set_knobs``) -> engine attribute
+KNOBS = {
+    "internode_dispatch_forwarder_warps": "dispatch_forwarder_warps",
+    "internode_combine_forwarder_warps": "combine_forwarder_warps",
+}
 
 
 @dataclass
@@ -121,6 +127,11 @@ class InternodeEngine(KernelEngine):
         self.num_nodes = num_ranks // gpus_per_node
         self.exchange = exchange
         self.net = net or NvlinkDomain()
+        # Role split inside a block (knobs, see set_knobs): warps of the dispatch forwarder (the net
+        # senders get the rest of the first half) and of the combine forwarder-reducers (the final
+        # reducers get the rest of the second half)
+        self.dispatch_forwarder_warps = DEFAULT_FORWARDER_WARPS
+        self.combine_forwarder_warps = DEFAULT_FORWARDER_WARPS
         self._net_args: dict[bytes, torch.Tensor] = {}
 
     def _inter_kernel(self, header: str, name: str, *args: int) -> Any:
@@ -133,18 +144,42 @@ class InternodeEngine(KernelEngine):
             self.num_nodes,
             *args,
             include_dirs=net.include_dirs,
-            defines=net.defines,
+            defines=net.defines or (),
         )
 
-    def _net(self, num_sms: int, hidden: int, num_topk: int, dtype_code: int) -> torch.Tensor:
-        """Grows the buffers for the internode regions; the Net argument in device memory."""
-        nvl_slot = max(
-            il.dispatch_nvl_slot_bytes(hidden, num_topk, dtype_code), il.combine_slot_bytes(hidden)
+    def _kernel_and_net(
+        self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None, header: str, name: str
+    ) -> tuple[Any, torch.Tensor]:
+        """The kernel (its SM budget checked) and the Net argument (the buffers grown). The budget is
+        checked before the buffers grow, except with GIN, whose kernels are compiled for the backends
+        of the transport that growing makes (its ``defines`` are None before)."""
+        targs = (
+            (hidden, self.combine_forwarder_warps)
+            if num_topk is None
+            else (hidden, num_topk, dtype_code, self.dispatch_forwarder_warps)
         )
-        net_slot = max(
-            il.dispatch_net_slot_bytes(hidden, num_topk, dtype_code, self.gpus_per_node),
-            il.combine_slot_bytes(hidden),
-        )
+        self._check_num_sms(num_sms)
+        kernel = None
+        if self.net.defines is not None:
+            kernel = self._inter_kernel(header, name, *targs)
+            self._check_budget(kernel, num_sms)
+        net = self._net(num_sms, hidden, num_topk, dtype_code)
+        if kernel is None:
+            kernel = self._inter_kernel(header, name, *targs)
+            self._check_budget(kernel, num_sms)
+        return kernel, net
+
+    def _net(self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None) -> torch.Tensor:
+        """Grows the buffers for the internode regions; the Net argument in device memory. Dispatch
+        sizes the slots for its rows and for combine's (so that the combine after it never regrows);
+        combine (``num_topk`` None) asks for its own rows only."""
+        nvl_slot = net_slot = il.combine_slot_bytes(hidden)
+        if num_topk is not None:
+            assert dtype_code is not None
+            nvl_slot = max(nvl_slot, il.dispatch_nvl_slot_bytes(hidden, num_topk, dtype_code))
+            net_slot = max(
+                net_slot, il.dispatch_net_slot_bytes(hidden, num_topk, dtype_code, self.gpus_per_node)
+            )
         raw = self.net.argument(self.buffers, num_sms, self.num_nodes, self.gpus_per_node, nvl_slot, net_slot)
         arg = self._net_args.get(raw)
         if arg is None:
@@ -152,6 +187,17 @@ class InternodeEngine(KernelEngine):
                 self._net_args.clear()
             arg = self._net_args[raw] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
         return arg
+
+    def set_knobs(self, knobs: dict[str, int]) -> None:
+        """Applies the role-split knobs in ``knobs`` (``KNOBS``; others are left to other engines)."""
+        for name, attr in KNOBS.items():
+            if name in knobs:
+                value = knobs[name]
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 7:
+                    raise ConfigError(
+                        f"{name}: expected 1 to 7 warps (of the 8 of its half block), got {value!r}"
+                    )
+                setattr(self, attr, value)
 
     def _exchange_counts(
         self,
@@ -220,13 +266,9 @@ class InternodeEngine(KernelEngine):
                 f"got {list(token_counts)}"
             )
         g = self.gpus_per_node
-        # NOTE: the net first: GIN compiles in only the backends of the transport it makes
-        self._check_num_sms(num_sms)
-        net = self._net(num_sms, hidden, num_topk, dtype_code)
-        kernel = self._inter_kernel(
-            "csrc/internode_dispatch.cuh", "internode_dispatch_kernel", hidden, num_topk, dtype_code
+        kernel, net = self._kernel_and_net(
+            num_sms, hidden, num_topk, dtype_code, "csrc/internode_dispatch.cuh", "internode_dispatch_kernel"
         )
-        self._check_budget(kernel, num_sms)
         out_fp8 = dtype_code != kl.DTYPE_BF16
 
         self._timing_begin()
@@ -252,8 +294,10 @@ class InternodeEngine(KernelEngine):
                 state.node_send_pos,
             )
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
-            self._check_cached_worst(state, num_worst_tokens)
+            # NOTE: the barrier first, so that every rank makes the same collective calls even when
+            # this one raises (its peers then time out in the kernel, as in the intranode path)
             self._cached_notify()
+            self._check_cached_worst(state, num_worst_tokens)
         meta_host = None
         if num_worst_tokens is None and recv_counts is None:
             meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
@@ -327,10 +371,9 @@ class InternodeEngine(KernelEngine):
         hidden = x.shape[1]
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
-        self._check_num_sms(num_sms)
-        net = self._net(num_sms, hidden, 1, kl.DTYPE_BF16)
-        kernel = self._inter_kernel("csrc/internode_combine.cuh", "internode_combine_kernel", hidden)
-        self._check_budget(kernel, num_sms)
+        kernel, net = self._kernel_and_net(
+            num_sms, hidden, None, None, "csrc/internode_combine.cuh", "internode_combine_kernel"
+        )
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
         self._timing_begin()

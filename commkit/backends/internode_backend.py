@@ -13,6 +13,7 @@ over the group (``commkit.backends.count_exchange``). Same API, outputs and hand
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from commkit.backends.internode_net import Gin, NetProvider
 from commkit.backends.kernels import KernelsBackend
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
 from commkit.backends.torch_dist import node_mask
-from commkit.errors import ConfigError
+from commkit.errors import CommTimeoutError, ConfigError
 from commkit.types import Layout
 
 
@@ -57,13 +58,22 @@ def node_ranks(num_ranks: int, num_ranks_per_node: int, rank: int) -> range:
 
 
 def make_node_group(group: dist.ProcessGroup | None, num_ranks_per_node: int) -> dist.ProcessGroup:
-    """A process group of this rank's node; only the node's ranks call this (local synchronization)."""
+    """A gloo process group of this rank's node (it exchanges IPC handles and meets at barriers);
+    only the node's ranks call this (local synchronization). NOTE: gloo, not the group's backend: an
+    NCCL subgroup may be split from the default group's communicator, which needs every rank of it."""
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
     parent = group if group is not None else dist.group.WORLD
     assert parent is not None  # the default group is initialised
-    ranks = [dist.get_global_rank(parent, r) for r in node_ranks(num_ranks, num_ranks_per_node, rank)]
-    node = dist.new_group(ranks, use_local_synchronization=True)
+    local = node_ranks(num_ranks, num_ranks_per_node, rank)
+    node = dist.new_group(
+        [dist.get_global_rank(parent, r) for r in local], use_local_synchronization=True, backend="gloo"
+    )
     assert node is not None  # this rank is in it
+    if dist.get_rank(node) != rank - local.start:  # NodeBuffers index peers by node-group rank
+        raise ConfigError(
+            f"group: node group rank {dist.get_rank(node)} of group rank {rank}, expected "
+            f"{rank - local.start} (the group's ranks must be in ascending global-rank order)"
+        )
     return node
 
 
@@ -110,28 +120,28 @@ class InternodeKernelsBackend(KernelsBackend):
         max_num_sms: int | None = None,
         net: NetProvider | None = None,
     ) -> None:
-        """Collective over ``group``. ``net``: the inter-node hop (default: GIN over ``group``)."""
+        """Collective over ``group``. ``net``: the inter-node hop (default: GIN over ``group``, set up
+        here: if any rank cannot, every rank raises ``ConfigError``); another provider is for tests
+        (``NvlinkDomain`` would need load/store access to other nodes' buffers)."""
         # NOTE: KernelsBackend.__init__ is not called: its IPC buffers span the whole group
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.num_ranks_per_node = num_ranks_per_node
+        self.timeout_s = timeout_s
         reason = internode_unavailable_reason(self.num_ranks, num_ranks_per_node) if net is None else None
         if reason is not None:
             raise ConfigError(f"backend: the internode kernels cannot run here: {reason}")
         self.device = device or torch.device("cuda", torch.cuda.current_device())
-        num_sms_device = torch.cuda.get_device_properties(self.device).multi_processor_count
-        local = node_ranks(self.num_ranks, num_ranks_per_node, self.rank)
-        node_buffers = IpcBuffers(
-            make_node_group(group, num_ranks_per_node),
-            self.device,
-            max_num_sms=max_num_sms or num_sms_device,
-            timeout_s=timeout_s,
-        )
-        self.buffers: Any = NodeBuffers(node_buffers, num_ranks=self.num_ranks, first_rank=local.start)
+        max_channels = max_num_sms or torch.cuda.get_device_properties(self.device).multi_processor_count
         self.net = net or Gin(
             group, num_nodes=self.num_ranks // num_ranks_per_node, gpus_per_node=num_ranks_per_node
         )
+        self._start_net(max_channels)
+        local = node_ranks(self.num_ranks, num_ranks_per_node, self.rank)
+        self.node_group = make_node_group(group, num_ranks_per_node)
+        node_buffers = IpcBuffers(self.node_group, self.device, max_num_sms=max_channels, timeout_s=timeout_s)
+        self.buffers: Any = NodeBuffers(node_buffers, num_ranks=self.num_ranks, first_rank=local.start)
         self.engine = InternodeEngine(
             self.num_ranks,
             self.rank,
@@ -151,7 +161,52 @@ class InternodeKernelsBackend(KernelsBackend):
         in_node = node_mask(layout.is_token_in_rank, self.num_ranks_per_node)
         return dataclasses.replace(layout, num_tokens_per_node=in_node.sum(0), is_token_in_node=in_node)
 
+    def set_knobs(self, knobs: dict[str, int]) -> None:
+        """The role-split knobs of the internode kernels (``commkit.backends.internode.KNOBS``)."""
+        assert isinstance(self.engine, InternodeEngine)
+        self.engine.set_knobs(knobs)
+
+    def _start_net(self, max_channels: int) -> None:
+        """Sets the net up on every rank (``start``, when the provider has one) and agrees on the
+        outcome: if a rank failed, every rank raises ``ConfigError`` naming it."""
+        start = getattr(self.net, "start", None)
+        if start is None:
+            return
+        failure = None
+        try:
+            start(max_channels)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            failure = f"{type(exc).__name__}: {exc}"
+        failures: list[Any] = [None] * self.num_ranks
+        dist.all_gather_object(failures, failure, group=self.group)
+        failed = {r: f for r, f in enumerate(failures) if f is not None}
+        if failed:
+            # NOTE: where only some ranks failed, the others keep their transport (leaked): its
+            # teardown is collective and the failed ranks would not take part
+            first = min(failed)
+            raise ConfigError(
+                f"backend: the GIN transport could not be set up on ranks {sorted(failed)} (rank {first}: "
+                f"{failed[first]})"
+            )
+
     def close(self) -> None:
+        """Collective: a barrier bounded by ``timeout_s``, then the net's teardown (NCCL's, not
+        bounded), then the IPC buffers and the node group. If a peer does not arrive, everything is
+        leaked rather than freed under it and ``CommTimeoutError`` is raised."""
         torch.cuda.synchronize(self.device)
-        self.net.close()
-        self.buffers.close()
+        try:
+            work = dist.barrier(self.group, async_op=True)
+            if work is not None:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a peer may still use this rank's buffers
+            raise CommTimeoutError(
+                f"close: not every rank reached the barrier within timeout_s={self.timeout_s:g}s "
+                f"({type(exc).__name__}: {exc}); rank {self.rank}'s GIN window and IPC buffer are leaked"
+            ) from exc
+        try:
+            self.net.close()
+        finally:
+            try:
+                self.buffers.close()
+            finally:
+                dist.destroy_process_group(self.node_group)

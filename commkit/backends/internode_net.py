@@ -31,8 +31,8 @@ class NetProvider(Protocol):
     include_dirs: tuple[str, ...]  # extra -I directories its header needs
 
     @property
-    def defines(self) -> tuple[str, ...]:
-        """Extra -D options of the kernels (known once ``argument`` has run)."""
+    def defines(self) -> tuple[str, ...] | None:
+        """Extra -D options of the kernels; None until ``argument`` (or ``start``) made what decides them."""
         ...
 
     def argument(
@@ -116,14 +116,12 @@ class Gin:
     include_dirs: tuple[str, ...]  # the NCCL headers' directory
 
     @property
-    def defines(self) -> tuple[str, ...]:
+    def defines(self) -> tuple[str, ...] | None:
         """Only the GIN backends the device communicator uses are compiled in (all of them make the
-        kernels spill); known once the transport exists (``argument``)."""
+        kernels spill); None until the transport exists."""
         from commkit.backends.gin import backend_defines
 
-        if self.transport is None:
-            raise RuntimeError("Gin.defines: the transport is made by the first argument() call")
-        return backend_defines(self.transport.backend_types)
+        return None if self.transport is None else backend_defines(self.transport.backend_types)
 
     def __init__(self, group: Any, *, num_nodes: int, gpus_per_node: int, headers: Any = None) -> None:
         from commkit.jit import nccl as nccl_headers
@@ -133,6 +131,12 @@ class Gin:
         self.headers = headers or nccl_headers.find_headers()
         self.include_dirs = (str(self.headers.include_dir),)
         self.transport: Any = None  # GinTransport, made on first use
+
+    def start(self, max_channels: int) -> None:
+        """Makes the transport now (collective), with a window for the smallest slots: GIN is set up
+        (and its backends known) before any dispatch; the first dispatch grows the window."""
+        smallest = il.inter_layout(self.num_nodes, self.gpus_per_node, max_channels, 16, 16, staging=True)
+        self._ensure_window(window_layout(smallest))
 
     def argument(
         self,

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import commkit
 
@@ -262,12 +263,15 @@ def compile_source(
     return CompileResult(entry_dir / "kernel.cubin", meta["entries"], stats, log, cache_hit=False)
 
 
-def compile_spec(spec: KernelSpec, **kwargs: object) -> CompileResult:
+def compile_spec(spec: KernelSpec, **kwargs: Any) -> CompileResult:
     """Compile one instantiation (through the cache); its entry is ``result.entries[0]``."""
+    # NOTE: the spec's include dirs and defines are added to the caller's, never replaced by them
     if spec.include_dirs:
-        kwargs.setdefault("include_dirs", tuple(Path(d) for d in spec.include_dirs))
+        given_dirs: tuple[Path, ...] = tuple(kwargs.get("include_dirs", ()))
+        kwargs["include_dirs"] = given_dirs + tuple(Path(d) for d in spec.include_dirs)
     if spec.defines:
         if any(not d.startswith("-D") for d in spec.defines):
             raise ValueError(f"KernelSpec.defines: expected -DNAME[=VALUE] options, got {spec.defines}")
-        kwargs.setdefault("options", DEFAULT_OPTIONS + spec.defines)
-    return compile_source(generate_source([spec]), **kwargs)  # type: ignore[arg-type]
+        given_options: tuple[str, ...] = tuple(kwargs.get("options", DEFAULT_OPTIONS))
+        kwargs["options"] = given_options + spec.defines
+    return compile_source(generate_source([spec]), **kwargs)
