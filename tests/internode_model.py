@@ -42,7 +42,7 @@ NUM_SLOTS = 16  # kNumSlots
 CHUNK = 4  # kChunk
 NET_SLOTS = 16  # kNetSlots
 NET_CHUNK = 4  # kNetChunk
-NET_SEND_WARPS = 4  # InterDispatchConfig::kNetSendWarps
+NET_SEND_WARPS = 4  # InterDispatchConfig::kNetSendWarps with the default role split
 INT32_MAX = 2**31 - 1  # the host's fwd_token filler (commkit/backends/internode.py)
 
 # CounterKind (NVLink counters) and NetSignal (net signals) share the numbering
@@ -82,6 +82,8 @@ class Params:
     # "ascending" as the kernel; "rotating" (broken): the combine's NVLink senders and forwarders serve
     # the source nodes starting from their own node, (node + i) % N.
     combine_source_order: str = "ascending"
+    # Dispatch net sender warps (kNumRoleWarps - the knob internode_dispatch_forwarder_warps): 1 to 7
+    net_send_warps: int = NET_SEND_WARPS
 
 
 def channel_token_range(num_tokens: int, num_channels: int, channel: int) -> range:
@@ -524,7 +526,7 @@ def run_dispatch(
         """Warps 0-3 (kernel lines 104-168): remote nodes i = warp, warp + 4, ... one after the other."""
         node = mc.node_of(rank)
         tokens = channel_token_range(prob.num_tokens[rank], num_channels, c)
-        for i in range(warp, num_nodes - 1, NET_SEND_WARPS):
+        for i in range(warp, num_nodes - 1, p.net_send_warps):
             m = i if i < node else i + 1  # line 108
             sent = cached_head = 0
             for t in tokens:  # line 112
@@ -749,7 +751,7 @@ def run_dispatch(
     for rank in range(num_ranks):
         for c in range(num_channels):
             name = f"dispatch rank {rank} ch {c}"
-            senders = range(min(NET_SEND_WARPS, num_nodes - 1))
+            senders = range(min(p.net_send_warps, num_nodes - 1))
             for w in senders:
                 actors[f"{name} net sender warp {w}"] = net_sender(rank, c, w)
             actors[f"{name} forwarder"] = forwarder(rank, c)

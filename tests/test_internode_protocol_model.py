@@ -325,3 +325,12 @@ def test_runs_are_quick() -> None:
     start = time.perf_counter()
     two_rounds(4, 2, 77)
     assert time.perf_counter() - start < 10.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("send_warps", [1, 2, 7])
+def test_role_splits(send_warps: int, seed: int) -> None:
+    # The role-split knob: 1 net sender warp serves every remote node one after the other; 7 leave
+    # one forwarder warp (the forwarder is one actor here, whatever its warps)
+    two_rounds(4, 2, 500 + seed, Params(net_send_warps=send_warps))
+    two_rounds(6, 1, 600 + seed, Params(net_send_warps=send_warps, net="gin"))

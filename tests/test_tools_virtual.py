@@ -207,3 +207,39 @@ def test_bench_on_virtual_nodes(fake, profiles: Path) -> None:
         assert r["virtual"] is True and r["ranks"] == 4 and r["nodes"] == 2, r
         assert r["wrong"] == 0, r
         assert r["rdma_bytes"] > 0 and r["rdma_bytes"] < r["rdma_bytes_flat"], r
+
+
+def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
+    """tune over virtual nodes: after the budget, the forwarder warps are swept at the chosen budget
+    and the best per op go into the profile's knobs, which a Buffer on those nodes applies."""
+    from commkit.profiles import save_profile
+    from commkit.tools.ranks import run_virtual
+    from commkit.tools.tune import (
+        ROLE_KNOBS,
+        TuneSpec,
+        choose,
+        comm_time_by_budget,
+        make_profile,
+        tune_virtual,
+    )
+
+    shape = SHAPE.with_(num_experts=8)
+    bench = _spec(shapes=[shape], dtypes=["bf16"], num_ranks_per_node=2)
+    spec = TuneSpec(bench=bench, candidates=[2, 3], role_candidates=[2, 6])
+    result = tune_virtual(4, spec, device=CPU)
+    swept = {(r["op"], r["knobs"][ROLE_KNOBS[r["op"]]], r["num_sms_requested"]) for r in result["role_rows"]}
+    choice = choose(comm_time_by_budget(result["rows"]), "fastest", None, 0.03)
+    assert swept == {(op, w, choice.num_sms) for op in ("dispatch", "combine") for w in (2, 6)}
+    assert all(r["wrong"] == 0 for r in result["role_rows"])
+    compiled = {(name, targs[-1]) for _, name, targs, _ in fake.compiled if "internode" in name}
+    assert {("internode_dispatch_kernel", 2), ("internode_combine_kernel", 6)} <= compiled
+    profile = make_profile(result, spec, choice)
+    assert set(profile.knobs) == set(ROLE_KNOBS.values()) and set(profile.knobs.values()) <= {2, 6}
+    assert "role split: dispatch forwarder warps" in profile.reason
+    save_profile(profile, None)
+    # A Buffer on the same virtual nodes applies the knobs
+    warps = run_virtual(
+        4, lambda ctx: (ctx.make_buffer(), ctx.group.engine.dispatch_forwarder_warps)[1], device=CPU,
+        num_ranks_per_node=2,
+    )  # fmt: skip
+    assert warps[0] == profile.knobs["internode_dispatch_forwarder_warps"]

@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
             "node, NVLink and NIC speed) in $COMMKIT_PROFILE_DIR or ~/.cache/commkit/profiles. Objectives: "
             "'fastest', or 'hide' (smallest budget whose communication fits under --compute-ms or the GEMM "
             "time of an overlap JSON). With --virtual N the sweep runs on N virtual ranks of one GPU and "
-            "the profile is keyed with N ranks, N per node (what Buffer.from_backend looks up)."
+            "the profile is keyed with N ranks, N per node (what Buffer.from_backend looks up); with "
+            "--ranks-per-node G as well, on virtual nodes. Over several nodes the internode kernels' role "
+            "split (--role-warps) is then swept at the chosen budget and saved as the profile's knobs."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -42,6 +44,13 @@ def register(subparsers: Any) -> None:
         help="candidate budgets (default: 4..48 step 4 on GPU, capped at what fits: the GPU's SMs, or its "
         "SMs // N with --virtual N, e.g. 4..16 for 8 virtual ranks on an H100; 8 16 24 on CPU). A budget "
         "that cannot run (ConfigError) is skipped and reported",
+    )
+    parser.add_argument(
+        "--role-warps",
+        type=int,
+        action="append",
+        help="over several nodes (internode kernels): forwarder warps (of 8) to try at the chosen budget, "
+        "per op; the best go into the profile's knobs (default: 2 4 6)",
     )
     parser.add_argument("--objective", default="fastest", choices=["fastest", "hide"])
     parser.add_argument("--compute-ms", type=float, help="compute time to hide under (objective hide)")
@@ -105,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         objective=args.objective,
         compute_ms=compute_ms,
         tolerance=args.tolerance,
+        role_candidates=sorted(set(args.role_warps or [2, 4, 6])),
     )  # fmt: skip
     if args.virtual:
         result = tune_virtual(args.virtual, spec, host_timeout_s=args.timeout)

@@ -82,6 +82,7 @@ class BenchSpec:
     progress: bool = True
     virtual: int | None = None  # N: run on N virtual ranks of one GPU (commkit.emulate)
     comm_timeout_s: float = 60.0  # the Buffers' timeout_s (device spin budget, peer waits)
+    knobs: dict[str, int] = field(default_factory=dict)  # Buffer.set_knobs (the internode role split)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -573,6 +574,8 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
     rank, num_ranks, device = ctx.rank, ctx.num_ranks, ctx.device
     ctx = with_ranks_per_node(ctx, spec.num_ranks_per_node)
     buf = ctx.make_buffer(spec.backend)
+    if spec.knobs:
+        buf.set_knobs(**spec.knobs)
     # NOTE: the bytes are counted on the nodes the Buffers run on (a Buffer resolves None to
     # $LOCAL_WORLD_SIZE or all ranks, and checks that it divides them; virtual ranks: their group's).
     num_ranks_per_node = buf.num_ranks_per_node
@@ -630,7 +633,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
                 "topk": shape.top_k, "dtype": dtype if op == "dispatch" else "bf16",
                 "num_sms": effective_sms if buf.backend != TORCH_BASELINE else None,
                 "num_sms_source": "argument" if num_sms is not None else buf.config.source,
-                "num_sms_requested": effective_sms,
+                "num_sms_requested": effective_sms, "knobs": dict(spec.knobs),
                 **byte_fields, "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
                 "gbps": gbps(link_bytes, stats.median_s), "wrong": meas.wrong,
             }  # fmt: skip

@@ -28,6 +28,7 @@ class TuneSpec:
     candidates: list[int]
     objective: str = "fastest"  # or "hide"
     compute_ms: float | None = None
+    role_candidates: list[int] = field(default_factory=lambda: [2, 4, 6])  # forwarder warps (several nodes)
     tolerance: float = DEFAULT_TOLERANCE
     chunk_sizes: list[int] = field(default_factory=list)
 
@@ -62,13 +63,54 @@ def tune_virtual(
 
 def tune_ranks(ctx: RankContext, spec: TuneSpec) -> dict[str, Any]:
     """On every rank of ``ctx``: the sweep rows, the budgets skipped (``ConfigError``: e.g. their blocks
-    do not all fit on the GPU; with the reason), the signature of this group and the backend name."""
+    do not all fit on the GPU; with the reason), the signature of this group and the backend name.
+    Over several nodes with the kernels, also ``role_rows``: the role splits (``ROLE_KNOBS``, the
+    same number of forwarder warps in dispatch and combine per run) at the budget the objective picks
+    (every rank picks the same: the rows are the same everywhere)."""
     bench = BenchSpec(
         **{**spec.bench.__dict__, "num_sms": list(spec.candidates), "baseline": False, "roofline": False}
     )
     rows, skipped = split_skipped(bench_ranks(ctx, bench))
-    backend = ctx.make_buffer(spec.bench.backend).backend
-    return {"rows": rows, "skipped": skipped, "signature": ctx.signature().to_dict(), "backend": backend}
+    buf = ctx.make_buffer(spec.bench.backend)
+    result = {
+        "rows": rows,
+        "skipped": skipped,
+        "signature": ctx.signature().to_dict(),
+        "backend": buf.backend,
+    }
+    if buf.backend == "kernels" and buf.num_ranks_per_node < buf.num_ranks and rows and spec.role_candidates:
+        choice = choose(comm_time_by_budget(rows), spec.objective, spec.compute_ms, spec.tolerance)
+        role_rows = []
+        for warps in spec.role_candidates:
+            knobs = {name: warps for name in ROLE_KNOBS.values()}
+            role_spec = BenchSpec(**{**bench.__dict__, "num_sms": [choice.num_sms], "knobs": knobs})
+            role_rows += split_skipped(bench_ranks(ctx, role_spec))[0]
+        result["role_rows"] = role_rows
+    return result
+
+
+# op -> the knob of its forwarder warps (commkit.backends.internode.KNOBS)
+ROLE_KNOBS = {
+    "dispatch": "internode_dispatch_forwarder_warps",
+    "combine": "internode_combine_forwarder_warps",
+}
+
+
+def choose_roles(role_rows: list[dict[str, Any]]) -> tuple[dict[str, int], str]:
+    """Per op, the forwarder warps with the shortest median time summed over shapes (and dtypes)."""
+    knobs, reasons = {}, []
+    for op, name in ROLE_KNOBS.items():
+        times: dict[int, float] = {}
+        for r in role_rows:
+            if r["op"] == op:
+                warps = r["knobs"][name]
+                times[warps] = times.get(warps, 0.0) + r["time_median_s"]
+        if times:
+            best = min(times, key=lambda w: times[w])
+            knobs[name] = best
+            swept = ", ".join(f"{w}: {t * 1e3:.3f} ms" for w, t in sorted(times.items()))
+            reasons.append(f"{op} forwarder warps {best} ({swept})")
+    return knobs, "; ".join(reasons)
 
 
 @dataclass
@@ -144,6 +186,7 @@ def compute_ms_from_overlap(data: dict[str, Any]) -> float:
 def make_profile(result: dict[str, Any], spec: TuneSpec, choice: Choice) -> Profile:
     backend = result["backend"]
     objective = "fastest" if spec.objective == "fastest" else f"hide:{spec.compute_ms:g}ms"
+    role_knobs, role_reason = choose_roles(result.get("role_rows", []))
     reason = choice.reason
     if backend == "torch":
         reason += "; NOTE: the torch backend does not use num_sms, so the sweep shows run-to-run noise only"
@@ -152,8 +195,8 @@ def make_profile(result: dict[str, Any], spec: TuneSpec, choice: Choice) -> Prof
         backend=backend,
         num_sms=choice.num_sms,
         objective=objective,
-        reason=reason,
-        knobs={},
+        reason=reason + (f"; role split: {role_reason}" if role_reason else ""),
+        knobs=role_knobs,
         per_sm_gbps=per_sm_gbps(result["rows"], backend),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         extra={
@@ -162,5 +205,6 @@ def make_profile(result: dict[str, Any], spec: TuneSpec, choice: Choice) -> Prof
             "comm_ms_by_num_sms": {str(k): v * 1e3 for k, v in sorted(choice.comm_s.items())},
             "sweep": result["rows"],
             "skipped": result.get("skipped", []),
+            "role_sweep": result.get("role_rows", []),
         },
     )
