@@ -344,28 +344,42 @@ class Buffer:
         )
 
     def set_knobs(self, **knobs: int) -> None:
-        """Kernel parameters besides the SM budget, for backends that have them; a tuning profile's
-        ``knobs`` are applied the same way when the buffer is made. The internode kernels' role split:
+        """Kernel parameters besides the SM budget. The internode kernels' role split:
         ``internode_dispatch_forwarder_warps`` (1-7 of the 8 warps that send: the net senders get the
         rest; default 4) and ``internode_combine_forwarder_warps`` (1-7 of the 8 that reduce: the final
-        reducers get the rest; default 4). Every rank must set the same values."""
+        reducers get the rest; default 4). Every rank must set the same values. A tuning profile's
+        knobs are applied when the buffer takes its budget from that profile (no ``num_sms``). Other
+        backends have none: the call warns and changes nothing (``buf.knobs`` is then {})."""
         from commkit.backends.internode import KNOBS
 
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise ValueError(f"knobs: expected names among {sorted(KNOBS)}, got {unknown}")
-        apply = getattr(self._backend, "set_knobs", None)
-        if apply is None:
-            raise ConfigError(f"knobs: the {self.backend!r} backend here has none (the internode kernels do)")
-        apply(dict(knobs))
+        if not self.knobs:
+            warnings.warn(
+                f"set_knobs: the {self.backend!r} backend in use here has no knobs (the internode kernels "
+                "do); nothing changed",
+                stacklevel=2,
+            )
+            return
+        self._backend.set_knobs(dict(knobs))  # type: ignore[attr-defined]
+
+    @property
+    def knobs(self) -> dict[str, int]:
+        """Kernel parameters in use (see ``set_knobs``); {} for a backend without any."""
+        return dict(getattr(self._backend, "knobs", None) or {})
 
     def _apply_profile_knobs(self) -> None:
         from commkit.backends.internode import KNOBS
 
         known = {name: value for name, value in self.config.knobs if name in KNOBS}
-        apply = getattr(self._backend, "set_knobs", None)
-        if apply is not None and known:
-            apply(known)
+        if known and self.knobs:
+            try:
+                self._backend.set_knobs(known)  # type: ignore[attr-defined]
+            except ConfigError as exc:
+                # NOTE: profiles are read per node: raising here could strand other nodes' ranks in a
+                # collective; the profile's knobs are ignored instead
+                warnings.warn(f"{self.config.source}: knobs ignored: {exc}", stacklevel=3)
 
     def close(self) -> None:
         """Release the backend's resources (the kernels' symmetric buffer: collective, bounded by

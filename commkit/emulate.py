@@ -453,6 +453,11 @@ class VirtualRank:
             raise ConfigError("knobs: one virtual node runs the intranode kernels, which have none")
         apply(knobs)
 
+    @property
+    def knobs(self) -> dict[str, int]:
+        """The role split in use (virtual nodes), else {}."""
+        return dict(getattr(self.group.engine, "knobs", {}))
+
     def dispatch(
         self,
         x: torch.Tensor,

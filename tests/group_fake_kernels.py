@@ -165,6 +165,15 @@ def install_group_fakes() -> GroupFakeKernels:
     kmod.IpcBuffers.ensure = ensure  # type: ignore[method-assign]
     kmod.IpcBuffers.close = lambda self: None  # type: ignore[method-assign]
     gin.GinTransport = FakeGinTransport  # type: ignore[misc,assignment]
+
+    def local_step(headers: Any) -> None:  # gin.load_library / probe_layout: local, may fail
+        import os
+
+        if str(dist.get_rank()) in os.environ.get("FAKE_GIN_PREPARE_FAIL_RANKS", "").split(","):
+            raise RuntimeError("libnccl.so.2 next to the headers: not found (fake)")
+
+    gin.load_library = local_step  # type: ignore[assignment]
+    gin.probe_layout = local_step  # type: ignore[assignment]
     fake_headers = nccl.NcclHeaders(nccl.Path("/fake/nccl/include"), (2, 30, 5), "fake")
     nccl.find_headers = lambda min_version=nccl.MIN_VERSION: fake_headers  # type: ignore[assignment]
     ib.InternodeKernelsBackend.__init__ = functools.partialmethod(  # type: ignore[method-assign]

@@ -230,8 +230,14 @@ def _gin_fails(rank: int, world: int) -> list[str]:
     from group_fake_kernels import install_group_fakes
 
     install_group_fakes()
-    os.environ["FAKE_GIN_FAIL_RANKS"] = "1"
     out = []
+    os.environ["FAKE_GIN_PREPARE_FAIL_RANKS"] = "2"  # the local step (library, layouts)
+    try:
+        commkit.Buffer(backend="kernels", num_ranks_per_node=2)
+    except commkit.errors.ConfigError as exc:
+        out.append(str(exc))
+    os.environ["FAKE_GIN_PREPARE_FAIL_RANKS"] = ""
+    os.environ["FAKE_GIN_FAIL_RANKS"] = "1"  # the collective step
     try:
         commkit.Buffer(backend="kernels", num_ranks_per_node=2)
     except commkit.errors.ConfigError as exc:
@@ -244,7 +250,11 @@ def _gin_fails(rank: int, world: int) -> list[str]:
 
 
 def test_gin_setup_failure_is_agreed_by_every_rank() -> None:
-    for error, backend, warning in spawn_gloo(_gin_fails, 4, timeout_s=60):
+    for prepare_error, error, backend, warning in spawn_gloo(_gin_fails, 4, timeout_s=60):
+        assert prepare_error.startswith(
+            "backend: the GIN transport could not be set up on ranks [2] (rank 2: "
+        )
+        assert "libnccl.so.2 next to the headers: not found (fake)" in prepare_error
         assert error.startswith("backend: the GIN transport could not be set up on ranks [1] (rank 1: ")
         assert "no GIN context (fake)" in error
         assert backend == "HierTorchBackend"

@@ -250,6 +250,14 @@ def test_role_split_knobs(fake: FakeKernels, tmp_path: Path, monkeypatch: pytest
         buf.set_knobs(chunk=4)
     with pytest.raises(ConfigError, match="internode_combine_forwarder_warps: expected 1 to 7 warps"):
         buf.set_knobs(internode_combine_forwarder_warps=8)
+    with pytest.raises(ConfigError, match="internode_combine_forwarder_warps: expected 1 to 7 warps"):
+        buf.set_knobs(internode_dispatch_forwarder_warps=2, internode_combine_forwarder_warps=0)
+    assert buf.knobs["internode_dispatch_forwarder_warps"] == 6  # nothing applied from a bad call
     one_node = EmulatedGroup(2, num_sms=1, device="cpu")
-    with pytest.raises(ConfigError, match="one virtual node runs the intranode kernels"):
-        one_node.spawn(lambda rank: Buffer.from_backend(rank).set_knobs(internode_dispatch_forwarder_warps=2))
+    with pytest.warns(UserWarning, match="has no knobs"):
+        knobs = one_node.spawn(
+            lambda rank: (
+                (b := Buffer.from_backend(rank)).set_knobs(internode_dispatch_forwarder_warps=2) or b.knobs
+            )
+        )
+    assert knobs == [{}, {}]

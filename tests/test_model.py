@@ -283,6 +283,10 @@ def test_emulated_bench_rows_are_found(tmp_path: Path) -> None:
         json.dumps({"meta": {}, "spec": {"virtual": 8, "skew": 0.0}, "rows": [row, baseline]})
     )
     (tmp_path / "real.json").write_text(json.dumps({"meta": {}, "spec": {}, "rows": [row]}))  # not emulated
+    # Virtual nodes (a net hop) and other role splits are other kernels than the model's
+    nodes = {**row, "nodes": 2}
+    split = {**row, "knobs": {"internode_dispatch_forwarder_warps": 2}}
+    (tmp_path / "b.json").write_text(json.dumps({"meta": {}, "spec": {"virtual": 8}, "rows": [nodes, split]}))
     runs = load_emulated_runs(tmp_path)
     assert len(runs) == 1 and runs[0].measured_us == pytest.approx(1500.0)
     assert 0 < predict_emulated(runs[0]) < 1e5

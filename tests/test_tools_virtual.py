@@ -243,3 +243,38 @@ def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
         num_ranks_per_node=2,
     )  # fmt: skip
     assert warps[0] == profile.knobs["internode_dispatch_forwarder_warps"]
+
+
+def test_choose_roles_skips_wrong_and_partial_splits() -> None:
+    from commkit.tools.tune import choose_roles
+
+    def row(op, warps, shape, ms, wrong=0):  # noqa: ANN001, ANN202
+        name = f"internode_{op}_forwarder_warps"
+        return dict(
+            op=op, shape=shape, dtype="bf16", knobs={name: warps}, time_median_s=ms / 1e3, wrong=wrong
+        )
+
+    rows = [
+        row("dispatch", 2, "a", 1.0, wrong=3), row("dispatch", 2, "b", 1.0),  # fastest, but wrong once
+        row("dispatch", 4, "a", 3.0), row("dispatch", 4, "b", 3.0),
+        row("dispatch", 6, "a", 2.0),  # fast, but not measured on shape b
+        row("combine", 2, "a", 5.0), row("combine", 6, "a", 4.0),
+    ]  # fmt: skip
+    knobs, reason = choose_roles(rows)
+    assert knobs == {"internode_dispatch_forwarder_warps": 4, "internode_combine_forwarder_warps": 6}
+    assert "dispatch forwarder warps 4 (4: 6.000 ms)" in reason
+
+
+def test_bench_rows_record_the_knobs_in_use(fake, profiles: Path) -> None:
+    """A profile's role split is applied by the Buffer the bench makes, and the rows say so."""
+    import dataclasses
+
+    from commkit.profiles import Profile, cluster_signature, save_profile
+
+    sig = dataclasses.replace(cluster_signature(), num_ranks=4, num_ranks_per_node=2)
+    knobs = {"internode_dispatch_forwarder_warps": 6, "internode_combine_forwarder_warps": 2}
+    save_profile(Profile(sig, "kernels", 2, "fastest", "test", knobs, {}, "2026-01-01"), None)
+    shape = SHAPE.with_(num_experts=8)
+    spec = _spec(shapes=[shape], dtypes=["bf16"], num_ranks_per_node=2, num_sms=[None])
+    rows = bench_virtual(4, spec, timeout_s=30.0, device=CPU)
+    assert rows and all(r["knobs"] == knobs and r["wrong"] == 0 for r in rows)

@@ -151,20 +151,21 @@ class InternodeEngine(KernelEngine):
         self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None, header: str, name: str
     ) -> tuple[Any, torch.Tensor]:
         """The kernel (its SM budget checked) and the Net argument (the buffers grown). The budget is
-        checked before the buffers grow, except with GIN, whose kernels are compiled for the backends
-        of the transport that growing makes (its ``defines`` are None before)."""
+        checked before the buffers grow where the kernel's defines are known (GIN: once its transport
+        exists); the kernel is looked up again if growing made a transport with other defines."""
         targs = (
             (hidden, self.combine_forwarder_warps)
             if num_topk is None
             else (hidden, num_topk, dtype_code, self.dispatch_forwarder_warps)
         )
         self._check_num_sms(num_sms)
+        defines = self.net.defines
         kernel = None
-        if self.net.defines is not None:
+        if defines is not None:
             kernel = self._inter_kernel(header, name, *targs)
             self._check_budget(kernel, num_sms)
         net = self._net(num_sms, hidden, num_topk, dtype_code)
-        if kernel is None:
+        if kernel is None or self.net.defines != defines:
             kernel = self._inter_kernel(header, name, *targs)
             self._check_budget(kernel, num_sms)
         return kernel, net
@@ -190,14 +191,20 @@ class InternodeEngine(KernelEngine):
 
     def set_knobs(self, knobs: dict[str, int]) -> None:
         """Applies the role-split knobs in ``knobs`` (``KNOBS``; others are left to other engines)."""
+        for name in KNOBS:  # every value checked before any is applied
+            value = knobs.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 7:
+                raise ConfigError(
+                    f"{name}: expected 1 to 7 warps (of the 8 of its half block), got {value!r}"
+                )
         for name, attr in KNOBS.items():
             if name in knobs:
-                value = knobs[name]
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 7:
-                    raise ConfigError(
-                        f"{name}: expected 1 to 7 warps (of the 8 of its half block), got {value!r}"
-                    )
-                setattr(self, attr, value)
+                setattr(self, attr, knobs[name])
+
+    @property
+    def knobs(self) -> dict[str, int]:
+        """The role split in use (``KNOBS`` names)."""
+        return {name: getattr(self, attr) for name, attr in KNOBS.items()}
 
     def _exchange_counts(
         self,

@@ -69,12 +69,24 @@ def make_node_group(group: dist.ProcessGroup | None, num_ranks_per_node: int) ->
         [dist.get_global_rank(parent, r) for r in local], use_local_synchronization=True, backend="gloo"
     )
     assert node is not None  # this rank is in it
-    if dist.get_rank(node) != rank - local.start:  # NodeBuffers index peers by node-group rank
-        raise ConfigError(
-            f"group: node group rank {dist.get_rank(node)} of group rank {rank}, expected "
-            f"{rank - local.start} (the group's ranks must be in ascending global-rank order)"
-        )
+    assert dist.get_rank(node) == rank - local.start  # check_node_order made sure
     return node
+
+
+def check_node_order(group: dist.ProcessGroup | None, num_ranks_per_node: int) -> None:
+    """The node groups (new_group sorts ranks by global rank) index their ranks as the group does
+    only if every node's group ranks have ascending global ranks; the same answer on every rank."""
+    parent = group if group is not None else dist.group.WORLD
+    assert parent is not None
+    num_ranks = dist.get_world_size(group)
+    global_ranks = [dist.get_global_rank(parent, r) for r in range(num_ranks)]
+    for first in range(0, num_ranks, num_ranks_per_node):
+        node = global_ranks[first : first + num_ranks_per_node]
+        if node != sorted(node):
+            raise ConfigError(
+                f"group: expected each node's ranks in ascending global-rank order, got global ranks "
+                f"{node} for group ranks {first}..{first + num_ranks_per_node - 1}"
+            )
 
 
 def scatter_node_bases(node_bases: torch.Tensor, num_ranks: int, first_rank: int) -> torch.Tensor:
@@ -134,12 +146,13 @@ class InternodeKernelsBackend(KernelsBackend):
             raise ConfigError(f"backend: the internode kernels cannot run here: {reason}")
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         max_channels = max_num_sms or torch.cuda.get_device_properties(self.device).multi_processor_count
+        check_node_order(group, num_ranks_per_node)  # on every rank, before anything collective is made
         self.net = net or Gin(
             group, num_nodes=self.num_ranks // num_ranks_per_node, gpus_per_node=num_ranks_per_node
         )
         self._start_net(max_channels)
         local = node_ranks(self.num_ranks, num_ranks_per_node, self.rank)
-        self.node_group = make_node_group(group, num_ranks_per_node)
+        self.node_group: dist.ProcessGroup | None = make_node_group(group, num_ranks_per_node)
         node_buffers = IpcBuffers(self.node_group, self.device, max_num_sms=max_channels, timeout_s=timeout_s)
         self.buffers: Any = NodeBuffers(node_buffers, num_ranks=self.num_ranks, first_rank=local.start)
         self.engine = InternodeEngine(
@@ -166,28 +179,36 @@ class InternodeKernelsBackend(KernelsBackend):
         assert isinstance(self.engine, InternodeEngine)
         self.engine.set_knobs(knobs)
 
+    @property
+    def knobs(self) -> dict[str, int]:
+        assert isinstance(self.engine, InternodeEngine)
+        return self.engine.knobs
+
     def _start_net(self, max_channels: int) -> None:
-        """Sets the net up on every rank (``start``, when the provider has one) and agrees on the
-        outcome: if a rank failed, every rank raises ``ConfigError`` naming it."""
-        start = getattr(self.net, "start", None)
-        if start is None:
-            return
-        failure = None
-        try:
-            start(max_channels)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            failure = f"{type(exc).__name__}: {exc}"
-        failures: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(failures, failure, group=self.group)
-        failed = {r: f for r, f in enumerate(failures) if f is not None}
-        if failed:
-            # NOTE: where only some ranks failed, the others keep their transport (leaked): its
-            # teardown is collective and the failed ranks would not take part
-            first = min(failed)
-            raise ConfigError(
-                f"backend: the GIN transport could not be set up on ranks {sorted(failed)} (rank {first}: "
-                f"{failed[first]})"
-            )
+        """Sets the net up on every rank and agrees on the outcome, in two steps: the local part
+        (``prepare``: headers, layouts, library), then the collective one (``start``); after a step
+        that failed on any rank, every rank raises ``ConfigError`` naming the ranks. NOTE: a failure
+        inside NCCL's own collectives on some ranks only can still leave the others waiting in NCCL."""
+        for step in ("prepare", "start"):
+            call = getattr(self.net, step, None)
+            if call is None:
+                continue
+            failure = None
+            try:
+                call(max_channels) if step == "start" else call()
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                failure = f"{type(exc).__name__}: {exc}"
+            failures: list[Any] = [None] * self.num_ranks
+            dist.all_gather_object(failures, failure, group=self.group)
+            failed = {r: f for r, f in enumerate(failures) if f is not None}
+            if failed:
+                # NOTE: where only some ranks failed, the others keep their transport (leaked): its
+                # teardown is collective and the failed ranks would not take part
+                first = min(failed)
+                raise ConfigError(
+                    f"backend: the GIN transport could not be set up on ranks {sorted(failed)} (rank "
+                    f"{first}: {failed[first]})"
+                )
 
     def close(self) -> None:
         """Collective: a barrier bounded by ``timeout_s``, then the net's teardown (NCCL's, not
@@ -209,4 +230,6 @@ class InternodeKernelsBackend(KernelsBackend):
             try:
                 self.buffers.close()
             finally:
-                dist.destroy_process_group(self.node_group)
+                if self.node_group is not None:
+                    dist.destroy_process_group(self.node_group)
+                    self.node_group = None

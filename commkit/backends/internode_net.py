@@ -132,6 +132,13 @@ class Gin:
         self.include_dirs = (str(self.headers.include_dir),)
         self.transport: Any = None  # GinTransport, made on first use
 
+    def prepare(self) -> None:
+        """The local part of the setup (no collective): the struct layouts and the NCCL library."""
+        from commkit.backends import gin
+
+        gin.load_library(self.headers)
+        gin.probe_layout(self.headers)
+
     def start(self, max_channels: int) -> None:
         """Makes the transport now (collective), with a window for the smallest slots: GIN is set up
         (and its backends known) before any dispatch; the first dispatch grows the window."""

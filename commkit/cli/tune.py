@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     why = virtual_unavailable(args)
     if why:
         return fail(why)
+    bad = [w for w in args.role_warps or [] if not 1 <= w <= 7]
+    if bad:
+        return fail(f"--role-warps: expected 1 to 7 forwarder warps (of 8), got {bad}")
     compute_ms = args.compute_ms
     if args.objective == "hide" and compute_ms is None:
         if not args.overlap_json:

@@ -58,6 +58,10 @@ def load_emulated_runs(root: str | Path) -> list[EmulatedRun]:
                 continue
             if not _is_emulated(row, spec, meta) or row.get("time_median_s") is None:
                 continue
+            # NOTE: the emulated model is the intranode one: virtual nodes (a net hop) and non-default
+            # role splits are other kernels
+            if int(row.get("nodes") or 1) > 1 or any(v != 4 for v in (row.get("knobs") or {}).values()):
+                continue
             runs.append(
                 EmulatedRun(
                     path=str(path),

@@ -633,7 +633,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
                 "topk": shape.top_k, "dtype": dtype if op == "dispatch" else "bf16",
                 "num_sms": effective_sms if buf.backend != TORCH_BASELINE else None,
                 "num_sms_source": "argument" if num_sms is not None else buf.config.source,
-                "num_sms_requested": effective_sms, "knobs": dict(spec.knobs),
+                "num_sms_requested": effective_sms, "knobs": buf.knobs,
                 **byte_fields, "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
                 "gbps": gbps(link_bytes, stats.median_s), "wrong": meas.wrong,
             }  # fmt: skip

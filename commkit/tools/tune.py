@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from commkit.backends.internode import DEFAULT_FORWARDER_WARPS
 from commkit.profiles import ClusterSignature, Profile
 from commkit.tools.bench import BenchSpec, bench_ranks, split_skipped
 
@@ -70,15 +71,18 @@ def tune_ranks(ctx: RankContext, spec: TuneSpec) -> dict[str, Any]:
     bench = BenchSpec(
         **{**spec.bench.__dict__, "num_sms": list(spec.candidates), "baseline": False, "roofline": False}
     )
-    rows, skipped = split_skipped(bench_ranks(ctx, bench))
     buf = ctx.make_buffer(spec.bench.backend)
+    roles = buf.backend == "kernels" and buf.num_ranks_per_node < buf.num_ranks and bool(buf.knobs)
+    if roles:  # the budget sweep at the default split, whatever an earlier profile says
+        bench.knobs = {name: DEFAULT_FORWARDER_WARPS for name in ROLE_KNOBS.values()}
+    rows, skipped = split_skipped(bench_ranks(ctx, bench))
     result = {
         "rows": rows,
         "skipped": skipped,
         "signature": ctx.signature().to_dict(),
         "backend": buf.backend,
     }
-    if buf.backend == "kernels" and buf.num_ranks_per_node < buf.num_ranks and rows and spec.role_candidates:
+    if roles and rows and spec.role_candidates:
         choice = choose(comm_time_by_budget(rows), spec.objective, spec.compute_ms, spec.tolerance)
         role_rows = []
         for warps in spec.role_candidates:
@@ -97,14 +101,17 @@ ROLE_KNOBS = {
 
 
 def choose_roles(role_rows: list[dict[str, Any]]) -> tuple[dict[str, int], str]:
-    """Per op, the forwarder warps with the shortest median time summed over shapes (and dtypes)."""
+    """Per op, the forwarder warps with the shortest median time summed over shapes (and dtypes).
+    A split with a wrong row, or not measured on every (shape, dtype) that another was, is out."""
     knobs, reasons = {}, []
     for op, name in ROLE_KNOBS.items():
+        rows = [r for r in role_rows if r["op"] == op]
+        cases = {(r["shape"], r["dtype"]) for r in rows}
         times: dict[int, float] = {}
-        for r in role_rows:
-            if r["op"] == op:
-                warps = r["knobs"][name]
-                times[warps] = times.get(warps, 0.0) + r["time_median_s"]
+        for warps in sorted({r["knobs"][name] for r in rows}):
+            mine = [r for r in rows if r["knobs"][name] == warps]
+            if all(r["wrong"] == 0 for r in mine) and {(r["shape"], r["dtype"]) for r in mine} == cases:
+                times[warps] = sum(r["time_median_s"] for r in mine)
         if times:
             best = min(times, key=lambda w: times[w])
             knobs[name] = best

@@ -44,6 +44,19 @@ def _inputs(gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[0]}-H{c[3]}-K{c[4]}-{c[6]}")
 def test_virtual_nodes_bit_exact(case) -> None:
+    check_case(case)
+
+
+@pytest.mark.parametrize("warps", [(1, 7), (2, 6), (6, 2), (7, 1)], ids=lambda w: f"fwd{w[0]}-red{w[1]}")
+def test_virtual_nodes_role_splits(warps) -> None:
+    # The role-split knobs: dispatch forwarder warps, combine forwarder-reducer warps
+    check_case(CASES[1], {"internode_dispatch_forwarder_warps": warps[0],
+                          "internode_combine_forwarder_warps": warps[1]})  # fmt: skip
+    check_case(CASES[2], {"internode_dispatch_forwarder_warps": warps[1],
+                          "internode_combine_forwarder_warps": warps[0]})  # fmt: skip
+
+
+def check_case(case, knobs=None) -> None:  # noqa: ANN001
     from commkit.emulate import EmulatedGroup
 
     gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, num_sms = case
@@ -59,6 +72,8 @@ def test_virtual_nodes_bit_exact(case) -> None:
 
     group = EmulatedGroup(len(tokens), num_sms=num_sms, timeout_s=30.0, num_ranks_per_node=gpus)
     group.engine.poison_outputs = True
+    if knobs:
+        group.engine.set_knobs(knobs)
     dev = group.device
     handles = None
     for _ in range(3):  # fresh, then cached through the handles
