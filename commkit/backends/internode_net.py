@@ -114,6 +114,8 @@ class Gin:
     cpp_type = "commkit::GinNet"
     header: str | None = "csrc/internode_gin.cuh"  # both kernels and csrc/net_gin.cuh (NCCL's device API)
     include_dirs: tuple[str, ...]  # the NCCL headers' directory
+    _defines_of: Any  # the transport _defines were read from
+    _defines: tuple[str, ...]
 
     @property
     def defines(self) -> tuple[str, ...] | None:
@@ -121,7 +123,12 @@ class Gin:
         kernels spill); None until the transport exists."""
         from commkit.backends.gin import backend_defines
 
-        return None if self.transport is None else backend_defines(self.transport.backend_types)
+        if self.transport is None:
+            return None
+        # NOTE: read once per transport (it is looked up on every dispatch and combine)
+        if self._defines_of is not self.transport:
+            self._defines_of, self._defines = self.transport, backend_defines(self.transport.backend_types)
+        return self._defines
 
     def __init__(self, group: Any, *, num_nodes: int, gpus_per_node: int, headers: Any = None) -> None:
         from commkit.jit import nccl as nccl_headers
@@ -130,7 +137,9 @@ class Gin:
         self.num_nodes, self.gpus_per_node = num_nodes, gpus_per_node
         self.headers = headers or nccl_headers.find_headers()
         self.include_dirs = (str(self.headers.include_dir),)
-        self.transport: Any = None  # GinTransport, made on first use
+        self.transport: Any = None  # GinTransport, made by start() (or the first argument())
+        self._defines_of = None
+        self._defines = ()
 
     def prepare(self) -> None:
         """The local part of the setup (no collective): the struct layouts and the NCCL library."""
