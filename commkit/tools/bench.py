@@ -673,6 +673,10 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
             rows.append(row)
         progress(f"{shape.name} {dtype} num_sms={effective_sms}")
     progress(None)
+    # NOTE: collective (every rank gets here); on an error the buffers are left to the process's end
+    buf.close()
+    if baseline is not None:
+        baseline.close()
     return rows
 
 

@@ -75,12 +75,14 @@ def tune_ranks(ctx: RankContext, spec: TuneSpec) -> dict[str, Any]:
     roles = buf.backend == "kernels" and buf.num_ranks_per_node < buf.num_ranks and bool(buf.knobs)
     if roles:  # the budget sweep at the default split, whatever an earlier profile says
         bench.knobs = {name: DEFAULT_FORWARDER_WARPS for name in ROLE_KNOBS.values()}
+    backend = buf.backend
+    buf.close()  # it only told which backend and nodes run; bench_ranks makes its own
     rows, skipped = split_skipped(bench_ranks(ctx, bench))
     result = {
         "rows": rows,
         "skipped": skipped,
         "signature": ctx.signature().to_dict(),
-        "backend": buf.backend,
+        "backend": backend,
     }
     if roles and rows and spec.role_candidates:
         choice = choose(comm_time_by_budget(rows), spec.objective, spec.compute_ms, spec.tolerance)
