@@ -261,3 +261,26 @@ def test_role_split_knobs(fake: FakeKernels, tmp_path: Path, monkeypatch: pytest
             )
         )
     assert knobs == [{}, {}]
+
+
+def test_net_argument_is_packed_once_per_state(fake: FakeKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hot path: dispatch and combine with the sizes of an earlier call reuse its Net argument; a row
+    size that grows the buffers makes a new one."""
+    from commkit.backends import internode_net
+    from commkit.emulate import EmulatedGroup
+
+    calls = []
+    real = internode_net.NvlinkDomain.argument
+
+    def counting(self, buffers, num_sms, *rest):  # noqa: ANN001, ANN202
+        calls.append(num_sms)
+        return real(self, buffers, num_sms, *rest)
+
+    monkeypatch.setattr(internode_net.NvlinkDomain, "argument", counting)
+    group = EmulatedGroup(4, num_sms=1, device="cpu", num_ranks_per_node=2)
+    for hidden in (64, 64, 64, 128):
+        xs, idxs, ws = _node_limited_inputs([9, 4, 0, 6], hidden, 3, 8, 2, seed=5)
+        outs = group.dispatch(xs, idxs, ws, 8)
+        group.combine([o.x for o in outs], [o.handle for o in outs])
+    # hidden 64: dispatch and combine (other slot sizes) once each; hidden 128: once each again
+    assert len(calls) == 4, calls
