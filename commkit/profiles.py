@@ -139,11 +139,21 @@ class Profile:
             num_sms=num_sms,
             objective=str(data.get("objective", "")),
             reason=str(data.get("reason", "")),
-            knobs={str(k): int(v) for k, v in dict(data.get("knobs", {})).items()},
+            knobs=_int_knobs(data.get("knobs", {})),
             per_sm_gbps=dict(data.get("per_sm_gbps", {})),
             created=str(data.get("created", "")),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def _int_knobs(knobs: Any) -> dict[str, int]:
+    """A profile's knobs: integers only (a float, a string or a bool is an error, never truncated)."""
+    if not isinstance(knobs, dict):
+        raise ValueError(f"profile knobs: expected an object of name -> int, got {knobs!r}")
+    for name, value in knobs.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"profile knob {name!r}: expected an int, got {value!r}")
+    return {str(k): v for k, v in knobs.items()}
 
 
 @dataclass(frozen=True)

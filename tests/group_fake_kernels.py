@@ -40,10 +40,11 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], raw: bytes) -> torch.Ten
 class GroupFakeKernels(FakeKernels):
     def __init__(self) -> None:
         super().__init__()
-        self.transports_at: list[tuple[str, int]] = []  # (kernel, GIN transports made so far) per launch
+        # (kernel, GIN transports made and windows grown so far) per launch
+        self.transports_at: list[tuple[str, int]] = []
 
     def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
-        self.transports_at.append((kernel[0], len(FakeGinTransport.made)))
+        self.transports_at.append((kernel[0], len(FakeGinTransport.made) + len(FakeGinTransport.grown)))
         super().launch(kernel, num_blocks, num_threads, args)
 
     def _pack(self, tensors: list[torch.Tensor | None]) -> Any:
@@ -116,6 +117,7 @@ class FakeGinTransport:
     the window layout (what ``FakeKernels`` decodes). ``$FAKE_GIN_FAIL_RANKS``: ranks whose setup fails."""
 
     made: list[tuple[int, int]] = []  # (max_channels, buffer_bytes) of every transport made here
+    grown: list[int] = []  # buffer_bytes of every window grown
     closed = 0
 
     def __init__(self, group: Any, *, num_nodes: int, gpus_per_node: int, max_channels: int,
@@ -131,7 +133,17 @@ class FakeGinTransport:
         self.num_nodes, self.gpus_per_node = num_nodes, gpus_per_node
         self.max_channels, self.buffer_bytes = max_channels, buffer_bytes
         self.backend_types = (3,)  # GDAKI
+        self.generation = 0
         FakeGinTransport.made.append((max_channels, buffer_bytes))
+
+    def grow(self, buffer_bytes: int) -> None:
+        sizes: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(sizes, buffer_bytes)  # as collective as the real one
+        assert len(set(sizes)) == 1, f"ranks grew their windows to different sizes: {sizes}"
+        if buffer_bytes > self.buffer_bytes:
+            self.buffer_bytes = buffer_bytes
+            self.generation += 1
+            FakeGinTransport.grown.append(buffer_bytes)
 
     def net_bytes(self, inter: Any) -> bytes:
         assert (inter.num_nodes, inter.gpus_per_node, inter.max_channels) == (

@@ -11,7 +11,13 @@ import torch
 from cases import Case, make_inputs
 
 from commkit.backends import kernels_layout as kl
-from commkit.backends.count_exchange import GroupCountExchange, count_message, meta_from_messages
+from commkit.backends.count_exchange import (
+    MESSAGE_INTS,
+    CallFormat,
+    GroupCountExchange,
+    count_message,
+    meta_from_messages,
+)
 from commkit.backends.internode_backend import make_node_group, node_ranks, scatter_node_bases
 from commkit.errors import CommTimeoutError
 from commkit.launch import RankFailed, spawn_gloo
@@ -51,17 +57,21 @@ def test_meta_from_messages_single_process() -> None:
         ]
         for dst in range(world):
             received = torch.stack([m[dst] for m in messages])
-            meta = meta_from_messages(received, None)
+            assert received.shape == (world, MESSAGE_INTS)  # the same size whatever the call
+            meta = meta_from_messages(received, case.num_experts // world, None)
             assert meta.dtype == torch.int32
             assert meta.shape == (1, kl.meta_stride(world, case.num_experts))
             assert meta[0].tolist() == expected_meta(case, dst), case.name
 
 
 def test_meta_num_worst_tokens_bound() -> None:
-    received = torch.tensor([[3, 5, 3], [4, 6, 1]], dtype=torch.int32)  # 7 rows received
-    assert meta_from_messages(received, 7)[0, 2] == 7
+    per_rank = [torch.tensor([3, 4], dtype=torch.int32), torch.tensor([4, 1], dtype=torch.int32)]
+    per_expert = [torch.tensor([3, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)]
+    messages = [count_message(p, e, t) for p, e, t in zip(per_rank, per_expert, (5, 6), strict=True)]
+    received = torch.stack([m[0] for m in messages])  # rank 0 receives 3 + 4 = 7 rows
+    assert meta_from_messages(received, 1, 7)[0].tolist() == [0, 3, 7, 5, 6, 4]
     with pytest.raises(RuntimeError, match="num_worst_tokens=6 is smaller"):
-        meta_from_messages(received, 6)
+        meta_from_messages(received, 1, 6)
 
 
 def _exchange(rank: int, world: int, per_node: int) -> dict:
@@ -72,13 +82,16 @@ def _exchange(rank: int, world: int, per_node: int) -> dict:
     for case in cases_for(world):
         _, topk_idx, _ = make_inputs(case, rank)
         lay = layout_reference(topk_idx, case.num_experts, world)
-        meta = ex.notify(
+        fmt = CallFormat("dispatch", case.num_experts, case.hidden, case.num_topk, 0, 2)
+        meta, agreement = ex.notify(
             lay.num_tokens_per_rank.to(torch.int32).view(1, -1),
             lay.num_tokens_per_expert.to(torch.int32).view(1, -1),
             case.tokens[rank],
             None,
+            fmt,
         )
-        ex.barrier()
+        assert agreement.error(agreement.values.tolist()) is None
+        ex.barrier(CallFormat("combine", case.num_experts, case.hidden, 0, 0, 2))
         metas.append(meta[0].tolist())
     # The node group: only this node's ranks made it; a sum over it counts them
     node = make_node_group(None, per_node)
@@ -110,7 +123,7 @@ def _one_rank_absent(rank: int, world: int) -> str:
         return "absent"
     start = time.monotonic()
     try:
-        ex.barrier()
+        ex.barrier(CallFormat("combine", 8, 64, 0, 0, 2))
     except CommTimeoutError as exc:
         return f"{time.monotonic() - start:.1f}|{exc}"
     return "no error"
@@ -122,3 +135,49 @@ def test_missing_peer_times_out() -> None:
     elapsed, message = got[0].split("|", 1)
     assert float(elapsed) < 5.0
     assert "barrier: rank 0 of 2" in message and "timeout_s=2s" in message
+
+
+def _disagree(rank: int, world: int, field: str) -> list[str]:
+    """Rank 2 passes another value of ``field``; every rank must raise ValueError, at the count
+    exchange (a fresh dispatch) and at the barrier (a cached dispatch, a combine)."""
+    import dataclasses
+
+    ex = GroupCountExchange(None, device=torch.device("cpu"), timeout_s=30)
+    fmt = CallFormat("dispatch", 4 * world, 64, 4, 0, 2)
+    if rank == 2:
+        fmt = dataclasses.replace(
+            fmt, **{field: getattr(fmt, field) * 2 if field != "num_worst_tokens" else 8}
+        )
+    _, topk_idx, _ = make_inputs(Case("c", (12,) * world, num_experts=fmt.num_experts, seed=5), rank)
+    lay = layout_reference(topk_idx, fmt.num_experts, world)
+    errors = []
+    try:
+        ex.notify(lay.num_tokens_per_rank.to(torch.int32), lay.num_tokens_per_expert.to(torch.int32), 12,
+                  None, fmt)  # fmt: skip
+        errors.append("no error")
+    except ValueError as exc:
+        errors.append(str(exc))
+    for op in ("cached dispatch", "combine"):
+        try:
+            ex.barrier(dataclasses.replace(fmt, op=op))
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+@pytest.mark.parametrize("field", ["num_experts", "hidden", "num_topk", "num_sms", "num_worst_tokens"])
+def test_ranks_that_disagree_raise_on_every_rank(field: str) -> None:
+    """Even num_experts (another message length in the old format) ends in ValueError on every rank,
+    naming the peer (count exchange) or the field and its range (barrier), never a hang."""
+    world = 4
+    name = {"num_topk": "top-k"}.get(field, field)
+    for rank, (exchange, cached, combine) in enumerate(spawn_gloo(_disagree, world, field, timeout_s=120)):
+        peer = 0 if rank == 2 else 2
+        assert exchange.startswith("dispatch: expected every rank to pass the same call (op=dispatch"), (
+            exchange
+        )
+        assert exchange.endswith(f"from rank {peer}"), exchange
+        assert cached.startswith("cached dispatch: expected every rank to pass the same call"), cached
+        assert f"got {name} from " in cached and "across the ranks" in cached, cached
+        assert combine.startswith("combine: expected every rank to pass the same call"), combine

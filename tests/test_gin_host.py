@@ -293,3 +293,88 @@ def test_transport_without_gpu_fails_clearly(headers: nccl.NcclHeaders, probe_ca
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("NcclError: ncclCommInitRank failed: "), proc.stdout + proc.stderr
     assert "cuda" in proc.stdout.lower()  # NCCL's reason: no usable CUDA driver here
+
+
+class _RecordingLibrary:
+    """NCCL's calls as ``GinTransport`` makes them, recorded; buffers and windows get fresh fake
+    addresses, and ncclDevCommCreate fills rank, nRanks and ginContextCount as NCCL would."""
+
+    def __init__(self, layout: gin.GinLayout, rank: int, num_ranks: int) -> None:
+        self.layout, self.rank, self.num_ranks = layout, rank, num_ranks
+        self.calls: list[str] = []
+        self.next_address = 0x1000
+
+    def _fresh(self) -> int:
+        self.next_address += 0x1000
+        return self.next_address
+
+    def call(self, name: str, *args, comm=None) -> None:  # noqa: ANN001, ANN002
+        self.calls.append(name)
+        if name == "ncclMemAlloc":
+            args[0]._obj.value = self._fresh()
+        elif name == "ncclCommWindowRegister":
+            args[3]._obj.value = self._fresh()
+        elif name == "ncclDevCommCreate":
+            host = args[2].value
+            for field, value in (("rank", self.rank), ("nRanks", self.num_ranks), ("ginContextCount", 4)):
+                offset, size = self.layout.fields[f"ncclDevComm.{field}"]
+                ctypes.memmove(host + offset, value.to_bytes(size, "little"), size)
+
+
+class _FakeRuntime:
+    memcpyHostToDevice = 1
+
+    def __init__(self) -> None:
+        self.allocated = 0
+
+    def malloc(self, size: int) -> int:
+        self.allocated += 1
+        return 0x900000 + self.allocated
+
+    def free(self, ptr: int) -> None:
+        pass
+
+    def memset(self, ptr: int, value: int, size: int) -> None:
+        pass
+
+    def memcpy(self, dst: int, src: int, size: int, kind: int) -> None:
+        pass
+
+    def deviceSynchronize(self) -> None:
+        pass
+
+
+@requires_nvcc
+def test_window_grows_without_a_new_communicator(
+    headers: nccl.NcclHeaders, probe_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A larger window re-makes the device communicator, window and buffer in the order of the first
+    setup and keeps the NCCL communicator (no ncclCommInitRank, no ncclCommDestroy until close)."""
+    layout = gin.probe_layout(headers, cache=probe_cache)
+    lib = _RecordingLibrary(layout, rank=1, num_ranks=4)
+    monkeypatch.setattr(gin, "_cupy_runtime", _FakeRuntime)
+    t = gin.GinTransport.__new__(gin.GinTransport)
+    t.layout, t.lib, t.rank, t.num_ranks = layout, lib, 1, 4
+    t.num_nodes, t.gpus_per_node, t.max_channels, t.signal_count = 2, 2, 8, 4 * 8 * 2
+    t.buffer_bytes, t.generation = 1 << 20, 0
+    t._comm, t._window, t._buffer = ctypes.c_void_p(0xC0), ctypes.c_void_p(), ctypes.c_void_p()
+    t._devcomm_host, t._devcomm_ptr, t.dev_comm_device = None, 0, 0
+    t._setup(4)
+    setup = ["ncclMemAlloc", "ncclCommWindowRegister", "ncclDevCommCreate"]
+    assert lib.calls == setup
+    window, buffer, dev_comm = t._window.value, t.buffer_ptr, t.dev_comm_device
+    lib.calls.clear()
+    t.grow(1 << 19)  # smaller: nothing to do
+    assert lib.calls == [] and t.generation == 0
+    t.grow((1 << 21) + 1)
+    teardown = ["ncclDevCommDestroy", "ncclCommWindowDeregister", "ncclMemFree"]
+    assert lib.calls == teardown + setup
+    assert (
+        t.generation == 1
+        and t.buffer_bytes >= (1 << 21) + 1
+        and t.buffer_bytes % layout.win_required_alignment == 0
+    )
+    assert (t._window.value, t.buffer_ptr, t.dev_comm_device) != (window, buffer, dev_comm)
+    lib.calls.clear()
+    t.close()
+    assert lib.calls == [*teardown, "ncclCommFinalize", "ncclCommDestroy"]

@@ -94,7 +94,7 @@ def _run(rank: int, world: int, per_node: int) -> dict:
         cases=results,
         backend=type(buf._backend).__name__,
         per_node=buf.num_ranks_per_node,
-        transports=(FakeGinTransport.made, FakeGinTransport.closed),
+        transports=(FakeGinTransport.made, FakeGinTransport.grown, FakeGinTransport.closed),
         transports_at=fk.transports_at,
         compiled=compiled,
     )
@@ -109,11 +109,12 @@ def test_internode_backend_host_logic(world: int, per_node: int) -> None:
     for g in got:
         # The GIN kernels, compiled for the transport's backend only
         assert {(h, d) for h, _, d in g["compiled"]} == {("csrc/internode_gin.cuh", gdaki_only)}
-        # Made at construction (smallest window), then again only when a dispatch's rows are larger
-        # than any before: never for a combine (dispatch sizes the slots for both); every one closed
-        made, closed = g["transports"]
-        sizes = [b for _, b in made]
-        assert all(c == 132 for c, _ in made) and sizes == sorted(set(sizes)) and closed == len(made), made
+        # Made once, at construction (smallest window); the window grows (the communicator kept) only
+        # when a dispatch's rows are larger than any before: never for a combine (dispatch sizes the
+        # slots for both); closed once
+        made, grown, closed = g["transports"]
+        assert len(made) == 1 and made[0][0] == 132 and closed == 1, made
+        assert grown and grown == sorted(set(grown)) and grown[0] > made[0][1], grown
         launches = [(k, n) for k, n in g["transports_at"] if k.startswith("internode")]
         for (kind, before), (after_kind, after) in itertools.pairwise(launches):
             if after_kind == "internode_combine_kernel":
@@ -259,3 +260,58 @@ def test_gin_setup_failure_is_agreed_by_every_rank() -> None:
         assert "no GIN context (fake)" in error
         assert backend == "HierTorchBackend"
         assert warning.endswith("backend 'auto' takes the torch path") and "ranks [1]" in warning
+
+
+def _disagreeing_ranks(rank: int, world: int) -> dict:
+    """Rank 1 passes another hidden size (a larger row: its buffers would grow, a collective) or
+    another num_experts: every rank raises ValueError before anything grows, and the group still
+    works afterwards."""
+    from group_fake_kernels import FakeGinTransport, install_group_fakes
+
+    install_group_fakes()
+    buf = commkit.Buffer(backend="kernels", timeout_s=60, num_ranks_per_node=2)
+    case = Case("c", (16,) * world, num_experts=4 * world, ranks_per_node=2, seed=3)
+    x, topk_idx, weights = make_inputs(case, rank)
+    errors = []
+    made_before = len(FakeGinTransport.made) + len(FakeGinTransport.grown)
+    for bad in ("hidden", "num_experts"):
+        xr, experts = x, case.num_experts
+        if rank == 1 and bad == "hidden":
+            xr = torch.cat([x, x], dim=1)
+        if rank == 1 and bad == "num_experts":
+            experts = 8 * world
+        try:
+            buf.dispatch(xr, topk_idx, weights, experts, num_sms=2)
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
+    grown = len(FakeGinTransport.made) + len(FakeGinTransport.grown) - made_before
+    out = buf.dispatch(x, topk_idx, weights, case.num_experts, num_sms=2)
+    try:  # a combine whose hidden differs on rank 1
+        xe = out.x if rank != 1 else torch.cat([out.x, out.x], dim=1)
+        buf.combine(xe, out.handle, num_sms=2)
+        errors.append("no error")
+    except ValueError as exc:
+        errors.append(str(exc))
+    y = buf.combine(out.x, out.handle, num_sms=2)
+    buf.close()
+    return dict(errors=errors, grown=grown, out=out.x, y=y.x)
+
+
+def test_ranks_that_disagree_get_value_error_before_any_growth() -> None:
+    world = 4
+    got = spawn_gloo(_disagreeing_ranks, world, timeout_s=300)
+    case = Case("c", (16,) * world, num_experts=4 * world, ranks_per_node=2, seed=3)
+    inputs = [make_inputs(case, r) for r in range(world)]
+    ref = dispatch_reference([i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs], 16)
+    ys = combine_reference([d.x for d in ref], ref, list(case.tokens), 2)
+    for rank, g in enumerate(got):
+        hidden, experts, combine = g["errors"]
+        peer = 0 if rank == 1 else 1
+        assert hidden.startswith("dispatch: expected every rank to pass the same call (op=dispatch"), hidden
+        assert hidden.endswith(f"from rank {peer}") and "hidden=128" in hidden, hidden
+        assert experts.startswith("dispatch: expected every rank") and experts.endswith(f"rank {peer}")
+        assert combine.startswith("combine: expected every rank to pass the same call"), combine
+        assert "got hidden from 64 to 128 across the ranks" in combine, combine
+        assert g["grown"] == 0  # no rank grew its window for the row it alone asked for
+        assert torch.equal(bits(g["out"]), bits(ref[rank].x)) and torch.equal(bits(g["y"]), bits(ys[rank]))

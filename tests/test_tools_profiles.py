@@ -94,3 +94,13 @@ def test_bad_profile_values_rejected() -> None:
     data["num_sms"] = 0
     with pytest.raises(ValueError, match="num_sms"):
         Profile.from_dict(data)
+    for bad in (6.9, "6", True):  # never truncated or coerced
+        data = profile().to_dict()
+        data["knobs"] = {"internode_dispatch_forwarder_warps": bad}
+        with pytest.raises(
+            ValueError, match=r"profile knob 'internode_dispatch_forwarder_warps': expected an int"
+        ):
+            Profile.from_dict(data)
+    data["knobs"] = [4]
+    with pytest.raises(ValueError, match="profile knobs: expected an object"):
+        Profile.from_dict(data)

@@ -6,14 +6,23 @@ nodes the peers' buffers cannot be loaded from or stored to, so a rank of a mult
 the same counts with one ``all_to_all_single`` of the process group and computes the same ``meta`` row
 with torch ops (NCCL: ordered on the current stream, no host sync, CUDA-graph capturable; gloo: CPU
 tensors, which is how the CPU tests run it). The barrier before a dispatch with a handle and before a
-combine is an all-reduce of one int32: when it completes on a rank's stream, every rank has finished
-the kernels it launched before it on its stream, so its counters are zero again (the guarantee of
-``csrc/cached.cuh``).
+combine is an all-reduce (of the call format, below): when it completes on a rank's stream, every rank
+has finished the kernels it launched before it on its stream, so its counters are zero again (the
+guarantee of ``csrc/cached.cuh``).
 
-Message of rank s to rank d (int32 [2 + L]): rows s sends to d, s's token count, rows s sends to each
-of d's L experts. ``meta`` of rank d (int32 [2R + 1 + L], ``kernels_layout.meta_stride``):
+Message of rank s to rank d (int32 [F + 2 + MAX_LOCAL_EXPERTS], the same size whatever the call):
+s's call format (``CallFormat``: F fields), rows s sends to d, s's token count, rows s sends to each of
+d's L experts, zeros after them. ``meta`` of rank d (int32 [2R + 1 + L], ``kernels_layout.meta_stride``):
 ``[0, R]`` exclusive prefix over sources of the rows received (``[R]`` = N_recv), ``[R + 1, 2R]`` the
 sources' token counts, ``[2R + 1, +L)`` rows received per local expert.
+
+Agreement: ranks that disagree on a call's format (op, num_experts, hidden, top-k, dtype, num_sms,
+num_worst_tokens) would size buffers, grow the GIN window (a collective) and read slots differently.
+The fixed-size message keeps the all-to-all well formed whatever the ranks pass, and carries the
+format; the barrier's all-reduce (MAX of ``[v, -v]``) gives every rank the largest and smallest value
+of each field. Every rank then checks the same facts: on CPU tensors at once, on CUDA tensors from the
+``Agreement`` the engine reads back with the counts (a ``ValueError`` on every rank, before anything
+collective that depends on the format) or, where nothing is read back, by a device-side assert.
 
 Every wait is bounded by ``timeout_s`` (``CommTimeoutError`` names the phase); with NCCL the host does
 not wait (the stream does), and NCCL's watchdog bounds the collective.
@@ -21,45 +30,170 @@ not wait (the stream does), and NCCL's watchdog bounds the collective.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from commkit.backends import kernels_layout as kl
 from commkit.errors import CommError, CommTimeoutError
 
+OPS = ("dispatch", "cached dispatch", "combine")
+FORMAT_NAMES = ("op", "num_experts", "hidden", "top-k", "dtype", "num_sms", "num_worst_tokens")
+NUM_FORMAT = len(FORMAT_NAMES)
+COUNTS_OFFSET = NUM_FORMAT  # where the counts start in a message
+MESSAGE_INTS = NUM_FORMAT + 2 + kl.MAX_LOCAL_EXPERTS
 
-def count_message(per_rank: torch.Tensor, per_expert: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """int32 [R, 2 + L]: row d is what this rank tells rank d (``per_rank`` [R], ``per_expert`` [E])."""
+
+@dataclass(frozen=True)
+class CallFormat:
+    """What every rank of a call must pass alike (combine: ``num_topk`` and ``dtype_code`` 0;
+    ``num_worst_tokens`` None is -1)."""
+
+    op: str
+    num_experts: int
+    hidden: int
+    num_topk: int
+    dtype_code: int
+    num_sms: int
+    num_worst_tokens: int | None = None
+
+    def values(self) -> tuple[int, ...]:
+        nwt = -1 if self.num_worst_tokens is None else self.num_worst_tokens
+        return (OPS.index(self.op), self.num_experts, self.hidden, self.num_topk, self.dtype_code,
+                self.num_sms, nwt)  # fmt: skip
+
+
+def _shown(name: str, value: int) -> str:
+    if name == "op" and 0 <= value < len(OPS):
+        return OPS[value]
+    if name == "num_worst_tokens" and value == -1:
+        return "None"
+    return str(value)
+
+
+def describe(values: list[int] | tuple[int, ...]) -> str:
+    """``values`` of a CallFormat as ``name=value`` pairs (the op by name)."""
+    return ", ".join(f"{n}={_shown(n, v)}" for n, v in zip(FORMAT_NAMES, values, strict=True))
+
+
+@dataclass
+class Agreement:
+    """What a rank learnt about its peers' formats. ``values`` int32 [1 + 2F]: after the count
+    exchange ``[first peer whose format differs or -1, that peer's F values, 0 x F]``; after the
+    barrier ``[-1 if all agree else the first field that differs, max x F, min x F]``."""
+
+    kind: str  # "exchange" or "barrier"
+    values: torch.Tensor
+    own: tuple[int, ...]
+
+    def error(self, host: list[int]) -> str | None:
+        """The error message from ``values`` read back (None when every rank agrees)."""
+        if host[0] < 0:
+            return None
+        own = describe(self.own)
+        if self.kind == "exchange":
+            theirs = describe(host[1 : 1 + NUM_FORMAT])
+            return f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {host[0]}"
+        name = FORMAT_NAMES[host[0]]
+        hi, lo = _shown(name, host[1 + host[0]]), _shown(name, host[1 + NUM_FORMAT + host[0]])
+        return (
+            f"expected every rank to pass the same call ({own}), got {name} from {lo} to {hi} across "
+            "the ranks"
+        )
+
+    def check_host(self, host: list[int]) -> None:
+        error = self.error(host)
+        if error is not None:
+            raise ValueError(f"{self.own_op}: {error}")
+
+    def check(self) -> None:
+        """On CPU: raises ``ValueError`` now. On CUDA: a device-side assert (no host sync)."""
+        if not self.values.is_cuda:
+            self.check_host(self.values.tolist())
+            return
+        torch._assert_async(
+            self.values[0] < 0,
+            f"{self.own_op}: the ranks passed different calls (this rank: {describe(self.own)}); "
+            "op, num_experts, hidden, top-k, dtype, num_sms and num_worst_tokens must agree",
+        )
+
+    @property
+    def own_op(self) -> str:
+        return OPS[self.own[0]]
+
+
+def count_message(
+    per_rank: torch.Tensor, per_expert: torch.Tensor, num_tokens: int, fmt: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int32 [R, MESSAGE_INTS]: row d is what this rank tells rank d (``per_rank`` [R], ``per_expert``
+    [E], ``fmt`` int32 [F] its CallFormat values, zeros if None)."""
     num_ranks = per_rank.numel()
-    message = torch.empty(
-        num_ranks, 2 + per_expert.numel() // num_ranks, dtype=torch.int32, device=per_rank.device
-    )
-    message[:, 0] = per_rank
-    message[:, 1] = num_tokens
-    message[:, 2:] = per_expert.view(num_ranks, -1)
+    local = per_expert.numel() // num_ranks
+    message = torch.zeros(num_ranks, MESSAGE_INTS, dtype=torch.int32, device=per_rank.device)
+    if fmt is not None:
+        message[:, :COUNTS_OFFSET] = fmt
+    message[:, COUNTS_OFFSET] = per_rank
+    message[:, COUNTS_OFFSET + 1] = num_tokens
+    message[:, COUNTS_OFFSET + 2 : COUNTS_OFFSET + 2 + local] = per_expert.view(num_ranks, -1)
     return message
 
 
-def meta_from_messages(received: torch.Tensor, num_worst_tokens: int | None) -> torch.Tensor:
-    """int32 [1, 2R + 1 + L] from the messages received (int32 [R, 2 + L], row s from rank s).
+def meta_from_messages(
+    received: torch.Tensor,
+    num_local_experts: int,
+    num_worst_tokens: int | None,
+    agreement: Agreement | None = None,
+) -> torch.Tensor:
+    """int32 [1, 2R + 1 + L] from the messages received (int32 [R, MESSAGE_INTS], row s from rank s).
 
     ``num_worst_tokens``: more rows received than this is an error (the outputs hold that many rows):
-    raised at once for CPU tensors, a device-side assert for CUDA ones (as the notify kernel traps)."""
+    raised at once for CPU tensors, a device-side assert for CUDA ones (as the notify kernel traps),
+    unless ``agreement`` says the ranks disagree (that is reported instead, by its own check)."""
     num_ranks = received.shape[0]
-    meta = torch.empty(
-        1, 2 * num_ranks + 1 + received.shape[1] - 2, dtype=torch.int32, device=received.device
-    )
+    counts = received[:, COUNTS_OFFSET : COUNTS_OFFSET + 2 + num_local_experts]
+    meta = torch.empty(1, 2 * num_ranks + 1 + num_local_experts, dtype=torch.int32, device=received.device)
     meta[0, 0] = 0
-    torch.cumsum(received[:, 0], 0, dtype=torch.int32, out=meta[0, 1 : num_ranks + 1])
-    meta[0, num_ranks + 1 : 2 * num_ranks + 1] = received[:, 1]
-    meta[0, 2 * num_ranks + 1 :] = received[:, 2:].sum(0, dtype=torch.int32)
+    torch.cumsum(counts[:, 0], 0, dtype=torch.int32, out=meta[0, 1 : num_ranks + 1])
+    meta[0, num_ranks + 1 : 2 * num_ranks + 1] = counts[:, 1]
+    meta[0, 2 * num_ranks + 1 :] = counts[:, 2:].sum(0, dtype=torch.int32)
     if num_worst_tokens is not None:
+        fits = meta[0, num_ranks] <= num_worst_tokens
+        if agreement is not None:
+            fits = fits | (agreement.values[0] >= 0)
         torch._assert_async(
-            meta[0, num_ranks] <= num_worst_tokens,
+            fits,
             f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the rows this rank receives",
         )
     return meta
+
+
+def exchange_agreement(received: torch.Tensor, own: tuple[int, ...], own_t: torch.Tensor) -> Agreement:
+    """The first peer (lowest rank) whose format in ``received`` differs from ``own`` (``own_t``: the
+    same values as an int32 tensor on ``received``'s device)."""
+    num_ranks = received.shape[0]
+    theirs = received[:, :COUNTS_OFFSET]
+    differs = (theirs != own_t).any(1)
+    ranks = torch.arange(num_ranks, dtype=torch.int32, device=received.device)
+    first = torch.where(differs, ranks, num_ranks).min()
+    row = theirs[first.clamp(max=num_ranks - 1)]
+    values = torch.zeros(1 + 2 * NUM_FORMAT, dtype=torch.int32, device=received.device)
+    values[0] = torch.where(first < num_ranks, first, -1)
+    values[1 : 1 + NUM_FORMAT] = row
+    return Agreement("exchange", values, own)
+
+
+def barrier_agreement(reduced: torch.Tensor, own: tuple[int, ...]) -> Agreement:
+    """From the all-reduced (MAX) ``[v, -v]``: the first field whose max and min differ."""
+    hi, lo = reduced[:NUM_FORMAT], -reduced[NUM_FORMAT:]
+    fields = torch.arange(NUM_FORMAT, dtype=torch.int32, device=reduced.device)
+    first = torch.where(hi != lo, fields, NUM_FORMAT).min()
+    values = torch.empty(1 + 2 * NUM_FORMAT, dtype=torch.int32, device=reduced.device)
+    values[0] = torch.where(first < NUM_FORMAT, first, -1)
+    values[1 : 1 + NUM_FORMAT] = hi
+    values[1 + NUM_FORMAT :] = lo
+    return Agreement("barrier", values, own)
 
 
 class GroupCountExchange:
@@ -70,24 +204,55 @@ class GroupCountExchange:
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.timeout_s = timeout_s
-        self._barrier_flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self.device = device
+        self._format_tensors: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _format_tensor(self, own: tuple[int, ...]) -> torch.Tensor:
+        """int32 [2F] ``[v, -v]`` on the device, made once per format (no copy from the host per call,
+        so the calls stay capturable in a CUDA graph)."""
+        t = self._format_tensors.get(own)
+        if t is None:
+            if len(self._format_tensors) > 64:
+                self._format_tensors.clear()
+            t = torch.tensor([*own, *(-v for v in own)], dtype=torch.int32).to(self.device)
+            self._format_tensors[own] = t
+        return t
 
     def notify(
-        self, per_rank: torch.Tensor, per_expert: torch.Tensor, num_tokens: int, num_worst_tokens: int | None
-    ) -> torch.Tensor:
-        """``meta`` [1, 2R + 1 + L] of this rank from its layout (``per_rank`` [R], ``per_expert`` [E])."""
-        message = count_message(per_rank.reshape(-1), per_expert.reshape(-1), num_tokens)
+        self,
+        per_rank: torch.Tensor,
+        per_expert: torch.Tensor,
+        num_tokens: int,
+        num_worst_tokens: int | None,
+        fmt: CallFormat,
+    ) -> tuple[torch.Tensor, Agreement]:
+        """``meta`` [1, 2R + 1 + L] of this rank from its layout (``per_rank`` [R], ``per_expert`` [E]),
+        and what it learnt of the peers' formats (on CPU a disagreement raises ``ValueError`` here)."""
+        own = fmt.values()
+        own_t = self._format_tensor(own)[:NUM_FORMAT]
+        message = count_message(per_rank.reshape(-1), per_expert.reshape(-1), num_tokens, own_t)
         received = torch.empty_like(message)
         self._run("dispatch: count exchange", dist.all_to_all_single, received, message)
-        return meta_from_messages(received, num_worst_tokens)
+        agreement = exchange_agreement(received, own, own_t)
+        if not received.is_cuda:
+            agreement.check()  # before the bound below, whose message would hide the cause
+        local = per_expert.numel() // self.num_ranks
+        return meta_from_messages(received, local, num_worst_tokens, agreement), agreement
 
-    def barrier(self) -> None:
-        """Stream-ordered barrier of the group (before a cached dispatch and before a combine)."""
-        self._run("barrier", dist.all_reduce, self._barrier_flag)
+    def barrier(self, fmt: CallFormat) -> Agreement:
+        """Stream-ordered barrier of the group (before a cached dispatch and before a combine) that
+        also compares the ranks' formats (on CPU a disagreement raises ``ValueError`` here)."""
+        own = fmt.values()
+        reduced = self._format_tensor(own).clone()
+        self._run("barrier", dist.all_reduce, reduced, op=dist.ReduceOp.MAX)
+        agreement = barrier_agreement(reduced, own)
+        if not reduced.is_cuda:
+            agreement.check()
+        return agreement
 
-    def _run(self, phase: str, collective, *args: torch.Tensor) -> None:  # noqa: ANN001
+    def _run(self, phase: str, collective, *args: torch.Tensor, **kwargs) -> None:  # noqa: ANN001, ANN003
         try:
-            work = collective(*args, group=self.group, async_op=True)
+            work = collective(*args, group=self.group, async_op=True, **kwargs)
             if args[0].is_cuda:
                 # NOTE: no timeout argument: with one, NCCL's wait blocks the host until completion
                 # (a host sync per call); without, only the current stream waits

@@ -435,6 +435,8 @@ class GinTransport:
         self._devcomm_host: Any = None
         self._devcomm_ptr = 0  # host ncclDevComm filled by ncclDevCommCreate (0: not created)
         self.dev_comm_device = 0  # its device copy, GinNet::comm
+        self.generation = 0  # windows made after the first (grow)
+        self._context_hint = context_count
 
         # Communicator of the group: group rank 0 makes the unique id, the group broadcasts it
         uid = _unique_id_type(self.layout.unique_id_bytes)()
@@ -451,9 +453,30 @@ class GinTransport:
             self.close()
             raise
 
+    def grow(self, buffer_bytes: int) -> None:
+        """A larger window (collective: every rank with the same size): the device communicator, the
+        window and the buffer are made again in the order of the first setup; the NCCL communicator
+        (bootstrap, connections) is kept. ``generation`` counts the windows made."""
+        align = self.layout.win_required_alignment
+        buffer_bytes = (buffer_bytes + align - 1) // align * align
+        if buffer_bytes <= self.buffer_bytes:
+            return
+        _cupy_runtime().deviceSynchronize()  # no kernel may use the old window any more
+        self._free_window()
+        self.buffer_bytes = 0  # no window until the new one is made
+        self.generation += 1
+        try:
+            self.buffer_bytes = buffer_bytes
+            self._setup(self._context_hint)
+        except BaseException:
+            self._free_window()
+            self.buffer_bytes = 0
+            raise
+
     def _setup(self, context_count: int) -> None:
         comm = self._comm.value
         runtime = _cupy_runtime()
+        self._context_hint = context_count
         # Symmetric buffer, zeroed, registered whole as one window (collective)
         self.lib.call(
             "ncclMemAlloc", ctypes.byref(self._buffer), ctypes.c_size_t(self.buffer_bytes), comm=comm
@@ -545,8 +568,16 @@ class GinTransport:
         comm = self._comm.value
         if comm is None:
             return
+        _cupy_runtime().deviceSynchronize()  # no kernel may use them any more
+        self._free_window()
+        self.lib.call("ncclCommFinalize", self._comm, comm=comm)
+        self.lib.call("ncclCommDestroy", self._comm)
+        self._comm = ctypes.c_void_p()
+
+    def _free_window(self) -> None:
+        """Destroy the device communicator, the window and the buffer (collective); the communicator stays."""
+        comm = self._comm.value
         runtime = _cupy_runtime()
-        runtime.deviceSynchronize()  # no kernel may use them any more
         if self.dev_comm_device:
             runtime.free(self.dev_comm_device)
             self.dev_comm_device = 0
@@ -559,6 +590,3 @@ class GinTransport:
         if self._buffer.value:
             self.lib.call("ncclMemFree", self._buffer, comm=comm)
             self._buffer = ctypes.c_void_p()
-        self.lib.call("ncclCommFinalize", self._comm, comm=comm)
-        self.lib.call("ncclCommDestroy", self._comm)
-        self._comm = ctypes.c_void_p()

@@ -26,7 +26,7 @@ import torch
 
 from commkit.backends import internode_layout as il
 from commkit.backends import kernels_layout as kl
-from commkit.backends.count_exchange import GroupCountExchange
+from commkit.backends.count_exchange import Agreement, CallFormat, GroupCountExchange
 from commkit.backends.internode_net import NetProvider, NvlinkDomain
 from commkit.backends.kernels import DispatchResult, KernelEngine, KernelState, _i32, _offsets, _u64
 from commkit.backends.symmetric import SymmetricBuffers
@@ -150,30 +150,51 @@ class InternodeEngine(KernelEngine):
     def _kernel_and_net(
         self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None, header: str, name: str
     ) -> tuple[Any, torch.Tensor]:
-        """The kernel (its SM budget checked) and the Net argument (the buffers grown). The budget is
-        checked before the buffers grow where the kernel's defines are known (GIN: once its transport
-        exists); the kernel is looked up again if growing made a transport with other defines."""
-        targs = (
-            (hidden, self.combine_forwarder_warps)
-            if num_topk is None
-            else (hidden, num_topk, dtype_code, self.dispatch_forwarder_warps)
-        )
+        """The kernel (its SM budget checked) and the Net argument (the buffers grown)."""
+        kernel, defines = self._kernel_first(num_sms, hidden, num_topk, dtype_code, header, name)
+        return self._net_then_kernel(kernel, defines, num_sms, hidden, num_topk, dtype_code, header, name)
+
+    def _targs(self, hidden: int, num_topk: int | None, dtype_code: int | None) -> tuple[int, ...]:
+        if num_topk is None:
+            return (hidden, self.combine_forwarder_warps)
+        assert dtype_code is not None
+        return (hidden, num_topk, dtype_code, self.dispatch_forwarder_warps)
+
+    def _kernel_first(
+        self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None, header: str, name: str
+    ) -> tuple[Any, tuple[str, ...] | None]:
+        """The kernel with its SM budget checked, before anything collective, where the kernel's
+        defines are known (GIN: once its transport exists; else None); and those defines."""
         self._check_num_sms(num_sms)
         defines = self.net.defines
-        kernel = None
-        if defines is not None:
-            kernel = self._inter_kernel(header, name, *targs)
-            self._check_budget(kernel, num_sms)
+        if defines is None:
+            return None, None
+        kernel = self._inter_kernel(header, name, *self._targs(hidden, num_topk, dtype_code))
+        self._check_budget(kernel, num_sms)
+        return kernel, defines
+
+    def _net_then_kernel(
+        self,
+        kernel: Any,
+        defines: tuple[str, ...] | None,
+        num_sms: int,
+        hidden: int,
+        num_topk: int | None,
+        dtype_code: int | None,
+        header: str,
+        name: str,
+    ) -> tuple[Any, torch.Tensor]:
+        """The Net argument (growing the buffers: collective), and the kernel looked up again if
+        growing made a transport with other defines."""
         net = self._net(num_sms, hidden, num_topk, dtype_code)
         if kernel is None or self.net.defines != defines:
-            kernel = self._inter_kernel(header, name, *targs)
+            kernel = self._inter_kernel(header, name, *self._targs(hidden, num_topk, dtype_code))
             self._check_budget(kernel, num_sms)
         return kernel, net
 
-    def _net(self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None) -> torch.Tensor:
-        """Grows the buffers for the internode regions; the Net argument in device memory. Dispatch
-        sizes the slots for its rows and for combine's (so that the combine after it never regrows);
-        combine (``num_topk`` None) asks for its own rows only."""
+    def _slots(self, hidden: int, num_topk: int | None, dtype_code: int | None) -> tuple[int, int]:
+        """(NVLink slot, net slot) bytes. Dispatch sizes the slots for its rows and for combine's (so
+        that the combine after it never regrows); combine (``num_topk`` None) asks for its own rows."""
         nvl_slot = net_slot = il.combine_slot_bytes(hidden)
         if num_topk is not None:
             assert dtype_code is not None
@@ -181,28 +202,42 @@ class InternodeEngine(KernelEngine):
             net_slot = max(
                 net_slot, il.dispatch_net_slot_bytes(hidden, num_topk, dtype_code, self.gpus_per_node)
             )
+        return nvl_slot, net_slot
 
-        # NOTE: hot path. The argument depends only on these sizes and on the objects that growing
-        # replaces (the buffers' bases tensor, the GIN transport): keyed by their ids, and the entry
-        # holds them (so an id cannot be reused while it lives); a hit skips layout, ensure, packing.
-        def key() -> tuple[int, ...]:
-            return (
-                num_sms,
-                nvl_slot,
-                net_slot,
-                id(self.buffers.peer_bases),
-                id(getattr(self.net, "transport", None)),
-            )
+    def _net_key(self, num_sms: int, nvl_slot: int, net_slot: int) -> tuple[int, ...]:
+        # NOTE: the argument depends only on these sizes and on the objects that growing replaces (the
+        # buffers' bases tensor, the GIN transport): keyed by their ids, and the entry holds them (so an
+        # id cannot be reused while it lives)
+        transport = getattr(self.net, "transport", None)
+        generation = getattr(transport, "generation", 0)  # a grown GIN window
+        return (num_sms, nvl_slot, net_slot, id(self.buffers.peer_bases), id(transport), generation)
 
-        hit = self._net_args.get(key())
+    def _net_cached(self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None) -> bool:
+        """Whether the Net argument for these sizes is cached (a miss may grow buffers: collective)."""
+        return self._net_key(num_sms, *self._slots(hidden, num_topk, dtype_code)) in self._net_args
+
+    def _net(self, num_sms: int, hidden: int, num_topk: int | None, dtype_code: int | None) -> torch.Tensor:
+        """Grows the buffers for the internode regions; the Net argument in device memory (hot path:
+        a hit skips layout, ensure and packing)."""
+        nvl_slot, net_slot = self._slots(hidden, num_topk, dtype_code)
+        hit = self._net_args.get(self._net_key(num_sms, nvl_slot, net_slot))
         if hit is not None:
             return hit[0]
         raw = self.net.argument(self.buffers, num_sms, self.num_nodes, self.gpus_per_node, nvl_slot, net_slot)
         if len(self._net_args) > 16:
             self._net_args.clear()
         arg = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
-        self._net_args[key()] = (arg, self.buffers.peer_bases, getattr(self.net, "transport", None))
+        transport = getattr(self.net, "transport", None)
+        self._net_args[self._net_key(num_sms, nvl_slot, net_slot)] = (arg, self.buffers.peer_bases, transport)
         return arg
+
+    def _agree(self, agreement: Agreement, grows: bool, phase: str) -> None:
+        """Every rank passed the same call: checked on the host before a step that may grow the
+        buffers (collective, so ranks that disagree must not reach it), else by a device assert."""
+        if grows and agreement.values.is_cuda:
+            agreement.check_host(self._read_counts(agreement.values.view(1, -1), phase)[0])
+        else:
+            agreement.check()
 
     def set_knobs(self, knobs: dict[str, int]) -> None:
         """Applies the role-split knobs in ``knobs`` (``KNOBS``; others are left to other engines)."""
@@ -221,20 +256,6 @@ class InternodeEngine(KernelEngine):
         """The role split in use (``KNOBS`` names)."""
         return {name: getattr(self, attr) for name, attr in KNOBS.items()}
 
-    def _exchange_counts(
-        self,
-        token_counts: list[int],
-        token_offsets: torch.Tensor,
-        per_rank: torch.Tensor,
-        per_expert: torch.Tensor,
-        num_experts: int,
-        num_worst_tokens: int | None,
-    ) -> torch.Tensor:
-        """``meta`` [num_local, 2R + 1 + L]: the notify kernel, or the process group's exchange."""
-        if self.exchange is None:
-            return self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
-        return self.exchange.notify(per_rank, per_expert, token_counts[0], num_worst_tokens)
-
     def _forwarder_rows(
         self, token_counts: list[int], meta_host: list[list[int]] | None, num_worst_tokens: int | None
     ) -> list[list[int]]:
@@ -252,12 +273,6 @@ class InternodeEngine(KernelEngine):
             assert num_worst_tokens is not None
             sizes = [g * num_worst_tokens] * self.num_nodes
         return [_offsets(sizes)]
-
-    def _cached_notify(self) -> None:
-        if self.exchange is None:
-            super()._cached_notify()
-        else:
-            self.exchange.barrier()
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(
@@ -288,10 +303,15 @@ class InternodeEngine(KernelEngine):
                 f"got {list(token_counts)}"
             )
         g = self.gpus_per_node
-        kernel, net = self._kernel_and_net(
-            num_sms, hidden, num_topk, dtype_code, "csrc/internode_dispatch.cuh", "internode_dispatch_kernel"
-        )
+        header, name = "csrc/internode_dispatch.cuh", "internode_dispatch_kernel"
+        grouped = self.exchange is not None
+        if grouped:  # the buffers grow after the count exchange has shown that every rank agrees
+            kernel, defines = self._kernel_first(num_sms, hidden, num_topk, dtype_code, header, name)
+        else:  # virtual nodes: the notify kernel works in the buffers
+            kernel, net = self._kernel_and_net(num_sms, hidden, num_topk, dtype_code, header, name)
         out_fp8 = dtype_code != kl.DTYPE_BF16
+        fmt = CallFormat("dispatch" if state is None else "cached dispatch", num_experts, hidden, num_topk,
+                         dtype_code, num_sms, num_worst_tokens)  # fmt: skip
 
         self._timing_begin()
         if num_worst_tokens is not None:
@@ -299,14 +319,18 @@ class InternodeEngine(KernelEngine):
             outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
             outs[2].fill_(-1)
             outs[3].zero_()
+        agreement = None
         if state is None:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
                 topk_idx, token_counts, num_experts, with_in_rank=False
             )
             node_pos = node_send_pos(send_pos, list(token_counts), g)
-            meta = self._exchange_counts(
-                list(token_counts), token_offsets, per_rank, per_expert, num_experts, num_worst_tokens
-            )
+            if self.exchange is None:
+                meta = self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
+            else:
+                meta, agreement = self.exchange.notify(
+                    per_rank, per_expert, token_counts[0], num_worst_tokens, fmt
+                )
             recv_counts = expert_counts = None
         else:
             send_pos, meta, token_offsets, node_pos = (
@@ -318,13 +342,29 @@ class InternodeEngine(KernelEngine):
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
             # NOTE: the barrier first, so that every rank makes the same collective calls even when
             # this one raises (its peers then time out in the kernel, as in the intranode path)
-            self._cached_notify()
+            if self.exchange is None:
+                self._cached_notify()
+            else:
+                agreement = self.exchange.barrier(fmt)
             self._check_cached_worst(state, num_worst_tokens)
         meta_host = None
         if num_worst_tokens is None and recv_counts is None:
-            meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
+            if agreement is None:
+                meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
+            else:  # the agreement comes back with the counts (one read)
+                both = torch.cat([meta.reshape(-1), agreement.values]).view(1, -1)
+                row = self._read_counts(both, "dispatch: count exchange")[0]
+                agreement.check_host(row[meta.shape[1] :])
+                meta_host = [row[: meta.shape[1]]]
             recv_counts = [row[self.num_ranks] for row in meta_host]
             expert_counts = [row[2 * self.num_ranks + 1 :] for row in meta_host]
+        elif agreement is not None:
+            grows = not self._net_cached(num_sms, hidden, num_topk, dtype_code)
+            self._agree(agreement, grows, "dispatch: count exchange")
+        if grouped:
+            kernel, net = self._net_then_kernel(
+                kernel, defines, num_sms, hidden, num_topk, dtype_code, header, name
+            )
         if state is not None:  # same routing: the records have the same size
             fwd_offsets, num_records = state.fwd_offsets, state.fwd_token.numel()
         else:
@@ -393,13 +433,21 @@ class InternodeEngine(KernelEngine):
         hidden = x.shape[1]
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
-        kernel, net = self._kernel_and_net(
-            num_sms, hidden, None, None, "csrc/internode_combine.cuh", "internode_combine_kernel"
-        )
+        header, name = "csrc/internode_combine.cuh", "internode_combine_kernel"
+        if self.exchange is None:
+            kernel, net = self._kernel_and_net(num_sms, hidden, None, None, header, name)
+        else:  # the buffers grow (if at all) after the barrier has shown that every rank agrees
+            kernel, defines = self._kernel_first(num_sms, hidden, None, None, header, name)
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
         self._timing_begin()
-        self._cached_notify()
+        if self.exchange is None:
+            self._cached_notify()
+        else:
+            fmt = CallFormat("combine", num_experts, hidden, 0, 0, num_sms)
+            agreement = self.exchange.barrier(fmt)
+            self._agree(agreement, not self._net_cached(num_sms, hidden, None, None), "combine: barrier")
+            kernel, net = self._net_then_kernel(kernel, defines, num_sms, hidden, None, None, header, name)
         args = (
             _u64(net),
             _u64(self.buffers.peer_bases),

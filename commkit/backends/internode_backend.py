@@ -5,7 +5,7 @@ Per rank: a process group of its node's ranks (made with ``use_local_synchroniza
 take part) over which the CUDA IPC buffers of the NVLink hop are exchanged (``NodeBuffers``: the
 kernels index ``peer_bases`` by group rank and touch only their own node's entries, the others are 0);
 the inter-node hop on NCCL's GIN (``commkit.backends.internode_net.Gin``: an NCCL communicator of the
-group, a window, a device communicator, made on the first dispatch); the count exchange and barrier
+group, a window, a device communicator, made with the backend); the count exchange and barrier
 over the group (``commkit.backends.count_exchange``). Same API, outputs and handles as the intranode
 ``KernelsBackend``; combine sums per node first (``commkit.reference``'s two-level rule).
 """

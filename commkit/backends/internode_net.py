@@ -9,8 +9,10 @@ GPU (``commkit.emulate``) and nodes joined by NVLink.
 (counters, NVLink rings) stay in the load/store buffers of the node (CUDA IPC); the net ring and the
 sender's staging copy live in an NCCL window (``commkit.backends.gin.GinTransport``) with the offsets
 of a second ``InterLayout`` whose net regions start at 0 (the kernels reach net regions only through
-the Net, so the two layouts differ in those offsets only). The window is created on first use and
-created again, by all ranks together, when a larger row or budget needs more room.
+the Net, so the two layouts differ in those offsets only). The transport is made when the backend is
+(window for the smallest rows); a larger row grows the window (``GinTransport.grow``: device
+communicator, window and buffer made again, the NCCL communicator kept), by all ranks together: the
+engine has checked that they agree on the call first (``count_exchange``).
 """
 
 from __future__ import annotations
@@ -125,9 +127,10 @@ class Gin:
 
         if self.transport is None:
             return None
-        # NOTE: read once per transport (it is looked up on every dispatch and combine)
-        if self._defines_of is not self.transport:
-            self._defines_of, self._defines = self.transport, backend_defines(self.transport.backend_types)
+        # NOTE: read once per device communicator (it is looked up on every dispatch and combine)
+        made = (self.transport, self.transport.generation)
+        if self._defines_of != made:
+            self._defines_of, self._defines = made, backend_defines(self.transport.backend_types)
         return self._defines
 
     def __init__(self, group: Any, *, num_nodes: int, gpus_per_node: int, headers: Any = None) -> None:
@@ -172,7 +175,9 @@ class Gin:
         """(Re)creates the transport when the window is too small or has other channels (collective:
         every rank reaches here in the same call with the same layout)."""
         t = self.transport
-        if t is not None and t.max_channels == window.max_channels and t.buffer_bytes >= window.total_bytes:
+        if t is not None and t.max_channels == window.max_channels:
+            if t.buffer_bytes < window.total_bytes:
+                t.grow(window.total_bytes)  # the NCCL communicator is kept
             return
         from commkit.backends.gin import GinTransport
 
