@@ -181,3 +181,42 @@ def test_ranks_that_disagree_raise_on_every_rank(field: str) -> None:
         assert cached.startswith("cached dispatch: expected every rank to pass the same call"), cached
         assert f"got {name} from " in cached and "across the ranks" in cached, cached
         assert combine.startswith("combine: expected every rank to pass the same call"), combine
+
+
+def test_agreement_values_single_process() -> None:
+    """The device-side facts (what a CUDA rank reads back or asserts on) computed by the same torch ops
+    on CPU: the first peer that differs after the exchange, the first field and its range after the
+    barrier; -1 when every rank agrees."""
+    from commkit.backends.count_exchange import NUM_FORMAT, barrier_agreement, exchange_agreement
+
+    base = CallFormat("dispatch", 32, 7168, 8, 0, 24, 512)
+    other = CallFormat("dispatch", 32, 4096, 8, 0, 24, 512)
+    own = base.values()
+    own_t = torch.tensor(own, dtype=torch.int32)
+    per_rank, per_expert = torch.zeros(4, dtype=torch.int32), torch.zeros(32, dtype=torch.int32)
+    rows = [count_message(per_rank, per_expert, 0, torch.tensor(f.values(), dtype=torch.int32))[0]
+            for f in (base, base, other, other)]  # fmt: skip
+    agreement = exchange_agreement(torch.stack(rows), own, own_t)
+    host = agreement.values.tolist()
+    assert host[0] == 2 and host[1 : 1 + NUM_FORMAT] == list(other.values())
+    assert agreement.error(host) == (
+        "expected every rank to pass the same call (op=dispatch, num_experts=32, hidden=7168, top-k=8, "
+        "dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes), got (op=dispatch, num_experts=32, "
+        "hidden=4096, top-k=8, dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes) from rank 2"
+    )
+    same = exchange_agreement(torch.stack(rows[:2]), own, own_t)
+    assert same.values[0] == -1 and same.error(same.values.tolist()) is None
+    same.check()  # no error
+
+    fmt_t = torch.tensor([*own, *(-v for v in own)], dtype=torch.int32)
+    low = CallFormat("combine", 32, 7168, 0, 0, 20).values()
+    low_t = torch.tensor([*low, *(-v for v in low)], dtype=torch.int32)
+    reduced = torch.maximum(fmt_t, low_t)  # what all_reduce(MAX) of the two ranks gives
+    agreement = barrier_agreement(reduced, own)
+    assert agreement.values[0] == 0  # op differs first
+    assert agreement.error(agreement.values.tolist()).endswith(
+        "got op from dispatch to combine across the ranks"
+    )
+    with pytest.raises(ValueError, match="^dispatch: expected every rank"):
+        agreement.check()
+    assert barrier_agreement(fmt_t.clone(), own).values[0] == -1

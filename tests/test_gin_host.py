@@ -353,12 +353,11 @@ def test_window_grows_without_a_new_communicator(
     layout = gin.probe_layout(headers, cache=probe_cache)
     lib = _RecordingLibrary(layout, rank=1, num_ranks=4)
     monkeypatch.setattr(gin, "_cupy_runtime", _FakeRuntime)
-    t = gin.GinTransport.__new__(gin.GinTransport)
-    t.layout, t.lib, t.rank, t.num_ranks = layout, lib, 1, 4
-    t.num_nodes, t.gpus_per_node, t.max_channels, t.signal_count = 2, 2, 8, 4 * 8 * 2
-    t.buffer_bytes, t.generation = 1 << 20, 0
-    t._comm, t._window, t._buffer = ctypes.c_void_p(0xC0), ctypes.c_void_p(), ctypes.c_void_p()
-    t._devcomm_host, t._devcomm_ptr, t.dev_comm_device = None, 0, 0
+    t = _bare_transport(layout, lib, 1, 4)
+    monkeypatch.setattr(
+        "torch.distributed.all_gather_object",
+        lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out)),
+    )  # every rank's allocation succeeded
     t._setup(4)
     setup = ["ncclMemAlloc", "ncclCommWindowRegister", "ncclDevCommCreate"]
     assert lib.calls == setup
@@ -378,3 +377,59 @@ def test_window_grows_without_a_new_communicator(
     lib.calls.clear()
     t.close()
     assert lib.calls == [*teardown, "ncclCommFinalize", "ncclCommDestroy"]
+
+
+def _grow_fails_on_rank_1(rank: int, world: int, headers: nccl.NcclHeaders, cache: str) -> list[str]:
+    from commkit.backends import gin as gin_mod
+
+    layout = gin_mod.probe_layout(headers, cache=Path(cache))
+    gin_mod._cupy_runtime = _FakeRuntime  # type: ignore[assignment]
+    lib = _RecordingLibrary(layout, rank=rank, num_ranks=world)
+    if rank == 1:
+        original = lib.call
+
+        def call(name: str, *args, comm=None) -> None:  # noqa: ANN001, ANN002
+            if name == "ncclMemAlloc" and t.buffer_bytes == 0:  # the grow's allocation
+                lib.calls.append(name)
+                raise gin_mod.NcclError("ncclMemAlloc: out of memory (fake)")
+            original(name, *args, comm=comm)
+
+        lib.call = call  # type: ignore[method-assign]
+    t = _bare_transport(layout, lib, rank, world)
+    t._setup(4)
+    lib.calls.clear()
+    try:
+        t.grow(1 << 22)
+    except gin_mod.NcclError as exc:
+        return [str(exc), *lib.calls, f"bytes={t.buffer_bytes}"]
+    return ["no error"]
+
+
+def _bare_transport(layout: gin.GinLayout, lib: _RecordingLibrary, rank: int, world: int) -> gin.GinTransport:
+    t = gin.GinTransport.__new__(gin.GinTransport)
+    t.layout, t.lib, t.rank, t.num_ranks, t.group = layout, lib, rank, world, None
+    t.num_nodes, t.gpus_per_node, t.max_channels, t.signal_count = 2, world // 2, 8, 4 * 8 * 2
+    t.buffer_bytes, t.generation = 1 << 20, 0
+    t._comm, t._window, t._buffer = ctypes.c_void_p(0xC0), ctypes.c_void_p(), ctypes.c_void_p()
+    t._devcomm_host, t._devcomm_ptr, t.dev_comm_device = None, 0, 0
+    return t
+
+
+@requires_nvcc
+def test_failed_grow_is_agreed_before_any_collective_step(
+    headers: nccl.NcclHeaders, probe_cache: Path
+) -> None:
+    """The new buffer fails to allocate on rank 1 only: both ranks raise NcclError naming rank 1, and
+    neither registers a window (a collective that rank 1 would not join); both are left without one."""
+    from commkit.launch import spawn_gloo
+
+    gin.probe_layout(headers, cache=probe_cache)  # compiled once here, read from the cache there
+    got = spawn_gloo(_grow_fails_on_rank_1, 2, headers, str(probe_cache), timeout_s=120)
+    teardown = ["ncclDevCommDestroy", "ncclCommWindowDeregister", "ncclMemFree"]
+    for rank, (error, *calls) in enumerate(got):
+        assert error.startswith(
+            "GinTransport.grow: a window of 4194304 bytes could not be allocated on ranks [1]"
+        )
+        assert "(rank 1: NcclError: ncclMemAlloc: out of memory (fake))" in error
+        freed = ["ncclMemFree"] if rank == 0 else []  # rank 0's new buffer is freed again
+        assert calls == [*teardown, "ncclMemAlloc", *freed, "bytes=0"], (rank, calls)

@@ -315,3 +315,48 @@ def test_ranks_that_disagree_get_value_error_before_any_growth() -> None:
         assert "got hidden from 64 to 128 across the ranks" in combine, combine
         assert g["grown"] == 0  # no rank grew its window for the row it alone asked for
         assert torch.equal(bits(g["out"]), bits(ref[rank].x)) and torch.equal(bits(g["y"]), bits(ys[rank]))
+
+
+def _rows_do_not_fit_on_some_ranks(rank: int, world: int) -> dict:
+    """A cached dispatch with a larger hidden (the buffers would grow: collective) and a
+    num_worst_tokens that only some ranks' rows fit in: the ranks that fail their own check tell the
+    others through the barrier, so every rank raises ValueError and none grows alone."""
+    import torch.distributed as dist
+    from group_fake_kernels import FakeGinTransport, install_group_fakes
+
+    install_group_fakes()
+    buf = commkit.Buffer(backend="kernels", timeout_s=20, num_ranks_per_node=2)
+    case = Case("c", (16, 16, 16, 2), num_experts=4 * world, ranks_per_node=2, seed=3)
+    x, topk_idx, weights = make_inputs(case, rank)
+    out = buf.dispatch(x, topk_idx, weights, case.num_experts, num_sms=2)
+    rows: list = [None] * world
+    dist.all_gather_object(rows, out.x.shape[0])
+    grown_before = len(FakeGinTransport.grown)
+    try:
+        buf.dispatch(torch.cat([x, x], dim=1), topk_idx, weights, case.num_experts, num_sms=2,
+                     handle=out.handle, num_worst_tokens=min(rows))  # fmt: skip
+        error = "no error"
+    except ValueError as exc:
+        error = str(exc)
+    grown = len(FakeGinTransport.grown) - grown_before
+    y = buf.combine(out.x, out.handle, num_sms=2)  # the group still works
+    buf.close()
+    return dict(rows=rows, error=error, grown=grown, y=y.x)
+
+
+def test_rows_that_do_not_fit_stop_every_rank_before_growth() -> None:
+    world = 4
+    got = spawn_gloo(_rows_do_not_fit_on_some_ranks, world, timeout_s=300)
+    case = Case("c", (16, 16, 16, 2), num_experts=4 * world, ranks_per_node=2, seed=3)
+    inputs = [make_inputs(case, r) for r in range(world)]
+    ref = dispatch_reference([i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs], 16)
+    ys = combine_reference([d.x for d in ref], ref, list(case.tokens), 2)
+    rows = got[0]["rows"]
+    assert len(set(rows)) > 1  # some ranks fit, some do not
+    for rank, g in enumerate(got):
+        if rows[rank] > min(rows):  # its own reason
+            assert g["error"].startswith("num_worst_tokens: expected at least the"), g["error"]
+        else:
+            assert g["error"].startswith("cached dispatch: another rank receives more rows"), g["error"]
+        assert g["grown"] == 0
+        assert torch.equal(bits(g["y"]), bits(ys[rank]))

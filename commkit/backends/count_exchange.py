@@ -23,6 +23,8 @@ format; the barrier's all-reduce (MAX of ``[v, -v]``) gives every rank the large
 of each field. Every rank then checks the same facts: on CPU tensors at once, on CUDA tensors from the
 ``Agreement`` the engine reads back with the counts (a ``ValueError`` on every rank, before anything
 collective that depends on the format) or, where nothing is read back, by a device-side assert.
+NOTE: a fresh dispatch (all-to-all) on one rank and a cached dispatch or combine (all-reduce) on
+another are different collectives: the ``op`` field tells the latter two apart only.
 
 Every wait is bounded by ``timeout_s`` (``CommTimeoutError`` names the phase); with NCCL the host does
 not wait (the stream does), and NCCL's watchdog bounds the collective.
@@ -40,7 +42,7 @@ from commkit.backends import kernels_layout as kl
 from commkit.errors import CommError, CommTimeoutError
 
 OPS = ("dispatch", "cached dispatch", "combine")
-FORMAT_NAMES = ("op", "num_experts", "hidden", "top-k", "dtype", "num_sms", "num_worst_tokens")
+FORMAT_NAMES = ("op", "num_experts", "hidden", "top-k", "dtype", "num_sms", "num_worst_tokens", "rows fit")
 NUM_FORMAT = len(FORMAT_NAMES)
 COUNTS_OFFSET = NUM_FORMAT  # where the counts start in a message
 MESSAGE_INTS = NUM_FORMAT + 2 + kl.MAX_LOCAL_EXPERTS
@@ -49,7 +51,9 @@ MESSAGE_INTS = NUM_FORMAT + 2 + kl.MAX_LOCAL_EXPERTS
 @dataclass(frozen=True)
 class CallFormat:
     """What every rank of a call must pass alike (combine: ``num_topk`` and ``dtype_code`` 0;
-    ``num_worst_tokens`` None is -1)."""
+    ``num_worst_tokens`` None is -1). ``rows_fit``: the outcome of a rank's own check that depends on
+    its data (a cached dispatch's rows within ``num_worst_tokens``), shared so that every rank stops
+    where one does."""
 
     op: str
     num_experts: int
@@ -58,11 +62,12 @@ class CallFormat:
     dtype_code: int
     num_sms: int
     num_worst_tokens: int | None = None
+    rows_fit: bool = True
 
     def values(self) -> tuple[int, ...]:
         nwt = -1 if self.num_worst_tokens is None else self.num_worst_tokens
         return (OPS.index(self.op), self.num_experts, self.hidden, self.num_topk, self.dtype_code,
-                self.num_sms, nwt)  # fmt: skip
+                self.num_sms, nwt, int(self.rows_fit))  # fmt: skip
 
 
 def _shown(name: str, value: int) -> str:
@@ -70,6 +75,8 @@ def _shown(name: str, value: int) -> str:
         return OPS[value]
     if name == "num_worst_tokens" and value == -1:
         return "None"
+    if name == "rows fit":
+        return "yes" if value else "no"
     return str(value)
 
 
@@ -97,6 +104,11 @@ class Agreement:
             theirs = describe(host[1 : 1 + NUM_FORMAT])
             return f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {host[0]}"
         name = FORMAT_NAMES[host[0]]
+        if name == "rows fit":
+            return (
+                "another rank receives more rows with this handle than num_worst_tokens holds (it "
+                "raised ValueError: num_worst_tokens ...); every rank stops"
+            )
         hi, lo = _shown(name, host[1 + host[0]]), _shown(name, host[1 + NUM_FORMAT + host[0]])
         return (
             f"expected every rank to pass the same call ({own}), got {name} from {lo} to {hi} across "
@@ -177,7 +189,7 @@ def exchange_agreement(received: torch.Tensor, own: tuple[int, ...], own_t: torc
     differs = (theirs != own_t).any(1)
     ranks = torch.arange(num_ranks, dtype=torch.int32, device=received.device)
     first = torch.where(differs, ranks, num_ranks).min()
-    row = theirs[first.clamp(max=num_ranks - 1)]
+    row = theirs.index_select(0, first.clamp(max=num_ranks - 1).view(1))[0]  # NOTE: no host sync
     values = torch.zeros(1 + 2 * NUM_FORMAT, dtype=torch.int32, device=received.device)
     values[0] = torch.where(first < num_ranks, first, -1)
     values[1 : 1 + NUM_FORMAT] = row
@@ -209,7 +221,8 @@ class GroupCountExchange:
 
     def _format_tensor(self, own: tuple[int, ...]) -> torch.Tensor:
         """int32 [2F] ``[v, -v]`` on the device, made once per format (no copy from the host per call,
-        so the calls stay capturable in a CUDA graph)."""
+        so the calls stay capturable in a CUDA graph once a call of that format has run: as the JIT
+        and the buffers' growth need anyway)."""
         t = self._format_tensors.get(own)
         if t is None:
             if len(self._format_tensors) > 64:

@@ -418,6 +418,7 @@ class GinTransport:
         import torch.distributed as dist
 
         group = group if group is not None else dist.group.WORLD  # get_global_rank needs the object
+        self.group = group
         self.headers = headers or nccl_headers.find_headers()
         self.layout = probe_layout(self.headers)
         self.lib = load_library(self.headers)
@@ -456,7 +457,12 @@ class GinTransport:
     def grow(self, buffer_bytes: int) -> None:
         """A larger window (collective: every rank with the same size): the device communicator, the
         window and the buffer are made again in the order of the first setup; the NCCL communicator
-        (bootstrap, connections) is kept. ``generation`` counts the windows made."""
+        (bootstrap, connections) is kept. ``generation`` counts the windows made. The new buffer is
+        allocated (a local step that can fail, e.g. out of memory) and the ranks agree on it before the
+        collective steps; if it failed anywhere, every rank raises ``NcclError`` naming the ranks and
+        is left without a window (``Gin`` then closes the transport and makes a new one next time)."""
+        import torch.distributed as dist
+
         align = self.layout.win_required_alignment
         buffer_bytes = (buffer_bytes + align - 1) // align * align
         if buffer_bytes <= self.buffer_bytes:
@@ -465,24 +471,42 @@ class GinTransport:
         self._free_window()
         self.buffer_bytes = 0  # no window until the new one is made
         self.generation += 1
+        failure = None
         try:
-            self.buffer_bytes = buffer_bytes
-            self._setup(self._context_hint)
-        except BaseException:
+            self._alloc_buffer(buffer_bytes)
+        except Exception as exc:  # noqa: BLE001 - agreed below
+            failure = f"{type(exc).__name__}: {exc}"
+        failures: list[Any] = [None] * self.num_ranks
+        dist.all_gather_object(failures, failure, group=self.group)
+        failed = {r: f for r, f in enumerate(failures) if f is not None}
+        if failed:
             self._free_window()
-            self.buffer_bytes = 0
-            raise
+            first = min(failed)
+            raise NcclError(
+                f"GinTransport.grow: a window of {buffer_bytes} bytes could not be allocated on ranks "
+                f"{sorted(failed)} (rank {first}: {failed[first]})"
+            )
+        self.buffer_bytes = buffer_bytes
+        self._register(self._context_hint)
 
     def _setup(self, context_count: int) -> None:
+        self._alloc_buffer(self.buffer_bytes)
+        self._register(context_count)
+
+    def _alloc_buffer(self, buffer_bytes: int) -> None:
+        """The symmetric buffer, zeroed (local)."""
+        runtime = _cupy_runtime()
+        self.lib.call(
+            "ncclMemAlloc", ctypes.byref(self._buffer), ctypes.c_size_t(buffer_bytes), comm=self._comm.value
+        )
+        runtime.memset(self._buffer.value, 0, buffer_bytes)
+        runtime.deviceSynchronize()
+
+    def _register(self, context_count: int) -> None:
+        """The buffer registered whole as one window, then the device communicator (collective)."""
         comm = self._comm.value
         runtime = _cupy_runtime()
         self._context_hint = context_count
-        # Symmetric buffer, zeroed, registered whole as one window (collective)
-        self.lib.call(
-            "ncclMemAlloc", ctypes.byref(self._buffer), ctypes.c_size_t(self.buffer_bytes), comm=comm
-        )
-        runtime.memset(self._buffer.value, 0, self.buffer_bytes)
-        runtime.deviceSynchronize()
         self.lib.call(
             "ncclCommWindowRegister",
             self._comm,
@@ -508,6 +532,10 @@ class GinTransport:
         self._check_dev_comm()
 
     def _dev_comm_field(self, name: str) -> int:
+        if not self._devcomm_ptr:
+            raise NcclError(
+                f"ncclDevComm.{name}: the transport has no device communicator (closed, or a grow failed)"
+            )
         offset, size = self.layout.fields[f"ncclDevComm.{name}"]
         raw = ctypes.string_at(self._devcomm_ptr + offset, size)
         return int.from_bytes(raw, "little", signed=name in ("rank", "nRanks"))

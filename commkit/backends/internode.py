@@ -17,6 +17,7 @@ tail keeps ``fwd_token`` = INT32_MAX so that combine's binary search stops befor
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -341,12 +342,24 @@ class InternodeEngine(KernelEngine):
             )
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
             # NOTE: the barrier first, so that every rank makes the same collective calls even when
-            # this one raises (its peers then time out in the kernel, as in the intranode path)
+            # this one raises; the outcome of this rank's own check travels with the barrier, so that
+            # its peers stop too (before a growth this rank would not join)
+            try:
+                self._check_cached_worst(state, num_worst_tokens)
+                rows_error = None
+            except ValueError as exc:
+                rows_error = exc
             if self.exchange is None:
                 self._cached_notify()
             else:
-                agreement = self.exchange.barrier(fmt)
-            self._check_cached_worst(state, num_worst_tokens)
+                fmt = dataclasses.replace(fmt, rows_fit=rows_error is None)
+                try:
+                    agreement = self.exchange.barrier(fmt)
+                except ValueError:
+                    if rows_error is None:
+                        raise
+            if rows_error is not None:
+                raise rows_error  # this rank's own reason
         meta_host = None
         if num_worst_tokens is None and recv_counts is None:
             if agreement is None:
@@ -360,7 +373,9 @@ class InternodeEngine(KernelEngine):
             expert_counts = [row[2 * self.num_ranks + 1 :] for row in meta_host]
         elif agreement is not None:
             grows = not self._net_cached(num_sms, hidden, num_topk, dtype_code)
-            self._agree(agreement, grows, "dispatch: count exchange")
+            self._agree(
+                agreement, grows, "dispatch: count exchange" if state is None else "dispatch: barrier"
+            )
         if grouped:
             kernel, net = self._net_then_kernel(
                 kernel, defines, num_sms, hidden, num_topk, dtype_code, header, name

@@ -177,7 +177,14 @@ class Gin:
         t = self.transport
         if t is not None and t.max_channels == window.max_channels:
             if t.buffer_bytes < window.total_bytes:
-                t.grow(window.total_bytes)  # the NCCL communicator is kept
+                try:
+                    t.grow(window.total_bytes)  # the NCCL communicator is kept
+                except BaseException:
+                    # NOTE: a failed grow is agreed by every rank (GinTransport.grow), so every rank
+                    # closes (collective) and the next call makes a new transport on every rank
+                    self.transport = None
+                    t.close()
+                    raise
             return
         from commkit.backends.gin import GinTransport
 
