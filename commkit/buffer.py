@@ -365,6 +365,12 @@ class Buffer:
         self._backend.set_knobs(dict(knobs))  # type: ignore[attr-defined]
 
     @property
+    def internode_transport(self) -> str | None:
+        """The inter-node hop of the internode kernels ("gin" or "nvlink-domain"); None for the other
+        backends."""
+        return getattr(self._backend, "transport", None)
+
+    @property
     def knobs(self) -> dict[str, int]:
         """Kernel parameters in use (see ``set_knobs``); {} for a backend without any."""
         return dict(getattr(self._backend, "knobs", None) or {})

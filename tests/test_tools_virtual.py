@@ -229,7 +229,11 @@ def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
     result = tune_virtual(4, spec, device=CPU)
     swept = {(r["op"], r["knobs"][ROLE_KNOBS[r["op"]]], r["num_sms_requested"]) for r in result["role_rows"]}
     choice = choose(comm_time_by_budget(result["rows"]), "fastest", None, 0.03)
-    assert swept == {(op, w, choice.num_sms) for op in ("dispatch", "combine") for w in (2, 6)}
+    assert swept == {(op, w, choice.num_sms) for op in ("dispatch", "combine") for w in (2, 6)}, (
+        [(r["op"], r["num_sms"], r["time_median_s"]) for r in result["rows"]],
+        [(r["op"], r["knobs"], r["num_sms_requested"]) for r in result["role_rows"]],
+        choice.num_sms,
+    )
     assert all(r["wrong"] == 0 for r in result["role_rows"])
     compiled = {(name, targs[-1]) for _, name, targs, _ in fake.compiled if "internode" in name}
     assert {("internode_dispatch_kernel", 2), ("internode_combine_kernel", 6)} <= compiled

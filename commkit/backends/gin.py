@@ -461,7 +461,7 @@ class GinTransport:
         allocated (a local step that can fail, e.g. out of memory) and the ranks agree on it before the
         collective steps; if it failed anywhere, every rank raises ``NcclError`` naming the ranks and
         is left without a window (``Gin`` then closes the transport and makes a new one next time)."""
-        import torch.distributed as dist
+        from commkit.backends.agree import describe_failed, run_agreed
 
         align = self.layout.win_required_alignment
         buffer_bytes = (buffer_bytes + align - 1) // align * align
@@ -471,20 +471,12 @@ class GinTransport:
         self._free_window()
         self.buffer_bytes = 0  # no window until the new one is made
         self.generation += 1
-        failure = None
-        try:
-            self._alloc_buffer(buffer_bytes)
-        except Exception as exc:  # noqa: BLE001 - agreed below
-            failure = f"{type(exc).__name__}: {exc}"
-        failures: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(failures, failure, group=self.group)
-        failed = {r: f for r, f in enumerate(failures) if f is not None}
+        _, failed = run_agreed(self.group, lambda: self._alloc_buffer(buffer_bytes))
         if failed:
             self._free_window()
-            first = min(failed)
             raise NcclError(
-                f"GinTransport.grow: a window of {buffer_bytes} bytes could not be allocated on ranks "
-                f"{sorted(failed)} (rank {first}: {failed[first]})"
+                f"GinTransport.grow: a window of {buffer_bytes} bytes could not be allocated on "
+                f"{describe_failed(failed)}"
             )
         self.buffer_bytes = buffer_bytes
         self._register(self._context_hint)

@@ -5,7 +5,10 @@ Per rank: a process group of its node's ranks (made with ``use_local_synchroniza
 take part) over which the CUDA IPC buffers of the NVLink hop are exchanged (``NodeBuffers``: the
 kernels index ``peer_bases`` by group rank and touch only their own node's entries, the others are 0);
 the inter-node hop on NCCL's GIN (``commkit.backends.internode_net.Gin``: an NCCL communicator of the
-group, a window, a device communicator, made with the backend); the count exchange and barrier
+group, a window, a device communicator, made with the backend). When every rank shares one NVLink
+domain (multi-node NVLink), the ``nvlink-domain`` transport instead: every rank's buffer is mapped in
+every rank through CUDA fabric handles (``commkit.backends.fabric.FabricBuffers``), and both hops are
+direct stores (no node group, no GIN). The count exchange and barrier
 over the group (``commkit.backends.count_exchange``). Same API, outputs and handles as the intranode
 ``KernelsBackend``; combine sums per node first (``commkit.reference``'s two-level rule).
 """
@@ -13,6 +16,7 @@ over the group (``commkit.backends.count_exchange``). Same API, outputs and hand
 from __future__ import annotations
 
 import dataclasses
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -21,9 +25,11 @@ import torch.distributed as dist
 
 from commkit.backends import internode_layout as il
 from commkit.backends import kernels_layout as kl
+from commkit.backends.agree import describe_failed, run_agreed
 from commkit.backends.count_exchange import GroupCountExchange
+from commkit.backends.fabric import FabricBuffers, choose_transport, local_fabric_domain, transport_choice
 from commkit.backends.internode import InternodeEngine
-from commkit.backends.internode_net import Gin, NetProvider
+from commkit.backends.internode_net import Gin, NetProvider, NvlinkDomain
 from commkit.backends.kernels import KernelsBackend
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
 from commkit.backends.torch_dist import node_mask
@@ -42,8 +48,14 @@ def internode_unavailable_reason(num_ranks: int, num_ranks_per_node: int) -> str
             f"{num_ranks} ranks in {num_ranks // g} nodes: the internode kernels support at most "
             f"{il.MAX_RANKS} ranks and {il.MAX_NODES} nodes"
         )
+    from commkit.backends.fabric import transport_choice
     from commkit.jit import nccl as nccl_headers
 
+    try:
+        if transport_choice() == "nvlink-domain":
+            return None  # no GIN needed (whether the ranks share an NVLink domain is checked collectively)
+    except ConfigError as exc:
+        return str(exc)
     try:
         nccl_headers.find_headers()
     except nccl_headers.NcclHeadersError as exc:
@@ -132,9 +144,11 @@ class InternodeKernelsBackend(KernelsBackend):
         max_num_sms: int | None = None,
         net: NetProvider | None = None,
     ) -> None:
-        """Collective over ``group``. ``net``: the inter-node hop (default: GIN over ``group``, set up
-        here: if any rank cannot, every rank raises ``ConfigError``); another provider is for tests
-        (``NvlinkDomain`` would need load/store access to other nodes' buffers)."""
+        """Collective over ``group``. The inter-node hop: ``nvlink-domain`` (direct stores into
+        fabric-handle buffers, ``commkit.backends.fabric``) when every rank shares one NVLink domain,
+        else GIN over ``group``, set up here (if any rank cannot, every rank raises ``ConfigError``);
+        ``$COMMKIT_INTERNODE_TRANSPORT`` (auto, gin, nvlink-domain) overrides. ``net``: another GIN-like
+        provider (tests)."""
         # NOTE: KernelsBackend.__init__ is not called: its IPC buffers span the whole group
         self.group = group
         self.rank = dist.get_rank(group)
@@ -147,14 +161,25 @@ class InternodeKernelsBackend(KernelsBackend):
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         max_channels = max_num_sms or torch.cuda.get_device_properties(self.device).multi_processor_count
         check_node_order(group, num_ranks_per_node)  # on every rank, before anything collective is made
-        self.net = net or Gin(
-            group, num_nodes=self.num_ranks // num_ranks_per_node, gpus_per_node=num_ranks_per_node
-        )
-        self._start_net(max_channels)
-        local = node_ranks(self.num_ranks, num_ranks_per_node, self.rank)
-        self.node_group: dist.ProcessGroup | None = make_node_group(group, num_ranks_per_node)
-        node_buffers = IpcBuffers(self.node_group, self.device, max_num_sms=max_channels, timeout_s=timeout_s)
-        self.buffers: Any = NodeBuffers(node_buffers, num_ranks=self.num_ranks, first_rank=local.start)
+        self.transport = "gin" if net is not None else self._choose_transport(group)
+        self.node_group: dist.ProcessGroup | None = None
+        self.buffers: Any
+        self.net: NetProvider
+        if self.transport == "nvlink-domain":
+            # Every rank's buffer mapped in every rank: the NVLink hop and the inter-node hop alike
+            self.net = NvlinkDomain()
+            self.buffers = FabricBuffers(group, self.device, max_num_sms=max_channels, timeout_s=timeout_s)
+        else:
+            self.net = net or Gin(
+                group, num_nodes=self.num_ranks // num_ranks_per_node, gpus_per_node=num_ranks_per_node
+            )
+            self._start_net(max_channels)
+            local = node_ranks(self.num_ranks, num_ranks_per_node, self.rank)
+            self.node_group = make_node_group(group, num_ranks_per_node)
+            node_buffers = IpcBuffers(
+                self.node_group, self.device, max_num_sms=max_channels, timeout_s=timeout_s
+            )
+            self.buffers = NodeBuffers(node_buffers, num_ranks=self.num_ranks, first_rank=local.start)
         self.engine = InternodeEngine(
             self.num_ranks,
             self.rank,
@@ -167,6 +192,14 @@ class InternodeKernelsBackend(KernelsBackend):
             net=self.net,
         )
         self.comm_stream = torch.cuda.Stream(self.device)
+
+    def _choose_transport(self, group: dist.ProcessGroup | None) -> str:
+        """The inter-node hop, the same on every rank (collective): ``nvlink-domain`` when every rank
+        shares one NVLink domain (multi-node NVLink) unless ``$COMMKIT_INTERNODE_TRANSPORT`` says
+        gin; ``gin`` otherwise (``nvlink-domain`` asked for and not possible: ``ConfigError``)."""
+        choice = transport_choice()
+        domain = (None, "not asked") if choice == "gin" else local_fabric_domain(self.device.index or 0)
+        return choose_transport(group, choice, domain)
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         """As the intranode backend's, with the per-node fields filled."""
@@ -193,21 +226,13 @@ class InternodeKernelsBackend(KernelsBackend):
             call = getattr(self.net, step, None)
             if call is None:
                 continue
-            failure = None
-            try:
-                call(max_channels) if step == "start" else call()
-            except Exception as exc:  # noqa: BLE001 - reported to every rank below
-                failure = f"{type(exc).__name__}: {exc}"
-            failures: list[Any] = [None] * self.num_ranks
-            dist.all_gather_object(failures, failure, group=self.group)
-            failed = {r: f for r, f in enumerate(failures) if f is not None}
+            args = (max_channels,) if step == "start" else ()
+            _, failed = run_agreed(self.group, functools.partial(call, *args))
             if failed:
                 # NOTE: where only some ranks failed, the others keep their transport (leaked): its
                 # teardown is collective and the failed ranks would not take part
-                first = min(failed)
                 raise ConfigError(
-                    f"backend: the GIN transport could not be set up on ranks {sorted(failed)} (rank "
-                    f"{first}: {failed[first]})"
+                    f"backend: the GIN transport could not be set up on {describe_failed(failed)}"
                 )
 
     def close(self) -> None:

@@ -576,6 +576,11 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
     buf = ctx.make_buffer(spec.backend)
     if spec.knobs:
         buf.set_knobs(**spec.knobs)
+    # NOTE: read once, after every rank has applied its knobs and before any can leave this sweep:
+    # virtual ranks share one engine, and a rank that is done may set the next sweep's knobs while a
+    # slower one still writes its rows (the rows then recorded the next sweep's split)
+    ctx.barrier()
+    knobs_in_use = buf.knobs
     # NOTE: the bytes are counted on the nodes the Buffers run on (a Buffer resolves None to
     # $LOCAL_WORLD_SIZE or all ranks, and checks that it divides them; virtual ranks: their group's).
     num_ranks_per_node = buf.num_ranks_per_node
@@ -633,7 +638,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
                 "topk": shape.top_k, "dtype": dtype if op == "dispatch" else "bf16",
                 "num_sms": effective_sms if buf.backend != TORCH_BASELINE else None,
                 "num_sms_source": "argument" if num_sms is not None else buf.config.source,
-                "num_sms_requested": effective_sms, "knobs": buf.knobs,
+                "num_sms_requested": effective_sms, "knobs": knobs_in_use,
                 **byte_fields, "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
                 "gbps": gbps(link_bytes, stats.median_s), "wrong": meas.wrong,
             }  # fmt: skip

@@ -108,6 +108,17 @@ def internode_status(kernels_reason: str | None) -> str:
     return f"usable: {found}; up to 32 ranks, 8 per node"
 
 
+def nvlink_domain_status(kernels_reason: str | None) -> str:
+    """Whether this GPU is in a multi-node NVLink domain (the internode kernels' nvlink-domain
+    transport; whether every rank of a group shares it is checked when a Buffer is made)."""
+    if kernels_reason is not None:
+        return f"not usable: {kernels_reason}"
+    from commkit.backends.fabric import local_fabric_domain
+
+    domain, why = local_fabric_domain(torch.cuda.current_device())
+    return f"usable: this GPU is in NVLink domain {domain}" if domain else f"not usable here: {why}"
+
+
 def backends_status() -> dict[str, str]:
     """Backend name -> 'usable' or why not."""
     import torch.distributed as dist
@@ -132,6 +143,7 @@ def backends_status() -> dict[str, str]:
         reason = f"cannot check: {exc}"
     out["kernels"] = "usable" if reason is None else f"not usable: {reason}"
     out["kernels (several nodes)"] = internode_status(reason)
+    out["nvlink-domain transport"] = nvlink_domain_status(reason)
     if not torch.cuda.is_available():
         out["emulate"] = "not usable: virtual ranks need a CUDA GPU (torch.cuda.is_available() is False)"
     elif importlib.util.find_spec("commkit.emulate") is None:
