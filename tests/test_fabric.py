@@ -322,3 +322,13 @@ def test_info_reports_the_nvlink_domain(monkeypatch: pytest.MonkeyPatch) -> None
     assert info.nvlink_domain_status(None) == "usable: this GPU is in NVLink domain ab/3"
     monkeypatch.setattr(fabric, "local_fabric_domain", lambda index: (None, "no NVLink fabric info (x)"))
     assert info.nvlink_domain_status(None) == "not usable here: no NVLink fabric info (x)"
+
+
+def test_a_bad_transport_value_is_an_error_not_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from commkit.backends.internode_backend import internode_unavailable_reason
+
+    monkeypatch.setenv("COMMKIT_INTERNODE_TRANSPORT", "infiniband")
+    with pytest.raises(commkit.errors.ConfigError, match="COMMKIT_INTERNODE_TRANSPORT: expected one of"):
+        internode_unavailable_reason(8, 4)
+    monkeypatch.setenv("COMMKIT_INTERNODE_TRANSPORT", "nvlink-domain")
+    assert internode_unavailable_reason(8, 4) is None  # no GIN headers needed

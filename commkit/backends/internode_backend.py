@@ -51,11 +51,9 @@ def internode_unavailable_reason(num_ranks: int, num_ranks_per_node: int) -> str
     from commkit.backends.fabric import transport_choice
     from commkit.jit import nccl as nccl_headers
 
-    try:
-        if transport_choice() == "nvlink-domain":
-            return None  # no GIN needed (whether the ranks share an NVLink domain is checked collectively)
-    except ConfigError as exc:
-        return str(exc)
+    # NOTE: a bad $COMMKIT_INTERNODE_TRANSPORT raises ConfigError here, whatever the backend asked for
+    if transport_choice() == "nvlink-domain":
+        return None  # no GIN needed (whether the ranks share an NVLink domain is checked collectively)
     try:
         nccl_headers.find_headers()
     except nccl_headers.NcclHeadersError as exc:
