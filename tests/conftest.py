@@ -25,3 +25,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def nccl_world_of_one(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """GPU tests: a world-size-1 NCCL process group on GPU 0 for the module's tests."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    torch.cuda.set_device(0)
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -90,7 +90,7 @@ def _exchange(rank: int, world: int, per_node: int) -> dict:
             None,
             fmt,
         )
-        assert agreement.error(agreement.values.tolist()) is None
+        assert agreement.error(agreement.host_values()) is None and bool(agreement.agree)
         ex.barrier(CallFormat("combine", case.num_experts, case.hidden, 0, 0, 2))
         metas.append(meta[0].tolist())
     # The node group: only this node's ranks made it; a sum over it counts them
@@ -184,10 +184,10 @@ def test_ranks_that_disagree_raise_on_every_rank(field: str) -> None:
 
 
 def test_agreement_values_single_process() -> None:
-    """The device-side facts (what a CUDA rank reads back or asserts on) computed by the same torch ops
-    on CPU: the first peer that differs after the exchange, the first field and its range after the
-    barrier; -1 when every rank agrees."""
-    from commkit.backends.count_exchange import NUM_FORMAT, barrier_agreement, exchange_agreement
+    """The device-side facts (what a CUDA rank asserts on, and reads back to name the cause) computed by
+    the same torch ops on CPU: the first peer that differs after the exchange, the first field and its
+    range after the barrier; agree when every rank does."""
+    from commkit.backends.count_exchange import barrier_agreement, exchange_agreement
 
     base = CallFormat("dispatch", 32, 7168, 8, 0, 24, 512)
     other = CallFormat("dispatch", 32, 4096, 8, 0, 24, 512)
@@ -197,15 +197,14 @@ def test_agreement_values_single_process() -> None:
     rows = [count_message(per_rank, per_expert, 0, torch.tensor(f.values(), dtype=torch.int32))[0]
             for f in (base, base, other, other)]  # fmt: skip
     agreement = exchange_agreement(torch.stack(rows), own, own_t)
-    host = agreement.values.tolist()
-    assert host[0] == 2 and host[1 : 1 + NUM_FORMAT] == list(other.values())
-    assert agreement.error(host) == (
+    assert not bool(agreement.agree)
+    assert agreement.error(agreement.host_values()) == (
         "expected every rank to pass the same call (op=dispatch, num_experts=32, hidden=7168, top-k=8, "
         "dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes), got (op=dispatch, num_experts=32, "
         "hidden=4096, top-k=8, dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes) from rank 2"
     )
     same = exchange_agreement(torch.stack(rows[:2]), own, own_t)
-    assert same.values[0] == -1 and same.error(same.values.tolist()) is None
+    assert bool(same.agree) and same.error(same.host_values()) is None
     same.check()  # no error
 
     fmt_t = torch.tensor([*own, *(-v for v in own)], dtype=torch.int32)
@@ -213,10 +212,11 @@ def test_agreement_values_single_process() -> None:
     low_t = torch.tensor([*low, *(-v for v in low)], dtype=torch.int32)
     reduced = torch.maximum(fmt_t, low_t)  # what all_reduce(MAX) of the two ranks gives
     agreement = barrier_agreement(reduced, own)
-    assert agreement.values[0] == 0  # op differs first
-    assert agreement.error(agreement.values.tolist()).endswith(
+    assert not bool(agreement.agree)
+    assert agreement.error(agreement.host_values()).endswith(  # op differs first
         "got op from dispatch to combine across the ranks"
     )
     with pytest.raises(ValueError, match="^dispatch: expected every rank"):
         agreement.check()
-    assert barrier_agreement(fmt_t.clone(), own).values[0] == -1
+    same = barrier_agreement(fmt_t.clone(), own)
+    assert bool(same.agree) and same.error(same.host_values()) is None

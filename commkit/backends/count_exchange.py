@@ -87,33 +87,46 @@ def describe(values: list[int] | tuple[int, ...]) -> str:
 
 @dataclass
 class Agreement:
-    """What a rank learnt about its peers' formats. ``values`` int32 [1 + 2F]: after the count
-    exchange ``[first peer whose format differs or -1, that peer's F values, 0 x F]``; after the
-    barrier ``[-1 if all agree else the first field that differs, max x F, min x F]``."""
+    """What a rank learnt of its peers' calls. On the device only what the hot path needs: ``agree``
+    (bool, True when every rank passed ``own``); ``raw`` is read back to name a disagreement: after
+    the count exchange every rank's format values (int32 [R, F]), after the barrier the all-reduced
+    (MAX) ``[v, -v]`` (int32 [2F])."""
 
     kind: str  # "exchange" or "barrier"
-    values: torch.Tensor
+    raw: torch.Tensor
+    agree: torch.Tensor
     own: tuple[int, ...]
 
     def error(self, host: list[int]) -> str | None:
-        """The error message from ``values`` read back (None when every rank agrees)."""
-        if host[0] < 0:
-            return None
+        """The error message from ``raw`` read back (flat; None when every rank agrees)."""
         own = describe(self.own)
         if self.kind == "exchange":
-            theirs = describe(host[1 : 1 + NUM_FORMAT])
-            return f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {host[0]}"
-        name = FORMAT_NAMES[host[0]]
+            rows = [
+                tuple(host[r * NUM_FORMAT : (r + 1) * NUM_FORMAT]) for r in range(len(host) // NUM_FORMAT)
+            ]
+            peer = next((r for r, row in enumerate(rows) if row != self.own), None)
+            if peer is None:
+                return None
+            theirs = describe(rows[peer])
+            return f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {peer}"
+        hi, lo = host[:NUM_FORMAT], [-v for v in host[NUM_FORMAT:]]
+        field = next((f for f in range(NUM_FORMAT) if hi[f] != lo[f]), None)
+        if field is None:
+            return None
+        name = FORMAT_NAMES[field]
         if name == "rows fit":
             return (
                 "another rank receives more rows with this handle than num_worst_tokens holds (it "
                 "raised ValueError: num_worst_tokens ...); every rank stops"
             )
-        hi, lo = _shown(name, host[1 + host[0]]), _shown(name, host[1 + NUM_FORMAT + host[0]])
         return (
-            f"expected every rank to pass the same call ({own}), got {name} from {lo} to {hi} across "
-            "the ranks"
+            f"expected every rank to pass the same call ({own}), got {name} from {_shown(name, lo[field])} "
+            f"to {_shown(name, hi[field])} across the ranks"
         )
+
+    def host_values(self) -> list[int]:
+        """``raw`` read back, flat (a host sync on CUDA)."""
+        return self.raw.reshape(-1).tolist()
 
     def check_host(self, host: list[int]) -> None:
         error = self.error(host)
@@ -122,11 +135,11 @@ class Agreement:
 
     def check(self) -> None:
         """On CPU: raises ``ValueError`` now. On CUDA: a device-side assert (no host sync)."""
-        if not self.values.is_cuda:
-            self.check_host(self.values.tolist())
+        if not self.raw.is_cuda:
+            self.check_host(self.host_values())
             return
         torch._assert_async(
-            self.values[0] < 0,
+            self.agree,
             f"{self.own_op}: the ranks passed different calls (this rank: {describe(self.own)}); "
             "op, num_experts, hidden, top-k, dtype, num_sms and num_worst_tokens must agree",
         )
@@ -173,7 +186,7 @@ def meta_from_messages(
     if num_worst_tokens is not None:
         fits = meta[0, num_ranks] <= num_worst_tokens
         if agreement is not None:
-            fits = fits | (agreement.values[0] >= 0)
+            fits = fits | ~agreement.agree
         torch._assert_async(
             fits,
             f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the rows this rank receives",
@@ -182,30 +195,16 @@ def meta_from_messages(
 
 
 def exchange_agreement(received: torch.Tensor, own: tuple[int, ...], own_t: torch.Tensor) -> Agreement:
-    """The first peer (lowest rank) whose format in ``received`` differs from ``own`` (``own_t``: the
-    same values as an int32 tensor on ``received``'s device)."""
-    num_ranks = received.shape[0]
+    """From the messages received: do all ranks' formats equal ``own`` (``own_t``: the same values as
+    an int32 tensor on ``received``'s device)?"""
     theirs = received[:, :COUNTS_OFFSET]
-    differs = (theirs != own_t).any(1)
-    ranks = torch.arange(num_ranks, dtype=torch.int32, device=received.device)
-    first = torch.where(differs, ranks, num_ranks).min()
-    row = theirs.index_select(0, first.clamp(max=num_ranks - 1).view(1))[0]  # NOTE: no host sync
-    values = torch.zeros(1 + 2 * NUM_FORMAT, dtype=torch.int32, device=received.device)
-    values[0] = torch.where(first < num_ranks, first, -1)
-    values[1 : 1 + NUM_FORMAT] = row
-    return Agreement("exchange", values, own)
+    return Agreement("exchange", theirs, (theirs == own_t).all(), own)
 
 
 def barrier_agreement(reduced: torch.Tensor, own: tuple[int, ...]) -> Agreement:
-    """From the all-reduced (MAX) ``[v, -v]``: the first field whose max and min differ."""
-    hi, lo = reduced[:NUM_FORMAT], -reduced[NUM_FORMAT:]
-    fields = torch.arange(NUM_FORMAT, dtype=torch.int32, device=reduced.device)
-    first = torch.where(hi != lo, fields, NUM_FORMAT).min()
-    values = torch.empty(1 + 2 * NUM_FORMAT, dtype=torch.int32, device=reduced.device)
-    values[0] = torch.where(first < NUM_FORMAT, first, -1)
-    values[1 : 1 + NUM_FORMAT] = hi
-    values[1 + NUM_FORMAT :] = lo
-    return Agreement("barrier", values, own)
+    """From the all-reduced (MAX) ``[v, -v]`` = ``[max, -min]``: every field's max - min is >= 0, so
+    the ranks agree iff the sum of all of them is 0."""
+    return Agreement("barrier", reduced, reduced.sum(dtype=torch.int64) == 0, own)
 
 
 class GroupCountExchange:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
 from commkit.backends.agree import describe_failed, run_agreed
-from commkit.backends.symmetric import SymmetricBuffers
+from commkit.backends.symmetric import GroupBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
 
 TRANSPORT_ENV = "COMMKIT_INTERNODE_TRANSPORT"
@@ -123,7 +123,7 @@ class CudaDriver:
         self._call("cuCtxSynchronize")
 
 
-class FabricBuffers(SymmetricBuffers):
+class FabricBuffers(GroupBuffers):
     """One buffer per rank of the whole group, every rank's mapped in every rank (fabric handles).
 
     Sized once for ``max_num_sms`` channels, grown (all ranks together, after they agreed on the call:
@@ -140,12 +140,7 @@ class FabricBuffers(SymmetricBuffers):
         timeout_s: float = 60.0,
         driver: Any = None,
     ) -> None:
-        self.group = group
-        self.device = device
-        self.rank = dist.get_rank(group)
-        self.num_ranks = dist.get_world_size(group)
-        self.timeout_s = timeout_s
-        self.reserve_channels = max_num_sms or 0
+        super().__init__(group, device, max_num_sms=max_num_sms, timeout_s=timeout_s)
         self.driver = driver if driver is not None else CudaDriver()
         self.device_index = device.index if device.index is not None else 0
         self._own_handle: Any = None

@@ -437,7 +437,6 @@ class GinTransport:
         self._devcomm_ptr = 0  # host ncclDevComm filled by ncclDevCommCreate (0: not created)
         self.dev_comm_device = 0  # its device copy, GinNet::comm
         self.generation = 0  # windows made after the first (grow)
-        self._context_hint = context_count
 
         # Communicator of the group: group rank 0 makes the unique id, the group broadcasts it
         uid = _unique_id_type(self.layout.unique_id_bytes)()

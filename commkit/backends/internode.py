@@ -235,8 +235,8 @@ class InternodeEngine(KernelEngine):
     def _agree(self, agreement: Agreement, grows: bool, phase: str) -> None:
         """Every rank passed the same call: checked on the host before a step that may grow the
         buffers (collective, so ranks that disagree must not reach it), else by a device assert."""
-        if grows and agreement.values.is_cuda:
-            agreement.check_host(self._read_counts(agreement.values.view(1, -1), phase)[0])
+        if grows and agreement.raw.is_cuda:
+            agreement.check_host(self._read_counts(agreement.raw.reshape(1, -1), phase)[0])
         else:
             agreement.check()
 
@@ -365,7 +365,7 @@ class InternodeEngine(KernelEngine):
             if agreement is None:
                 meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
             else:  # the agreement comes back with the counts (one read)
-                both = torch.cat([meta.reshape(-1), agreement.values]).view(1, -1)
+                both = torch.cat([meta.reshape(-1), agreement.raw.reshape(-1)]).view(1, -1)
                 row = self._read_counts(both, "dispatch: count exchange")[0]
                 agreement.check_host(row[meta.shape[1] :])
                 meta_host = [row[: meta.shape[1]]]

@@ -28,7 +28,27 @@ class SymmetricBuffers:
         raise NotImplementedError
 
 
-class IpcBuffers(SymmetricBuffers):
+class GroupBuffers(SymmetricBuffers):
+    """Symmetric buffers of the ranks of a process group, one per process: the fields every such
+    kind shares. ``max_num_sms``: channels reserved from the first allocation on."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        *,
+        max_num_sms: int | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.group = group
+        self.device = device
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.timeout_s = timeout_s
+        self.reserve_channels = max_num_sms or 0
+
+
+class IpcBuffers(GroupBuffers):
     """A cudaMalloc'ed buffer per rank; IPC handles exchanged over the process group.
 
     Sized once for ``max_num_sms`` channels (default: the device's SMs, the largest budget a call can
@@ -45,12 +65,7 @@ class IpcBuffers(SymmetricBuffers):
         max_num_sms: int | None = None,
         timeout_s: float = 60.0,
     ) -> None:
-        self.group = group
-        self.device = device
-        self.rank = dist.get_rank(group)
-        self.num_ranks = dist.get_world_size(group)
-        self.timeout_s = timeout_s
-        self.reserve_channels = max_num_sms or 0
+        super().__init__(group, device, max_num_sms=max_num_sms, timeout_s=timeout_s)
         self._own_ptr = 0
         self._peer_ptrs: list[int] = []
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from commkit import reference
 
@@ -38,22 +37,14 @@ def _inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def buf(tmp_path_factory: pytest.TempPathFactory):
+def buf(nccl_world_of_one):  # noqa: ANN001, ANN201
     import commkit
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    torch.cuda.set_device(0)
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        buffer = commkit.Buffer(backend="kernels", num_sms=NUM_SMS, timeout_s=30.0)
-        assert buffer.backend == "kernels"
-        yield buffer
-        torch.cuda.synchronize()
-        buffer.close()
-    finally:
-        dist.destroy_process_group()
+    buffer = commkit.Buffer(backend="kernels", num_sms=NUM_SMS, timeout_s=30.0)
+    assert buffer.backend == "kernels"
+    yield buffer
+    torch.cuda.synchronize()
+    buffer.close()
 
 
 def _check_dispatch(out, want, num_rows: int | None = None) -> None:
