@@ -6,7 +6,7 @@ semantics as pure functions over all ranks' inputs. Importing commkit needs neit
 """
 
 from commkit.buffer import Buffer
-from commkit.errors import CommError, CommTimeoutError, ConfigError
+from commkit.errors import CommError, CommTimeoutError, ConfigError, KernelFault
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "DispatchOutput",
     "EventHandle",
     "Handle",
+    "KernelFault",
     "Layout",
     "__version__",
 ]

@@ -39,6 +39,7 @@ CuPy and a GPU are needed when a group is created, not when this module is impor
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -48,11 +49,22 @@ from typing import Any
 import torch
 
 from commkit.backends import kernels_layout as kl
+from commkit.backends.launcher import Launcher
 from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 DEFAULT_NUM_SMS = 16
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """The comm stream's context on CUDA; nothing on the CPU (host execution is synchronous)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _keep_for_stream(tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
@@ -159,7 +171,7 @@ class EmulatedBuffers(SymmetricBuffers):
             and slot_bytes <= self.max_slot_bytes
         ):
             return
-        torch.cuda.synchronize(self.device)  # nothing may still use the old buffers
+        _synchronize(self.device)  # nothing may still use the old buffers
         self.max_channels = max(num_channels, self.max_channels)
         self.max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
         stride = kl.align_up(kl.total_bytes(self.max_channels, self.max_slot_bytes), 4096)
@@ -169,7 +181,7 @@ class EmulatedBuffers(SymmetricBuffers):
         self.peer_bases = torch.tensor(
             [base + r * stride for r in range(self.num_ranks)], dtype=torch.int64, device=self.device
         )
-        torch.cuda.synchronize(self.device)
+        _synchronize(self.device)
 
 
 class EmulatedGroup:
@@ -183,20 +195,28 @@ class EmulatedGroup:
         timeout_s: float = 60.0,
         device: torch.device | str | None = None,
         num_ranks_per_node: int | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
+        """``device``: a CUDA device (default: the current one), or ``"cpu"`` for the host execution
+        of the same kernels (``commkit.jit.host``); ``launcher``: where the kernels run
+        (``commkit.backends.launcher``; default: the device's)."""
         from commkit.backends import kernels_unavailable_reason
         from commkit.backends.internode import InternodeEngine
         from commkit.backends.kernels import KernelEngine
+        from commkit.jit.host import host_unavailable_reason
         from commkit.reference import ranks_per_node
 
-        reason = kernels_unavailable_reason(None)
-        if reason is not None:
-            raise ConfigError(f"commkit.emulate needs the kernels: {reason}")
-        self.num_ranks = num_ranks
-        self.num_sms = num_sms
         self.device = (
             torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         )
+        if launcher is None:
+            reason = (
+                host_unavailable_reason() if self.device.type == "cpu" else kernels_unavailable_reason(None)
+            )
+            if reason is not None:
+                raise ConfigError(f"commkit.emulate needs the kernels on {self.device}: {reason}")
+        self.num_ranks = num_ranks
+        self.num_sms = num_sms
         self.buffers = EmulatedBuffers(num_ranks, self.device)
         # Virtual nodes: N = R / G nodes of G ranks, the inter-node hop on the nvlink-domain net
         self.num_ranks_per_node = ranks_per_node(num_ranks, num_ranks_per_node)
@@ -211,12 +231,20 @@ class EmulatedGroup:
                 gpus_per_node=self.num_ranks_per_node,
                 timeout_s=timeout_s,
                 device=self.device,
+                launcher=launcher,
             )
         else:
             self.engine = KernelEngine(
-                num_ranks, 0, num_ranks, self.buffers, timeout_s=timeout_s, device=self.device
+                num_ranks,
+                0,
+                num_ranks,
+                self.buffers,
+                timeout_s=timeout_s,
+                device=self.device,
+                launcher=launcher,
             )
-        self.comm_stream = torch.cuda.Stream(self.device)
+        self.launcher = self.engine.launcher
+        self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.timeout_s = timeout_s
         # Kernel timings of the most recent call of each op (module docstring); not on CPU
         self.engine.record_kernel_events = self.device.type == "cuda"
@@ -256,6 +284,8 @@ class EmulatedGroup:
 
     def _run(self, sync: _StreamSync) -> None:
         """The comm stream waits for every rank's previous_event, or else for its current stream."""
+        if self.comm_stream is None:
+            return
         waited: set[int] = set()
         for stream, event in zip(sync.streams, sync.events, strict=True):
             if event is not None and event.event is not None:
@@ -267,6 +297,8 @@ class EmulatedGroup:
     def _finish(self, sync: _StreamSync, tensors: list) -> EventHandle:
         """Outputs are kept for every caller stream; a caller's stream waits for the comm stream
         unless every rank on that stream passed async_finish."""
+        if self.comm_stream is None:  # the CPU: every launch finished when it returned
+            return EventHandle()
         event = EventHandle.record(self.comm_stream)
         streams: dict[int, tuple[Any, bool]] = {}
         for stream, async_finish in zip(sync.streams, sync.async_finish, strict=True):
@@ -288,7 +320,7 @@ class EmulatedGroup:
         counts = [t.shape[0] for t in topk_idxs]
         sync = self._sync(None, False, _sync)
         self._run(sync)
-        with torch.cuda.stream(self.comm_stream):
+        with _on_stream(self.comm_stream):
             per_rank, per_expert, in_rank, _, _ = self.engine.layout(
                 _cat_rows(topk_idxs), counts, num_experts
             )
@@ -347,7 +379,7 @@ class EmulatedGroup:
         num_sms = num_sms or self.num_sms
         sync = self._sync(previous_event, async_finish, _sync)
         self._run(sync)
-        with torch.cuda.stream(self.comm_stream):
+        with _on_stream(self.comm_stream):
             result = self.engine.dispatch(
                 _cat_rows(xs),
                 _cat_rows(x_scales) if x_scales is not None else None,
@@ -414,7 +446,7 @@ class EmulatedGroup:
                 )
         sync = self._sync(previous_event, async_finish, _sync)
         self._run(sync)
-        with torch.cuda.stream(self.comm_stream):
+        with _on_stream(self.comm_stream):
             out = self.engine.combine(
                 _cat_rows(xs), state, handles[0].num_experts, num_sms=num_sms or self.num_sms
             )

@@ -11,3 +11,8 @@ class CommTimeoutError(CommError, TimeoutError):
 
 class ConfigError(ValueError):
     """A configuration (SM budget, backend, profile) cannot be used here."""
+
+
+class KernelFault(RuntimeError):
+    """The host execution of a kernel found it breaking the CUDA execution model: a barrier or warp
+    collective that not every required thread reaches, or a launch that outran its watchdog."""

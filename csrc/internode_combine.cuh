@@ -217,6 +217,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                                         node * kG + tid, src_token, got);
                 }
                 group_sync<Cfg::kFwdWarps>(Cfg::kFwdBarrierId);
+                // NOTE: every thread of the group counts the partial: each one writes its words of the
+                // next partial into slot `sent` (thread 0 alone counting sent every other thread's
+                // words of every partial into slot 0: wrong rows, found by the host execution)
+                ++sent;
                 if (tid == 0) {
                     for (int bits = mask; bits != 0; bits &= bits - 1) {
                         const int jj = __ffs(bits) - 1;
@@ -226,7 +230,6 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                                                             kCombineHead, me.channel, local),
                                                 consumed);
                     }
-                    ++sent;
                     if (sent % kNetChunk == 0)
                         view.put_signal(m, me.channel, (sent - kNetChunk) % kNetSlots, kNetChunk, kNetCombineTail,
                                         kNetChunk);

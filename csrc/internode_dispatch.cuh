@@ -122,14 +122,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                 const int node_pos = ptx::ld_nc_s32(node_send_pos + int64_t{t} * kNumNodes + m);
                 if (node_pos < 0)
                     continue;
-                if (sent - cached_head >= kNetSlots) {
-                    int value = 0;
-                    if (lane == 0)
-                        value = wait_signal(
-                            view, kNetDispatchHead, me.channel, m,
-                            [sent](int v) { return sent - v < kNetSlots; }, sent - kNetSlots + 1, ctx);
-                    cached_head = __shfl_sync(0xffffffffu, value, 0);
-                }
+                if (sent - cached_head >= kNetSlots)
+                    cached_head = warp_wait_signal(
+                        view, kNetDispatchHead, me.channel, m, [sent](int v) { return sent - v < kNetSlots; },
+                        sent - kNetSlots + 1, ctx);
                 uint8_t* slot = view.send_slot(m, me.channel, sent % kNetSlots);
                 const auto* src = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(x) +
                                                                 int64_t{t} * Row::kInRowBytes);

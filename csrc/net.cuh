@@ -135,4 +135,18 @@ __device__ __forceinline__ int wait_signal(const View& net, int kind, int channe
     }
 }
 
+// Lane 0 waits as wait_signal and the value is broadcast to the warp. NOTE: the __syncwarp orders lane
+// 0's acquire before the other lanes' later accesses (the shuffle alone exchanges the value, not memory
+// ordering: without it the lanes' writes into a freed slot raced with the reader's earlier reads, found
+// by the host execution under ThreadSanitizer).
+template <typename View, typename Done>
+__device__ __forceinline__ int warp_wait_signal(const View& net, int kind, int channel, int node, Done done,
+                                                int expected, const WaitContext& ctx) {
+    int value = 0;
+    if (ptx::lane_id() == 0)
+        value = wait_signal(net, kind, channel, node, done, expected, ctx);
+    __syncwarp();
+    return __shfl_sync(0xffffffffu, value, 0);
+}
+
 }  // namespace commkit

@@ -20,6 +20,12 @@
 #error "commkit kernels target sm_90 (Hopper): build with -arch=sm_90"
 #endif
 
+#if defined(COMMKIT_HOST_EXECUTION)
+// Host execution (host/runtime.h): the same wrappers, name for name and signature for signature, with
+// their meaning in the C++ memory model (tests/test_host_ptx.py checks that none is missing).
+#include "host/ptx_host.h"
+#else
+
 namespace commkit::ptx {
 
 // ---------------------------------------------------------------------------------------------------
@@ -293,3 +299,5 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 }
 
 }  // namespace commkit::ptx
+
+#endif  // COMMKIT_HOST_EXECUTION

@@ -9,21 +9,26 @@ works on ``device="cpu"``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from commkit import reference
-from commkit.backends import internode as imod
 from commkit.backends import internode_layout as il
-from commkit.backends import kernels as kmod
 from commkit.backends import kernels_layout as kl
+from commkit.backends import launcher
 from commkit.fp8 import cast_to_fp8
+from commkit.jit.compiler import KernelSpec
 
 
 class FakeKernels:
-    """Runs 'launches' on CPU tensors found through their data pointers."""
+    """A launcher (``commkit.backends.launcher.Launcher``) that runs 'launches' with torch stand-ins on
+    CPU tensors; the stand-ins find the tensors through keys that stand for their pointers."""
+
+    device_type = "cpu"
+    num_sms = 132
 
     def __init__(self) -> None:
         self.tensors: dict[int, torch.Tensor] = {}
@@ -41,10 +46,24 @@ class FakeKernels:
     def t(self, ptr: Any) -> torch.Tensor:
         return self.tensors[int(ptr)]
 
+    # ---------------------------------------------------------------- the Launcher protocol
+    def kernel(self, spec: KernelSpec) -> tuple:
+        options = (
+            {"include_dirs": spec.include_dirs, "defines": spec.defines}
+            if spec.include_dirs or spec.defines
+            else {}
+        )
+        self.compiled.append((spec.header, spec.name, spec.template_args, options))
+        return spec.name, spec.template_args
+
+    def blocks_per_sm(self, kernel: tuple, num_threads: int) -> int:
+        return 1
+
     def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
         name, targs = kernel
         self.launches.append(name)
-        getattr(self, name)(targs, num_blocks, *args)
+        keys = tuple(self.u64(a) if a is None or isinstance(a, torch.Tensor) else a for a in args)
+        getattr(self, name)(targs, num_blocks, *keys)
 
     # ---------------------------------------------------------------- kernel contracts
     def layout_kernel(
@@ -346,34 +365,22 @@ class FakeKernels:
 
 
 def install_fakes(setattr_: Any, fk: FakeKernels | None = None) -> FakeKernels:
-    """Route every kernel launch to ``fk`` and stub the CUDA calls; ``setattr_``: monkeypatch.setattr
-    in a test, plain ``setattr`` in a spawned process."""
+    """Stub the CUDA calls of the one-rank-per-process backends for ``fk``, which the caller makes the
+    engines' launcher (``commkit.backends.launcher.use`` or ``set_default``); ``setattr_``:
+    monkeypatch.setattr in a test, plain ``setattr`` in a spawned process."""
     import commkit.backends
-    import commkit.emulate as emulate
 
     fk = fk or FakeKernels()
-    setattr_(kmod, "_u64", fk.u64)
-    setattr_(imod, "_u64", fk.u64)
-
-    def kernel(self: Any, header: str, name: str, *targs: Any, **compile_kw: Any) -> tuple:
-        fk.compiled.append((header, name, targs, compile_kw))
-        return name, targs
-
-    setattr_(kmod.KernelEngine, "_kernel", kernel)
-    setattr_(kmod.KernelEngine, "_launch", lambda self, k, b, t, args: fk.launch(k, b, t, args))
-    setattr_(kmod.KernelEngine, "_blocks_per_sm", lambda self, k: 1)
-    setattr_(kmod.KernelEngine, "_wait", lambda self, phase, event: None)
     props = type("Props", (), {"multi_processor_count": 132})()
     setattr_(torch.cuda, "get_device_properties", lambda device=None: props)
     setattr_(torch.cuda, "synchronize", lambda device=None: None)
     setattr_(torch.cuda, "Stream", lambda device=None: None)
     setattr_(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     setattr_(commkit.backends, "kernels_unavailable_reason", lambda group=None: None)
-    setattr_(emulate.EmulatedGroup, "_run", lambda self, sync: None)
-    setattr_(emulate.EmulatedGroup, "_finish", lambda self, sync, tensors: None)
     return fk
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKernels:
-    return install_fakes(monkeypatch.setattr)
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernels]:
+    with launcher.use(install_fakes(monkeypatch.setattr)) as fk:
+        yield fk

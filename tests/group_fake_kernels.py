@@ -18,7 +18,7 @@ import torch.distributed as dist
 from fake_kernels import FakeKernels, install_fakes
 
 from commkit.backends import internode_backend as ib
-from commkit.backends import internode_net
+from commkit.backends import internode_net, launcher
 from commkit.backends import kernels as kmod
 from commkit.types import EventHandle
 
@@ -165,6 +165,7 @@ def install_group_fakes() -> GroupFakeKernels:
     from commkit.jit import nccl
 
     fk = install_fakes(setattr, GroupFakeKernels())
+    launcher.set_default(fk)  # this process's engines launch the stand-ins
     commkit.buffer.kernels_unavailable_reason = lambda group=None: None  # type: ignore[assignment]
     ib.internode_unavailable_reason = lambda num_ranks, per_node: None  # type: ignore[assignment]
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE_DIRS = ("csrc", "ptx")
-SUFFIXES = {".cuh", ".cu", ".h", ".hpp", ".md"}
+DEVICE_DIRS = ("csrc", "ptx", "host")
+SUFFIXES = {".cuh", ".cu", ".h", ".hpp", ".cpp", ".md"}
 
 
 def device_sources() -> dict[str, bytes]:

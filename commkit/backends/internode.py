@@ -29,7 +29,8 @@ from commkit.backends import internode_layout as il
 from commkit.backends import kernels_layout as kl
 from commkit.backends.count_exchange import Agreement, CallFormat, GroupCountExchange
 from commkit.backends.internode_net import NetProvider, NvlinkDomain
-from commkit.backends.kernels import DispatchResult, KernelEngine, KernelState, _i32, _offsets, _u64
+from commkit.backends.kernels import DispatchResult, KernelEngine, KernelState, _i32, _offsets
+from commkit.backends.launcher import Launcher
 from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import ConfigError
 
@@ -101,8 +102,11 @@ class InternodeEngine(KernelEngine):
         device: torch.device,
         exchange: GroupCountExchange | None = None,
         net: NetProvider | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
-        super().__init__(num_ranks, rank_base, num_local, buffers, timeout_s=timeout_s, device=device)
+        super().__init__(
+            num_ranks, rank_base, num_local, buffers, timeout_s=timeout_s, device=device, launcher=launcher
+        )
         if (
             gpus_per_node < 1
             or gpus_per_node > kl.MAX_RANKS
@@ -227,7 +231,8 @@ class InternodeEngine(KernelEngine):
         raw = self.net.argument(self.buffers, num_sms, self.num_nodes, self.gpus_per_node, nvl_slot, net_slot)
         if len(self._net_args) > 16:
             self._net_args.clear()
-        arg = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
+        # NOTE: a copy in a fresh allocation (aligned for the kernel's struct loads; on the CPU too)
+        arg = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device, copy=True)
         transport = getattr(self.net, "transport", None)
         self._net_args[self._net_key(num_sms, nvl_slot, net_slot)] = (arg, self.buffers.peer_bases, transport)
         return arg
@@ -397,28 +402,28 @@ class InternodeEngine(KernelEngine):
         out_x, out_scales, out_idx, out_weights, out_src_token = outs
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
         args: tuple[Any, ...] = (
-            _u64(net),
-            _u64(self.buffers.peer_bases),
+            net,
+            self.buffers.peer_bases,
             _i32(self.rank_base),
             _i32(num_sms),
             _i32(num_experts),
-            _u64(token_offsets),
-            _u64(x),
-            _u64(x_scales),
-            _u64(topk_idx),
-            _u64(topk_weights),
-            _u64(send_pos),
-            _u64(node_pos),
-            _u64(meta),
-            _u64(recv_row_offsets),
-            _u64(fwd_offsets),
-            _u64(fwd_mask),
-            _u64(fwd_token),
-            _u64(out_x),
-            _u64(out_scales),
-            _u64(out_idx),
-            _u64(out_weights),
-            _u64(out_src_token),
+            token_offsets,
+            x,
+            x_scales,
+            topk_idx,
+            topk_weights,
+            send_pos,
+            node_pos,
+            meta,
+            recv_row_offsets,
+            fwd_offsets,
+            fwd_mask,
+            fwd_token,
+            out_x,
+            out_scales,
+            out_idx,
+            out_weights,
+            out_src_token,
             np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
@@ -464,21 +469,21 @@ class InternodeEngine(KernelEngine):
             self._agree(agreement, not self._net_cached(num_sms, hidden, None, None), "combine: barrier")
             kernel, net = self._net_then_kernel(kernel, defines, num_sms, hidden, None, None, header, name)
         args = (
-            _u64(net),
-            _u64(self.buffers.peer_bases),
+            net,
+            self.buffers.peer_bases,
             _i32(self.rank_base),
             _i32(num_sms),
             _i32(num_experts),
-            _u64(state.token_offsets),
-            _u64(x),
-            _u64(state.recv_row_offsets),
-            _u64(state.recv_src_token),
-            _u64(state.meta),
-            _u64(state.node_send_pos),
-            _u64(state.fwd_offsets),
-            _u64(state.fwd_mask),
-            _u64(state.fwd_token),
-            _u64(out),
+            state.token_offsets,
+            x,
+            state.recv_row_offsets,
+            state.recv_src_token,
+            state.meta,
+            state.node_send_pos,
+            state.fwd_offsets,
+            state.fwd_mask,
+            state.fwd_token,
+            out,
             np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,30 +37,15 @@ import torch
 import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
+from commkit.backends.launcher import Launcher, for_device
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
 from commkit.errors import CommTimeoutError, ConfigError
 from commkit.jit.compiler import KernelSpec
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 
-def _u64(t: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
-
-
 def _i32(v: int) -> np.int32:
     return np.int32(v)
-
-
-def _cupy_stream(stream: torch.cuda.Stream, device_index: int) -> Any:
-    """The CuPy view of a torch stream: the CUDA stream protocol where torch has it (CuPy >= 14
-    deprecates ExternalStream), else ExternalStream on the raw handle."""
-    import cupy
-
-    if hasattr(stream, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(stream)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
 
 
 SPIN_S = 200e-6  # host waits poll without sleeping this long first
@@ -125,7 +109,10 @@ class KernelEngine:
         *,
         timeout_s: float,
         device: torch.device,
+        launcher: Launcher | None = None,
     ) -> None:
+        """``launcher``: where the kernels run (``commkit.backends.launcher``; default: CuPy on a CUDA
+        device, the host execution on the CPU)."""
         if not 1 <= num_ranks <= self.max_ranks:
             raise ConfigError(f"num_ranks: the kernels support 1 to {self.max_ranks} ranks, got {num_ranks}")
         self.num_ranks = num_ranks
@@ -134,7 +121,8 @@ class KernelEngine:
         self.buffers = buffers
         self.timeout_s = timeout_s
         self.device = device
-        self._num_sms_device = torch.cuda.get_device_properties(device).multi_processor_count
+        self.launcher = launcher or for_device(device)
+        self._num_sms_device = self.launcher.num_sms
         # Device waits are bounded in nanoseconds of %globaltimer (independent of the SM clock)
         self._timeout_ns = int(timeout_s * 1e9)
         self._offsets_cache: dict[tuple[int, ...], torch.Tensor] = {}
@@ -142,8 +130,6 @@ class KernelEngine:
         self._kernels: dict[tuple[Any, ...], Any] = {}
         self._occupancy: dict[Any, int] = {}  # kernel -> blocks per SM
         self._budget_ok: set[tuple[Any, int]] = set()  # (kernel, num_sms) that passed _check_budget
-        self._streams: dict[int, Any] = {}  # CUDA stream handle -> CuPy stream
-        self._cupy_device: Any = None
         self._pinned: dict[tuple[int, ...], torch.Tensor] = {}  # host buffers of the count read-back
         # Kernel timing (module docstring): off unless record_kernel_events
         self.record_kernel_events = False
@@ -167,28 +153,16 @@ class KernelEngine:
         key = (header, name, *args, include_dirs, defines)
         kernel = self._kernels.get(key)
         if kernel is None:
-            from commkit.jit.loader import get_kernel
-
             spec = KernelSpec(header, name, tuple(args), include_dirs, defines)
-            kernel = self._kernels[key] = get_kernel(spec)
+            kernel = self._kernels[key] = self.launcher.kernel(spec)
         return kernel
 
     def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
         if num_blocks == 0:
             return
-        torch_stream = torch.cuda.current_stream(self.device)
-        handle = torch_stream.cuda_stream
-        stream = self._streams.get(handle)
-        if stream is None:
-            stream = self._streams[handle] = _cupy_stream(torch_stream, self.device.index or 0)
         if self._timing is not None and self._segment_start is None:
-            self._segment_start = _timing_event(torch_stream)
-        if self._cupy_device is None:
-            import cupy
-
-            self._cupy_device = cupy.cuda.Device(self.device.index or 0)
-        with self._cupy_device:
-            kernel((num_blocks,), (num_threads,), args, stream=stream)
+            self._segment_start = _timing_event(torch.cuda.current_stream(self.device))
+        self.launcher.launch(kernel, num_blocks, num_threads, args)
 
     def _check_budget(self, kernel: Any, num_sms: int) -> None:
         """All blocks of a launch must be resident at once (they wait for each other)."""
@@ -216,13 +190,7 @@ class KernelEngine:
             )
 
     def _blocks_per_sm(self, kernel: Any) -> int:
-        try:
-            from cupy_backends.cuda.api import driver
-
-            return int(driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, kl.NUM_THREADS, 0))
-        except Exception:  # noqa: BLE001 - fall back to the register file bound
-            regs = max(1, int(kernel.attributes.get("num_regs", 128)))
-            return max(0, min(2048 // kl.NUM_THREADS, 65536 // (regs * kl.NUM_THREADS)))
+        return self.launcher.blocks_per_sm(kernel, kl.NUM_THREADS)
 
     def _device_offsets(self, values: list[int]) -> torch.Tensor:
         """A cached int32 device tensor of ``values``. A miss copies from pinned memory without a
@@ -365,13 +333,13 @@ class KernelEngine:
         send_pos = torch.empty(num_tokens, self.num_ranks, dtype=torch.int32, device=self.device)
         kernel = self._kernel("csrc/layout.cuh", "layout_kernel", self.num_ranks, num_topk)
         args = (
-            _u64(topk_idx),
-            _u64(token_offsets),
+            topk_idx,
+            token_offsets,
             _i32(num_experts),
-            _u64(per_rank),
-            _u64(per_expert),
-            _u64(in_rank),
-            _u64(send_pos),
+            per_rank,
+            per_expert,
+            in_rank,
+            send_pos,
         )
         self._launch(kernel, self.num_local, 512, args)
         return per_rank, per_expert, in_rank, send_pos, token_offsets
@@ -465,24 +433,24 @@ class KernelEngine:
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
 
         args = (
-            _u64(peer_bases),
+            peer_bases,
             _i32(self.rank_base),
             _i32(num_sms),
             _i32(self.buffers.max_channels),
             _i32(num_experts),
-            _u64(token_offsets),
-            _u64(x),
-            _u64(x_scales),
-            _u64(topk_idx),
-            _u64(topk_weights),
-            _u64(send_pos),
-            _u64(meta),
-            _u64(recv_row_offsets),
-            _u64(out_x),
-            _u64(out_scales),
-            _u64(out_idx),
-            _u64(out_weights),
-            _u64(out_src_token),
+            token_offsets,
+            x,
+            x_scales,
+            topk_idx,
+            topk_weights,
+            send_pos,
+            meta,
+            recv_row_offsets,
+            out_x,
+            out_scales,
+            out_idx,
+            out_weights,
+            out_src_token,
             np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
@@ -513,15 +481,15 @@ class KernelEngine:
         meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
         notify = self._kernel("csrc/notify.cuh", "notify_kernel", self.num_ranks)
         args: tuple[Any, ...] = (
-            _u64(self.buffers.peer_bases),
+            self.buffers.peer_bases,
             _i32(self.rank_base),
             _i32(num_experts),
-            _u64(token_offsets),
-            _u64(per_rank),
-            _u64(per_expert),
+            token_offsets,
+            per_rank,
+            per_expert,
             _i32(1),
             _i32(-1 if num_worst_tokens is None else num_worst_tokens),
-            _u64(meta),
+            meta,
             np.int64(self._timeout_ns),
         )
         self._launch(notify, self.num_local, 128, args)
@@ -548,7 +516,7 @@ class KernelEngine:
 
     def _cached_notify(self) -> None:
         kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
-        args = (_u64(self.buffers.peer_bases), _i32(self.rank_base), np.int64(self._timeout_ns))
+        args = (self.buffers.peer_bases, _i32(self.rank_base), np.int64(self._timeout_ns))
         self._launch(kernel, self.num_local, 128, args)
 
     # ------------------------------------------------------------------ combine
@@ -565,18 +533,18 @@ class KernelEngine:
         self._timing_begin()
         self._cached_notify()
         args = (
-            _u64(self.buffers.peer_bases),
+            self.buffers.peer_bases,
             _i32(self.rank_base),
             _i32(num_sms),
             _i32(self.buffers.max_channels),
             _i32(num_experts),
-            _u64(state.token_offsets),
-            _u64(x),
-            _u64(state.recv_row_offsets),
-            _u64(state.recv_src_token),
-            _u64(state.meta),
-            _u64(state.send_pos),
-            _u64(out),
+            state.token_offsets,
+            x,
+            state.recv_row_offsets,
+            state.recv_src_token,
+            state.meta,
+            state.send_pos,
+            out,
             np.int64(self._timeout_ns),
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
