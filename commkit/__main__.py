@@ -19,6 +19,7 @@ COMMANDS = {
     "monitor": "commkit.cli.monitor",
     "info": "commkit.cli.info",
     "model": "commkit.cli.model",
+    "jit": "commkit.cli.jit",
 }
 
 

@@ -13,7 +13,17 @@ the cache. The cache key is the sha256 of the source, the content of every file 
 root's ``ptx/`` and ``csrc/`` (so any header edit rebuilds), the options and ``nvcc --version``, and,
 when a caller passes extra include directories (``include_dirs``, e.g. the NCCL headers of the GIN path,
 see ``commkit/jit/nccl.py``), the content of every header under them. An entry is written in a temporary
-directory and moved into place with ``os.replace``, so concurrent processes never see half an entry.
+directory and moved into place with ``os.replace``, so concurrent processes (and threads) never see
+half an entry.
+
+A cache hit without nvcc: the key covers ``nvcc --version``, which cannot be read without nvcc. So every
+entry is also recorded under its *source key* (the same key without the compiler version) in
+``<cache>/by-source/<source key>/<key>`` (a small file holding the version text of the nvcc that built
+it; written on every compile and on every hit with nvcc, so older entries get one on their next hit).
+Where no nvcc is found, ``compile_source`` looks the source key up there and loads the entry (the
+newest, if nvccs of several versions built one); only when there is none does it raise. The result's
+``nvcc_version`` says which nvcc built the cubin. With nvcc present the lookup is by the full key
+only: an entry of another nvcc version is a miss and is compiled again.
 
 Environment: ``COMMKIT_CACHE_DIR`` (default ``~/.cache/commkit``), ``COMMKIT_INCLUDE_ROOT`` (a
 directory holding ``ptx/`` and ``csrc/``; default: the installed package or the repository),
@@ -30,6 +40,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +87,7 @@ class CompileResult:
     stats: dict[str, PtxasStats] = field(default_factory=dict)
     ptxas_log: str = ""
     cache_hit: bool = False
+    nvcc_version: str | None = None  # ``nvcc --version`` of the nvcc that built it, where known
 
 
 def generate_source(specs: list[KernelSpec]) -> str:
@@ -161,6 +173,67 @@ def cache_key(
     return digest.hexdigest()
 
 
+SOURCE_INDEX = "by-source"  # <cache>/by-source/<source key[:2]>/<source key>/<key>: see the module docstring
+
+
+def source_key(source: str, options: tuple[str, ...], root: Path, include_dirs: tuple[Path, ...] = ()) -> str:
+    """The cache key without the compiler version: what a lookup without nvcc can compute."""
+    digest = hashlib.sha256()
+    parts = [source, "\0".join(options), _headers_digest(root), ARCH]
+    if include_dirs:
+        parts.append(include_dirs_digest(include_dirs))
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\x01")
+    return digest.hexdigest()
+
+
+def _record_source_key(cache: Path, skey: str, key: str, nvcc_version: str) -> None:
+    """Record entry ``key`` under its source key (atomically; best effort: a read-only cache is fine)."""
+    marker = cache / SOURCE_INDEX / skey[:2] / skey / key
+    if marker.exists():
+        return
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.parent / f".{key}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_text(nvcc_version)
+        os.replace(tmp, marker)
+    except OSError:
+        pass
+
+
+def _load_entry(entry_dir: Path, nvcc_version: str | None) -> CompileResult:
+    meta = json.loads((entry_dir / "kernel.json").read_text())
+    return CompileResult(
+        cubin_path=entry_dir / "kernel.cubin",
+        entries=meta["entries"],
+        stats={k: PtxasStats(**v) for k, v in meta["stats"].items()},
+        ptxas_log=meta["ptxas_log"],
+        cache_hit=True,
+        nvcc_version=meta.get("nvcc_version", nvcc_version),
+    )
+
+
+def lookup_without_nvcc(
+    source: str, options: tuple[str, ...], root: Path, cache: Path, include_dirs: tuple[Path, ...] = ()
+) -> CompileResult | None:
+    """The cached entry of this source, options and headers built by any nvcc (the newest), or None."""
+    skey = source_key(source, options, root, include_dirs)
+    index = cache / SOURCE_INDEX / skey[:2] / skey
+    found: list[tuple[int, Path, str]] = []
+    if index.is_dir():
+        for marker in index.iterdir():
+            if marker.name.startswith("."):
+                continue
+            meta_path = cache / marker.name[:2] / marker.name / "kernel.json"
+            if meta_path.exists():
+                found.append((meta_path.stat().st_mtime_ns, meta_path.parent, marker.read_text()))
+    if not found:
+        return None
+    _, entry_dir, version = max(found)
+    return _load_entry(entry_dir, version)
+
+
 _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
 _PROPS_RE = re.compile(r"Function properties for (\S+)")
 _STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -202,26 +275,28 @@ def compile_source(
     header under them is part of the cache key.
     """
     nvcc = nvcc_path()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found: install the CUDA toolkit, or set COMMKIT_NVCC or CUDA_HOME")
     root = (root or include_root()).resolve()
     include_dirs = tuple(Path(d).resolve() for d in include_dirs)
     missing = [str(d) for d in include_dirs if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"include directories not found: {missing}")
     cache = cache or cache_dir()
+    if nvcc is None:  # a hit needs no compiler: look the entry up by its source key (module docstring)
+        hit = lookup_without_nvcc(source, options, root, cache, include_dirs)
+        if hit is not None:
+            return hit
+        raise RuntimeError(
+            f"nvcc not found and no cached build of this kernel in {cache}: install the CUDA toolkit, or set "
+            "COMMKIT_NVCC or CUDA_HOME (or warm the cache: python -m commkit jit warm)"
+        )
+    version = _nvcc_version(nvcc)
     key = cache_key(source, options, root, nvcc, include_dirs)
+    skey = source_key(source, options, root, include_dirs)
     entry_dir = cache / key[:2] / key
     meta_path = entry_dir / "kernel.json"
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return CompileResult(
-            cubin_path=entry_dir / "kernel.cubin",
-            entries=meta["entries"],
-            stats={k: PtxasStats(**v) for k, v in meta["stats"].items()},
-            ptxas_log=meta["ptxas_log"],
-            cache_hit=True,
-        )
+        _record_source_key(cache, skey, key, version)
+        return _load_entry(entry_dir, version)
 
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
@@ -246,10 +321,16 @@ def compile_source(
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
         log = proc.stdout + proc.stderr
         stats = parse_ptxas_log(log)
-        meta = {"entries": list(stats), "stats": {k: vars(v) for k, v in stats.items()}, "ptxas_log": log}
+        meta = {
+            "entries": list(stats),
+            "stats": {k: vars(v) for k, v in stats.items()},
+            "ptxas_log": log,
+            "nvcc_version": version,
+        }
         (tmp_dir / "kernel.json").write_text(json.dumps(meta, indent=1))
         # Move into place: the cubin first, the json (the completion mark) last
-        staged = cache / key[:2] / f".{key}.{os.getpid()}"
+        # NOTE: the thread too: the warm step compiles in threads of one process
+        staged = cache / key[:2] / f".{key}.{os.getpid()}.{threading.get_ident()}"
         staged.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
@@ -260,7 +341,10 @@ def compile_source(
             os.replace(staged, entry_dir)  # atomic when entry_dir does not exist
         except OSError:
             shutil.rmtree(staged, ignore_errors=True)  # another process won the race: same content
-    return CompileResult(entry_dir / "kernel.cubin", meta["entries"], stats, log, cache_hit=False)
+    _record_source_key(cache, skey, key, version)
+    return CompileResult(
+        entry_dir / "kernel.cubin", meta["entries"], stats, log, cache_hit=False, nvcc_version=version
+    )
 
 
 def compile_spec(spec: KernelSpec, **kwargs: Any) -> CompileResult:
