@@ -7,7 +7,26 @@
 
 #include "ptx/ptx.cuh"
 
+// Planted faults for the host execution's mutation tests (tests/test_host_sanitizers.py): a host build
+// with -DCOMMKIT_FAULTS=<mask> leaves out the synchronisation each bit names, to show that
+// ThreadSanitizer or the comparison with commkit.reference catches it. 0 in every real build.
+#ifndef COMMKIT_FAULTS
+#define COMMKIT_FAULTS 0
+#endif
+#if COMMKIT_FAULTS != 0 && !defined(COMMKIT_HOST_EXECUTION)
+#error "COMMKIT_FAULTS plants synchronisation faults: host execution builds only"
+#endif
+
 namespace commkit {
+
+enum PlantedFault : int {
+    kFaultNoBarrierBeforeRelease = 1,  // dispatch sender: no group barrier before it releases a chunk
+    kFaultRelaxedTail = 2,             // dispatch sender: a relaxed store publishes a chunk (not a release)
+    kFaultNoSyncwarpAfterWait = 4,     // warp_wait_until: no __syncwarp after lane 0's acquire
+    kFaultNoBarrierBeforeZeroing = 8,  // dispatch: no block barrier before the counters are zeroed
+    kFaultRowPastOutputs = 16,         // dispatch receiver: writes every row one row further (ASan's case)
+};
+__host__ __device__ constexpr bool planted(int fault) { return (COMMKIT_FAULTS & fault) != 0; }
 
 // ---------------------------------------------------------------------------------------------------
 // Limits and tunables
@@ -193,7 +212,8 @@ __device__ __forceinline__ int warp_wait_until(const int* ptr, Done done, int ex
     int value = 0;
     if (ptx::lane_id() == 0)
         value = wait_until(ptr, done, expected, ctx);
-    __syncwarp();
+    if constexpr (!planted(kFaultNoSyncwarpAfterWait))
+        __syncwarp();
     return __shfl_sync(0xffffffffu, value, 0);
 }
 

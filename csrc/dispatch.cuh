@@ -67,7 +67,7 @@ __device__ __forceinline__ void drain_dispatch_queue(const int* tail, int* head,
 
         const uint8_t* slot = slot_at(consumed % kNumSlots);
         const int* slot_meta = reinterpret_cast<const int*>(slot + Row::kMetaOffset);
-        const int64_t row = row_of(slot_meta);
+        const int64_t row = row_of(slot_meta) + (planted(kFaultRowPastOutputs) ? 1 : 0);
         copy_row<Row::kRowBytes / 16, kGroupThreads, false>(
             reinterpret_cast<int4*>(static_cast<uint8_t*>(out_x) + row * Row::kRowBytes),
             reinterpret_cast<const int4*>(slot), thread_in_group);
@@ -178,9 +178,14 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
             // Publish a chunk of rows
             if (sent % kChunk == 0) {
-                group_sync<kWarpsPerPeer>(barrier_id);
-                if (thread_in_group == 0)
-                    ptx::st_release_sys(tail, sent);
+                if constexpr (!planted(kFaultNoBarrierBeforeRelease))
+                    group_sync<kWarpsPerPeer>(barrier_id);
+                if (thread_in_group == 0) {
+                    if constexpr (planted(kFaultRelaxedTail))
+                        ptx::st_relaxed_sys(tail, sent);
+                    else
+                        ptx::st_release_sys(tail, sent);
+                }
             }
         }
 
@@ -204,7 +209,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     }
 
     // Every peer's last write into this rank's counters of this channel was observed: zero them
-    __syncthreads();
+    if constexpr (!planted(kFaultNoBarrierBeforeZeroing))
+        __syncthreads();
     if (threadIdx.x < kNumRanks) {
         *counter_ptr(own, max_channels, kDispatchTail, me.channel, threadIdx.x) = 0;
         *counter_ptr(own, max_channels, kDispatchHead, me.channel, threadIdx.x) = 0;

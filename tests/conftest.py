@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from fake_kernels import fake  # noqa: F401 - shared fixture of the host tests (tests/fake_kernels.py)
+
+# The kernel cases (tests/gpu/kernel_cases.py) serve the GPU tests and the host execution alike
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 
 
 def _gpu_missing() -> str | None:

@@ -66,6 +66,8 @@ class KernelSpec:
     defines: tuple[str, ...] = ()
 
     def expression(self) -> str:
+        if not self.template_args:  # a plain function (the host runtime's test kernels)
+            return f"commkit::{self.name}"
         return f"commkit::{self.name}<{', '.join(str(a) for a in self.template_args)}>"
 
 
@@ -113,7 +115,17 @@ def include_root() -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("COMMKIT_CACHE_DIR") or Path.home() / ".cache" / "commkit")
+    """The JIT's binary cache: ``$COMMKIT_CACHE_DIR``, else the user cache directory of the platform
+    (``platformdirs.user_cache_path("commkit")``: ``$XDG_CACHE_HOME/commkit``, by default
+    ``~/.cache/commkit``, on Linux)."""
+    env = os.environ.get("COMMKIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    try:
+        import platformdirs
+    except ImportError:  # NOTE: an install that predates the dependency: the same path on Linux
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "commkit"
+    return Path(platformdirs.user_cache_path("commkit", appauthor=False))
 
 
 def nvcc_path() -> str | None:

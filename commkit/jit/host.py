@@ -38,7 +38,7 @@ from typing import Any
 from filelock import FileLock
 
 from commkit.errors import CommTimeoutError, ConfigError, KernelFault
-from commkit.jit.compiler import HEADER_SUFFIXES, KernelSpec, cache_dir, include_root
+from commkit.jit.compiler import HEADER_SUFFIXES, KernelSpec, cache_dir, include_dirs_digest, include_root
 
 HOST_DIRS = ("ptx", "csrc", "host")
 SOURCE_SUFFIXES = (*HEADER_SUFFIXES, ".cpp")
@@ -182,14 +182,14 @@ def _runtime_object(variant: str, cxx: str, root: Path) -> Path:
 
 def compile_host(spec: KernelSpec, variant: str = "plain", defines: tuple[str, ...] = ()) -> Path:
     """The shared object of one instantiation (through the cache). ``defines``: extra ``-D`` options
-    (the mutation tests' planted faults, ``COMMKIT_FAULT_*``)."""
+    (the mutation tests' planted faults, ``-DCOMMKIT_FAULTS=<mask>``, ``csrc/common.cuh``)."""
     _check_variant(variant)
     reason = host_unavailable_reason()
     if reason is not None:
         raise ConfigError(f"host execution: {reason}")
-    if spec.include_dirs:
+    if "gin" in Path(spec.header).stem:
         raise ConfigError(
-            f"host execution: {spec.expression()} needs {spec.include_dirs} (GIN): not on a CPU"
+            f"host execution: {spec.expression()} uses NCCL's GIN (the NIC's device API): not on a CPU"
         )
     bad = [d for d in (*spec.defines, *defines) if not d.startswith("-D")]
     if bad:
@@ -198,6 +198,7 @@ def compile_host(spec: KernelSpec, variant: str = "plain", defines: tuple[str, .
     assert cxx is not None
     root = include_root().resolve()
     runtime = _runtime_object(variant, cxx, root)
+    include_dirs = tuple(Path(d).resolve() for d in spec.include_dirs)
     options = (
         *COMMON_OPTIONS,
         *VARIANTS[variant]["kernel"],
@@ -207,6 +208,7 @@ def compile_host(spec: KernelSpec, variant: str = "plain", defines: tuple[str, .
         str(root / "host" / "include"),
         "-I",
         str(root),
+        *(arg for d in include_dirs for arg in ("-I", str(d))),
         "-include",
         "host/cuda_shim.h",
     )
@@ -229,6 +231,8 @@ def compile_host(spec: KernelSpec, variant: str = "plain", defines: tuple[str, .
         )
 
     parts = ["kernel", variant, source, "\0".join(options), _sources_digest(root), _compiler_version(cxx)]
+    if include_dirs:  # e.g. the kernels of the host runtime's own tests
+        parts.append(include_dirs_digest(include_dirs))
     return _cached_build("kernel", parts, build, "kernel.so")
 
 
