@@ -111,8 +111,8 @@ def _check_intranode(case: KCase, seed: int, worst: bool) -> None:
                 assert (o.topk_idx[w.x.shape[0] :] == -1).all() and (
                     o.topk_weights[w.x.shape[0] :] == 0
                 ).all()
-        x_in = ys if not worst else [torch.cat([y, torch.zeros(worst_rows - y.shape[0], y.shape[1])]).to(y.dtype)
-                                     for y in ys]  # fmt: skip
+        pad = [torch.zeros(worst_rows - y.shape[0], y.shape[1], dtype=y.dtype) for y in ys] if worst else None
+        x_in = ys if pad is None else [torch.cat([y, p]) for y, p in zip(ys, pad, strict=True)]
         got = group.combine(x_in, [o.handle for o in outs])
         for s, (g, w) in enumerate(zip(got, want_y, strict=True)):
             assert torch.equal(bits(g.x), bits(w)), (
