@@ -8,7 +8,9 @@ the precedence
 
 and states the source and the reason of the choice so that ``buf.config`` can show it.
 
-Profiles live in ``$COMMKIT_PROFILE_DIR`` or, when unset, ``~/.cache/commkit/profiles``.
+Profiles live in ``$COMMKIT_PROFILE_DIR`` or, when unset, ``profiles`` in the user cache directory
+(``platformdirs.user_cache_path("commkit")``: ``$XDG_CACHE_HOME/commkit``, by default
+``~/.cache/commkit``, on Linux).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,26 +177,44 @@ class BufferConfig:
 
 
 # --------------------------------------------------------------------------------------- store
+def user_cache_dir() -> Path:
+    """commkit's user cache directory: ``platformdirs.user_cache_path("commkit")`` (XDG on Linux:
+    ``$XDG_CACHE_HOME/commkit``, by default ``~/.cache/commkit``)."""
+    try:
+        import platformdirs
+    except ImportError:  # NOTE: an install that predates the dependency: the same path on Linux
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "commkit"
+    return Path(platformdirs.user_cache_path("commkit", appauthor=False))
+
+
 def profile_dir(directory: str | Path | None = None) -> Path:
-    """``directory``, else ``$COMMKIT_PROFILE_DIR``, else ``~/.cache/commkit/profiles``."""
+    """``directory``, else ``$COMMKIT_PROFILE_DIR``, else ``profiles`` in ``user_cache_dir()``."""
     if directory is not None:
         return Path(directory)
     env = os.environ.get(PROFILE_DIR_ENV)
     if env:
         return Path(env)
-    return Path.home() / ".cache" / "commkit" / "profiles"
+    return user_cache_dir() / "profiles"
 
 
 def save_profile(profile: Profile, directory: str | Path | None = None) -> Path:
-    """Write ``<dir>/<signature key>-<backend>.json`` atomically (temporary file, then rename)."""
+    """Write ``<dir>/<signature key>-<backend>.json`` atomically (temporary file, then rename), with the
+    permissions of any file the user creates (0666 less the umask: group-readable under the usual 022,
+    not the 0600 of a ``mkstemp`` file): profiles of a cluster are shared by its users' jobs."""
     target_dir = profile_dir(directory)
     target_dir.mkdir(parents=True, exist_ok=True)
     path = target_dir / profile.file_name
-    fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(profile.to_dict(), fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    tmp = target_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.json"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(profile.to_dict(), fh, indent=2, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

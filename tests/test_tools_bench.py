@@ -167,6 +167,7 @@ def test_shapes_are_model_named() -> None:
     assert TINY.with_(num_tokens=901).num_tokens == 901
 
 
+@pytest.mark.slow
 def test_bench_cli_end_to_end(tmp_path: Path) -> None:
     code = main(["bench", "--ranks", "2", "--reps", "3", "--warmup", "1", "--input-sets", "2",
                  "--dtype", "bf16", "--dtype", "fp8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
@@ -181,13 +182,19 @@ def test_bench_cli_end_to_end(tmp_path: Path) -> None:
         assert 0 < r["time_min_s"] <= r["time_median_s"] <= r["time_max_s"]
         assert r["gbps"] == pytest.approx(r["nvl_bytes"] / r["time_median_s"] / 1e9)
         assert r["vs_roofline"] is None and "CUDA" in r["vs_roofline_note"]
-        assert r["nodes"] == 1 and r["gbps_link"] == "nvl" and r["rdma_bytes"] == 0
+        # the bytes counted are the NVLink class, the link that carried them is gloo (CPU processes)
+        assert r["nodes"] == 1 and r["bytes_counted"] == "nvl" and r["link"] == "gloo"
+        assert r["rdma_bytes"] == 0
+        assert r["algbw_gbps"] == pytest.approx(r["nvl_bytes"] / r["time_median_s"] / 1e9)
+        assert 0 < r["bus_bytes"] < r["nvl_bytes"]  # the rank's own rows cross no link
+        assert r["busbw_gbps"] == pytest.approx(r["bus_bytes"] / r["time_median_s"] / 1e9)
         assert "rdma_bytes_flat" not in r and "rdma_saved" not in r  # single-node rows: no inter-node fields
     assert rows[2]["nvl_bytes"] < rows[0]["nvl_bytes"]  # FP8 rows are smaller
     assert data["summary"]["total_wrong"] == 0
     assert (tmp_path / "bench.tsv").read_text().splitlines()[0].startswith("shape\top")
 
 
+@pytest.mark.slow
 def test_bench_cli_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4 gloo ranks in 2 nodes of 2 from --ranks-per-node alone (no $LOCAL_WORLD_SIZE: the Buffers take
     the two-level path from the bench's DistRanks): rows carry the hierarchical and the flat RDMA bytes
@@ -211,7 +218,8 @@ def test_bench_cli_two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         figs = [t.figures(r["op"]) for t in traffics]
         assert figs[0]["ib_bytes_hier"] != figs[1]["ib_bytes_hier"]  # the sets differ: the mean shows
         mean = {key: (figs[0][key] + figs[1][key]) / 2 for key in figs[0]}
-        assert r["wrong"] == 0 and r["nodes"] == 2 and r["gbps_link"] == "rdma"
+        assert r["wrong"] == 0 and r["nodes"] == 2 and r["bytes_counted"] == "rdma" and r["link"] == "gloo"
+        assert r["bus_bytes"] == r["rdma_bytes"] and r["busbw_gbps"] == pytest.approx(r["gbps"])
         assert r["nvl_bytes"] == pytest.approx(mean["logical_bytes"])
         assert r["rdma_bytes"] == pytest.approx(mean["ib_bytes_hier"]) and r["rdma_bytes"] > 0
         assert r["rdma_bytes_flat"] == pytest.approx(mean["ib_bytes_flat"])
@@ -240,6 +248,7 @@ def _dist_ranks_buffers(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_dist_ranks_buffers_take_ranks_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """4 gloo ranks, no $LOCAL_WORLD_SIZE: a DistRanks made with 2 ranks per node makes two-level Buffers
     (and keys its profiles by 2 per node); one made without makes one-node Buffers."""
@@ -263,18 +272,19 @@ def test_bench_spec_ranks_per_node_reaches_dist_ranks() -> None:
     assert with_ranks_per_node(virtual, 1) is virtual
 
 
-def test_tune_cli_saves_profile_buffer_config_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from commkit.profiles import ClusterSignature, Profile, resolve_config
-
+def test_tune_cli_refuses_the_torch_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The torch backend has no SM budget: a sweep over num_sms would only measure noise, and a saved
+    profile would then be used by Buffer. tune says so before any rank starts and saves nothing (it used
+    to save a torch profile here)."""
     monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(tmp_path / "profiles"))
-    code = main(["tune", "--ranks", "2", "--reps", "2", "--warmup", "1", "--input-sets", "1",
-                 "--num-sms", "4", "--num-sms", "8", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
-    assert code == 0
-    (path,) = (tmp_path / "profiles").glob("*.json")
-    prof = Profile.from_dict(json.loads(path.read_text()))
-    assert prof.backend == "torch" and prof.num_sms in (4, 8)
-    assert prof.signature == ClusterSignature("cpu", 0, 2, 2, 0.0, prof.signature.nic_gbps)
-    assert prof.per_sm_gbps == {"dispatch": None, "combine": None}
-    assert set(prof.extra["comm_ms_by_num_sms"]) == {"4", "8"}
-    cfg = resolve_config(None, signature=prof.signature, backend="torch")
-    assert cfg.num_sms == prof.num_sms and cfg.source == f"profile:{path}"
+    for backend in (["--backend", "torch"], []):  # explicit, and auto on a machine without the kernels
+        if not backend and torch.cuda.is_available():
+            continue
+        code = main(["tune", "--ranks", "2", "--reps", "2", "--warmup", "1", "--input-sets", "1", "--num-sms",
+                     "4", "--num-sms", "8", "--out", str(tmp_path), "--no-progress", *backend])  # fmt: skip
+        assert code == 1
+        err = capsys.readouterr().err
+        assert "no SM budget" in err and "no profile saved" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "profiles").exists()

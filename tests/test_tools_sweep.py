@@ -56,10 +56,10 @@ def test_payload_int16_encoding_is_the_int64_one(dtype: str) -> None:
 def test_default_budgets_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     import commkit.cli._common as common
 
-    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(common.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(
-        common.torch.cuda, "get_device_properties", lambda _: types.SimpleNamespace(multi_processor_count=132)
+        torch.cuda, "get_device_properties", lambda _: types.SimpleNamespace(multi_processor_count=132)
     )
     assert common.max_fitting_sms(8) == 16 and common.max_fitting_sms(None) == 132
     assert common.default_budgets(48, 8) == [4, 8, 12, 16]  # tune, 8 virtual ranks on an H100

@@ -12,6 +12,7 @@ from rich.table import Table
 
 import commkit
 from commkit.backends import kernels_unavailable_reason
+from commkit.cli._common import HelpFormatter
 from commkit.demo import DemoConfig, run_rank, summarize
 
 
@@ -25,17 +26,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "when CUDA and CuPy are there, else CPU processes over gloo; under torchrun, its ranks. "
             "Exits non-zero when the result differs from a dense single-process computation."
         ),
+        epilog="examples:\n"
+        "  python -m commkit demo --ranks 4\n"
+        "  torchrun --nproc-per-node=8 -m commkit demo --experts 64",
+        formatter_class=HelpFormatter,
     )
     d = DemoConfig()
     p.add_argument("--ranks", type=int, default=d.ranks, help="ranks to spawn (ignored under torchrun)")
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden size H (a multiple of 8)")
     p.add_argument("--ffn", type=int, default=d.ffn, help="experts' intermediate size")
-    p.add_argument("--experts", type=int, default=d.experts)
-    p.add_argument("--topk", type=int, default=d.topk)
+    p.add_argument("--experts", type=int, default=d.experts, help="experts E (a multiple of --ranks)")
+    p.add_argument("--topk", type=int, default=d.topk, help="experts per token")
     p.add_argument("--iters", type=int, default=d.iters, help="timed repetitions (median reported)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--backend", choices=["auto", "torch", "kernels"], default=d.backend)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and inputs")
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "kernels"], default=d.backend, help="Buffer backend"
+    )
     p.set_defaults(func=run)
 
 

@@ -30,10 +30,11 @@ def register(subparsers: Any) -> None:
     warm.add_argument(
         "--out",
         type=Path,
-        help="cache directory (default $COMMKIT_CACHE_DIR, else ~/.cache/commkit); "
+        help="cache directory (default: $COMMKIT_CACHE_DIR, else the user cache directory's commkit, "
+        "~/.cache/commkit on Linux); "
         "bench/gpu_check.sh uses ./.jit-cache",
     )
-    warm.add_argument("--workers", type=int, help="parallel compiles (default os.cpu_count())")
+    warm.add_argument("--workers", type=int, help="parallel compiles (default: os.cpu_count())")
     warm.add_argument(
         "--steps",
         help="comma-separated steps of the check whose kernels to compile (default all: "

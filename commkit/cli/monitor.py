@@ -6,6 +6,8 @@ import argparse
 import subprocess
 from typing import Any
 
+from commkit.cli._common import HelpFormatter
+
 COLUMNS = ["kind", "channel", "avg GB/s", "max GB/s", "peak GB/s", "avg util", "max util"]
 
 
@@ -20,13 +22,15 @@ def register(subparsers: Any) -> None:
             "channel and utilisation against its peak (NVML link speed, the port's rate file). Counters "
             "that cannot be read are listed with the reason; the others are still sampled."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="example:\n"
+        "  python -m commkit monitor --png links.png -- torchrun --nproc-per-node=8 -m commkit bench",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--sysfs-root", default="/sys", help="root of the sysfs tree (for testing)")
-    parser.add_argument("--csv", help="write the time series as CSV here")
-    parser.add_argument("--png", help="write the time series as PNG here")
-    parser.add_argument("--json", help="write the per-channel summary as JSON here")
+    parser.add_argument("--csv", metavar="PATH", help="write the time series as CSV here")
+    parser.add_argument("--png", metavar="PATH", help="write the time series as PNG here")
+    parser.add_argument("--json", metavar="PATH", help="write the per-channel summary as JSON here")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run")
     parser.set_defaults(func=run)
 

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
-from commkit.cli._common import add_run_args, fail, out_dir, virtual_unavailable
+from commkit.cli._common import (
+    HelpFormatter,
+    add_run_args,
+    announce_results,
+    fail,
+    is_rank_zero,
+    results_dir,
+    run_args_problem,
+    virtual_unavailable,
+)
 from commkit.tools.shapes import SHAPES, get_shape
 
 COLUMNS = [
@@ -18,7 +28,7 @@ COLUMNS = [
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "overlap",
-        help="expert GEMM alongside dispatch/combine on k SMs, for a sweep of k (CUDA)",
+        help="expert GEMM alongside dispatch/combine on k SMs, for a sweep of k (CUDA GPUs only)",
         description=(
             "Run an expert-sized bf16 GEMM on the compute stream while dispatch+combine run with "
             "num_sms=k on a communication stream; report GEMM TFLOP/s and communication GB/s alone "
@@ -28,13 +38,22 @@ def register(subparsers: Any) -> None:
             "run in one launch on N x k SMs while one GEMM over all ranks' received rows runs beside it). "
             "The GEMMs are queued first; the communication is a cached dispatch (the handle of an untimed "
             "warm-up dispatch: no host wait for the counts) + combine; all times are CUDA events. With "
-            "--virtual the communication time is the kernels' device time (comm_time_source in the JSON)."
+            "--virtual the communication time is the kernels' device time (comm_time_source in the JSON). "
+            "There is no CPU mode."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  torchrun --nproc-per-node=8 -m commkit overlap --shape deepseek-v3\n"
+        "  python -m commkit overlap --virtual 8 --num-sms 8 --num-sms 16",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--shape", default="deepseek-v3", choices=sorted(SHAPES))
-    parser.add_argument("--tokens", type=int, help="tokens per rank (overrides the shape's)")
-    add_run_args(parser)
+    parser.add_argument(
+        "--shape", default="deepseek-v3", choices=sorted(SHAPES), help="model-named MoE shape"
+    )
+    parser.add_argument(
+        "--tokens", type=int, metavar="T", help="tokens per rank (default: the shape's, 4096 for the models)"
+    )
+    # NOTE: no --ranks (overlap spawns no CPU processes) and no routing options (it does not use them)
+    add_run_args(parser, spawn=False, routing=False)
     parser.add_argument(
         "--num-sms",
         type=int,
@@ -44,7 +63,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--gemm-repeats", type=int, default=4, help="GEMMs per measurement")
     parser.add_argument(
-        "--out", help="directory for overlap.json and overlap.png (default bench/results/local)"
+        "--out",
+        metavar="DIR",
+        help="directory for overlap.json and overlap.png (default: ./commkit-results/overlap-<time>)",
     )
     parser.set_defaults(func=run)
 
@@ -63,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         plot_overlap,
     )
 
-    why = overlap_unavailable_reason() or virtual_unavailable(args)
+    why = run_args_problem(args) or overlap_unavailable_reason() or virtual_unavailable(args)
     if why:
         return fail(why)
     if "RANK" not in os.environ and not args.virtual:
@@ -74,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
     shape = get_shape(args.shape)
     if args.tokens:
         shape = shape.with_(num_tokens=args.tokens)
+    why = run_args_problem(args, [shape])
+    if why:
+        return fail(why)
+    directory = results_dir(args.out, "overlap")
+    if is_rank_zero():
+        announce_results(directory, "overlap", "overlap.json, overlap.png")
+    started = time.time()
     spec = OverlapSpec(
         shape=shape, candidates=sorted(set(args.num_sms or default_budgets(40, args.virtual))),
         backend=args.backend, gemm_repeats=args.gemm_repeats, reps=args.reps, warmup=args.warmup,
@@ -82,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.virtual:
         result = overlap_virtual(args.virtual, spec, host_timeout_s=args.timeout)
     else:
-        result = launch(overlap_rank, args.ranks, spec, timeout_s=args.timeout)
+        result = launch(overlap_rank, 1, spec, timeout_s=args.timeout)
         if dist.get_rank() != 0:
             return 0
     rows = [
@@ -95,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     report.print_table(f"commkit overlap ({shape.name})", COLUMNS, rows)
     if result.get("comm_time_note"):
         print(f"time: {result['comm_time_note']}")
-    directory = out_dir(args.out)
-    result["commit"] = report.git_commit()
+    directory.mkdir(parents=True, exist_ok=True)
+    result["meta"] = report.run_metadata(started, args)
+    result["commit"] = result["meta"]["commit"]
     report.write_json(directory / "overlap.json", result)
     msg = plot_overlap(result, directory / "overlap.png") if result["points"] else "no points to plot"
     print(f"wrote {directory / 'overlap.json'}" + (f"; {msg}" if msg else f", {directory / 'overlap.png'}"))

@@ -20,7 +20,14 @@ the network bytes of a flat all-to-all (one row per (token, remote rank)); ``rdm
 RDMA figures ((token, node) pairs with the own node included), to compare with peers' numbers. Rows of
 one node have none of them.
 
-GB/s = the link's bytes / median time: NVLink bytes on one node, RDMA bytes across nodes. Time per
+GB/s (``gbps``) = the counted bytes / median time: NVLink bytes on one node, RDMA bytes across nodes
+(``bytes_counted``: "nvl" or "rdma"). As nccl-tests: ``algbw_gbps`` = the logical (NVLink) bytes / median
+time on any number of nodes; ``busbw_gbps`` = ``bus_bytes`` / median time, the bytes per rank that cross
+the link: rows from or to the other ranks on one node (``nvl_bytes_flat`` of the traffic counts: the
+rank's own rows stay), the RDMA bytes of the hierarchical path over several nodes. ``link`` names what
+carries them: ``gloo`` (CPU processes), ``hbm`` (virtual ranks on one GPU), ``nvlink`` (GPUs of one
+node), ``rdma`` or ``nvlink-domain`` (the kernels over several nodes), ``nccl`` (the torch backend on
+GPUs). Time per
 repetition = the slowest rank's, measured after a barrier, with the L2 flushed (CUDA) and the inputs
 rotated over ``num_input_sets`` routings and payloads. Every repetition's output is compared with the
 expected rows (``#wrong``: rows that differ in any field, plus missing or extra rows).
@@ -597,7 +604,13 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
             else "the process group is not on CUDA devices"
         )
 
-    configs = [(s, d, k) for s in spec.shapes for d in spec.dtypes for k in spec.num_sms]
+    budgets = list(spec.num_sms)
+    # NOTE: the torch backend has no SM budget: every budget would run the same code (duplicate rows)
+    num_sms_ignored = buf.backend == TORCH_BASELINE and len(set(budgets)) > 1
+    if buf.backend == TORCH_BASELINE:
+        budgets = budgets[:1]
+    link = real_link(ctx, buf, device)
+    configs = [(s, d, k) for s in spec.shapes for d in spec.dtypes for k in budgets]
     rows: list[dict[str, Any]] = []
     progress = _progress(rank == 0 and spec.progress, len(configs))
     for shape, dtype, num_sms in configs:
@@ -630,7 +643,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
         num_nodes = num_ranks // num_ranks_per_node
         for op, meas, base_meas in (("dispatch", d, base and base[0]), ("combine", c, base and base[1])):
             stats = TimeStats.of(meas.times_s)
-            link, link_bytes, byte_fields = link_fields(traffics, op, stats.median_s)
+            bytes_counted, link_bytes, byte_fields = link_fields(traffics, op, stats.median_s)
             row: dict[str, Any] = {
                 "shape": shape.name, "op": op, "backend": buf.backend, "ranks": num_ranks, "nodes": num_nodes,
                 "virtual": ctx.virtual,
@@ -639,9 +652,20 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
                 "num_sms": effective_sms if buf.backend != TORCH_BASELINE else None,
                 "num_sms_source": "argument" if num_sms is not None else buf.config.source,
                 "num_sms_requested": effective_sms, "knobs": knobs_in_use,
-                **byte_fields, "gbps_link": link, **{f"time_{k}": v for k, v in stats.to_dict().items()},
+                **byte_fields, "bytes_counted": bytes_counted, "link": link,
+                **{f"time_{k}": v for k, v in stats.to_dict().items()},
                 "gbps": gbps(link_bytes, stats.median_s), "wrong": meas.wrong,
             }  # fmt: skip
+            bus = (
+                byte_fields["rdma_bytes"]
+                if num_nodes > 1
+                else sum(t.figures(op)["nvl_bytes_flat"] for t in traffics) / len(traffics)
+            )
+            row["bus_bytes"] = bus
+            row["algbw_gbps"] = gbps(byte_fields["nvl_bytes"], stats.median_s)
+            row["busbw_gbps"] = gbps(bus, stats.median_s)
+            if num_sms_ignored:
+                row["num_sms_ignored"] = [k for k in spec.num_sms]
             if meas.wall_times_s is not None:
                 wall = TimeStats.of(meas.wall_times_s)
                 row.update({f"time_wall_{k}": v for k, v in wall.to_dict().items() if k != "reps"})
@@ -683,6 +707,21 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[dict[str, Any]]:
     if baseline is not None:
         baseline.close()
     return rows
+
+
+def real_link(ctx: RankContext, buf: Any, device: torch.device) -> str:
+    """What carries the bytes (the ``link`` of a row): gloo on CPU processes, HBM for virtual ranks,
+    NCCL under the torch backend on GPUs, else NVLink on one node and the internode transport across."""
+    if ctx.virtual:
+        return "hbm"
+    if device.type != "cuda":
+        return "gloo"
+    if buf.backend == TORCH_BASELINE:
+        return "nccl"
+    if buf.num_ranks_per_node < buf.num_ranks:
+        transport = getattr(buf, "internode_transport", None)
+        return "nvlink-domain" if transport == "nvlink-domain" else "rdma"
+    return "nvlink"
 
 
 def skipped_row(
@@ -756,6 +795,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     worst = min(rows, key=lambda r: r["vs_roofline"] if has_roof else r["gbps"])
     return {
         "avg_gbps": mean("gbps"),
+        "avg_algbw": mean("algbw_gbps"),
+        "avg_busbw": mean("busbw_gbps"),
         "avg_vs_torch": mean("vs_torch"),
         "avg_vs_roofline": mean("vs_roofline"),
         "total_wrong": sum(r["wrong"] for r in rows),

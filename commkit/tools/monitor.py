@@ -311,6 +311,15 @@ def plot_report(report: MonitorReport, path: str | Path) -> str | None:
     ax.set_title("commkit monitor: link throughput")
     if report.stats:
         ax.legend(fontsize="small", ncol=2)
+    else:
+        # NOTE: an empty axis would read as "no traffic"; say that nothing could be read, and why
+        why = "\n".join(f"{counter}: {reason}" for counter, reason in report.unavailable[:8])
+        ax.text(
+            0.5, 0.5, "no readable counter: nothing was sampled" + (f"\n\n{why}" if why else ""),
+            ha="center", va="center", transform=ax.transAxes, fontsize="small", wrap=True,
+        )  # fmt: skip
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
