@@ -269,3 +269,18 @@ def test_per_rank_code_through_buffer_from_backend() -> None:
     want_y = reference.combine_reference([w.x for w in want], want, list(case.tokens))
     for (_, back), w in zip(results, want_y, strict=True):
         assert torch.equal(bits(back.x), bits(w))
+
+
+def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
+    import numpy as np
+
+    from commkit.backends.launcher import pointer
+    from commkit.jit.compiler import KernelSpec
+
+    group = _group(2, 1)
+    group.buffers.ensure(1, 64)
+    barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
+    with pytest.raises(CommTimeoutError) as info:  # rank 0's block alone: rank 1 never arrives
+        barrier.launch(1, 128, (pointer(group.buffers.peer_bases), np.int32(0), np.int64(3e8)), seed=0,
+                       watchdog_s=60)  # fmt: skip
+    assert "commkit barrier: rank 0 channel -1 role barrier peer 1: expected 1, observed 0" in str(info.value)
