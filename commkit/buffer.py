@@ -10,7 +10,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from commkit import validate
+from commkit import autograd, validate
 from commkit.backends import BACKENDS, kernels_unavailable_reason
 from commkit.backends.base import Backend
 from commkit.errors import ConfigError
@@ -256,6 +256,13 @@ class Buffer:
         holds local expert indices (``e - rank*L``) for this rank's experts and -1 for the others;
         ``out.topk_weights`` [N_recv, K] the source's weights; ``out.num_tokens_per_expert`` L ints,
         received rows using each local expert, rounded up to ``expert_alignment``.
+
+        Autograd (``commkit.autograd``): when ``x`` or ``topk_weights`` requires grad, ``out.x`` and
+        ``out.topk_weights`` carry gradients; the backward is one combine with ``out.handle`` (no
+        host sync). ``out.topk_weights[:, k]`` is differentiable where ``out.topk_idx[:, k] >= 0``
+        (the slot's expert is here); the other slots' weights are copies without gradient. No
+        gradient: ``topk_idx``, the FP8 scales and an FP8 pair ``x``; with ``cast_to_fp8`` the
+        differentiable rows are ``out.x_dequantized`` (float32) and ``x`` gets a bf16 gradient.
         """
         data, scales = validate.split_x(x)
         num_experts = validate.check_num_experts(num_experts, self.num_ranks)
@@ -291,22 +298,39 @@ class Buffer:
                 topk_idx=topk_idx,
                 check_values=check_values,
             )
-        return self._backend.dispatch(
-            data,
-            scales,
-            topk_idx,
-            topk_weights,
-            num_experts,
-            layout=layout,
-            handle=handle,
-            expert_alignment=expert_alignment,
-            num_sms=self._num_sms(num_sms),
-            previous_event=previous_event,
-            async_finish=async_finish,
-            buffer_id=self.id,
-            cast_to_fp8=cast_to_fp8,
-            num_worst_tokens=num_worst_tokens,
-        )
+        budget = self._num_sms(num_sms)
+
+        def run(data: torch.Tensor, topk_weights: torch.Tensor) -> DispatchOutput:
+            return self._backend.dispatch(
+                data,
+                scales,
+                topk_idx,
+                topk_weights,
+                num_experts,
+                layout=layout,
+                handle=handle,
+                expert_alignment=expert_alignment,
+                num_sms=budget,
+                previous_event=previous_event,
+                async_finish=async_finish,
+                buffer_id=self.id,
+                cast_to_fp8=cast_to_fp8,
+                num_worst_tokens=num_worst_tokens,
+            )
+
+        if autograd.needs_grad(data, topk_weights):
+            if scales is not None and data.requires_grad:
+                raise TypeError(
+                    "x: expected an FP8 pair without gradient (float8 data cannot carry one), got x[0] "
+                    "that requires grad; dispatch the bf16 x with cast_to_fp8=True to train with FP8 "
+                    "dispatch (its gradient comes back in bf16)"
+                )
+            call = autograd.DispatchCall(self, run, budget, fp8_out=cast_to_fp8 or scales is not None)
+            out = autograd.dispatch(call, data, topk_weights)
+        else:
+            out = run(data, topk_weights)
+        autograd.remember_num_worst_tokens(out.handle, num_worst_tokens)
+        return out
 
     def combine(
         self,
@@ -330,18 +354,25 @@ class Buffer:
         sum is two-level: per node the token reached, its ranks' rows summed that way and rounded to
         bfloat16; then those partials summed in float32 from +0.0 in ascending node order, rounded
         to bfloat16 (with one node the same bits as the one-level rule).
+
+        Autograd: when ``x`` requires grad, ``y.x`` carries its gradient; the backward is a cached
+        dispatch of the gradient (bf16) with ``handle``: each received row gets its source token's
+        gradient (zeros for ``num_worst_tokens`` padding rows). ``handle`` has no gradient.
         """
         validate.check_handle(handle, buffer_id=self.id, backend=self.backend)
         x = validate.check_combine_x(x, handle)
         validate.check_device_type("x", x.device, self._backend.device_type)
         validate.check_event("previous_event", previous_event)
-        return self._backend.combine(
-            x,
-            handle,
-            num_sms=self._num_sms(num_sms),
-            previous_event=previous_event,
-            async_finish=async_finish,
-        )
+        budget = self._num_sms(num_sms)
+
+        def run(x: torch.Tensor) -> CombineOutput:
+            return self._backend.combine(
+                x, handle, num_sms=budget, previous_event=previous_event, async_finish=async_finish
+            )
+
+        if autograd.needs_grad(x):
+            return autograd.combine(autograd.CombineCall(self, handle, budget, run), x)
+        return run(x)
 
     def set_knobs(self, **knobs: int) -> None:
         """Kernel parameters besides the SM budget. The internode kernels' role split:
