@@ -14,6 +14,7 @@ from commkit import autograd, validate
 from commkit.backends import BACKENDS, kernels_unavailable_reason
 from commkit.backends.base import Backend
 from commkit.errors import ConfigError
+from commkit.jit.host import host_unavailable_reason
 from commkit.profiles import BufferConfig, cluster_signature, resolve_config
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
@@ -152,6 +153,19 @@ class Buffer:
             from commkit.backends.internode_backend import internode_unavailable_reason
 
             reason = internode_unavailable_reason(num_ranks, self.num_ranks_per_node)
+        if (
+            backend == "kernels"
+            and reason is not None
+            and not multi_node
+            and dist.get_backend(self.group) == "gloo"
+        ):
+            # CPU processes: the host execution of the one-node kernels over host shared memory
+            host_reason = host_unavailable_reason()
+            if host_reason is not None:
+                raise ConfigError(f"backend: 'kernels' cannot run here: {reason}; on the CPU: {host_reason}")
+            from commkit.backends.kernels import KernelsBackend
+
+            return KernelsBackend(self.group, timeout_s=self.timeout_s, device=torch.device("cpu"))
         if backend == "kernels" and reason is not None:
             raise ConfigError(f"backend: 'kernels' cannot run here: {reason}")
         if (backend == "kernels" or (backend == "auto" and reason is None)) and multi_node:

@@ -39,7 +39,6 @@ CuPy and a GPU are needed when a group is created, not when this module is impor
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 
 from commkit.backends import kernels_layout as kl
-from commkit.backends.launcher import Launcher
+from commkit.backends.launcher import Launcher, stream_context
 from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
@@ -60,11 +59,6 @@ DEFAULT_NUM_SMS = 16
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
-    """The comm stream's context on CUDA; nothing on the CPU (host execution is synchronous)."""
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _keep_for_stream(tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
@@ -320,7 +314,7 @@ class EmulatedGroup:
         counts = [t.shape[0] for t in topk_idxs]
         sync = self._sync(None, False, _sync)
         self._run(sync)
-        with _on_stream(self.comm_stream):
+        with stream_context(self.comm_stream):
             per_rank, per_expert, in_rank, _, _ = self.engine.layout(
                 _cat_rows(topk_idxs), counts, num_experts
             )
@@ -379,7 +373,7 @@ class EmulatedGroup:
         num_sms = num_sms or self.num_sms
         sync = self._sync(previous_event, async_finish, _sync)
         self._run(sync)
-        with _on_stream(self.comm_stream):
+        with stream_context(self.comm_stream):
             result = self.engine.dispatch(
                 _cat_rows(xs),
                 _cat_rows(x_scales) if x_scales is not None else None,
@@ -446,7 +440,7 @@ class EmulatedGroup:
                 )
         sync = self._sync(previous_event, async_finish, _sync)
         self._run(sync)
-        with _on_stream(self.comm_stream):
+        with stream_context(self.comm_stream):
             out = self.engine.combine(
                 _cat_rows(xs), state, handles[0].num_experts, num_sms=num_sms or self.num_sms
             )

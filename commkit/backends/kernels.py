@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
-from commkit.backends.launcher import Launcher, for_device
+from commkit.backends.launcher import Launcher, for_device, stream_context
+from commkit.backends.shared_memory import SharedMemoryBuffers, check_one_host
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
 from commkit.errors import CommTimeoutError, ConfigError
 from commkit.jit.compiler import KernelSpec
@@ -557,10 +558,14 @@ def aligned_counts(counts: list[int], alignment: int) -> list[int]:
 
 
 class KernelsBackend:
-    """Backend protocol (``commkit.backends.base``) with the kernels, one rank per process."""
+    """Backend protocol (``commkit.backends.base``) with the kernels, one rank per process.
+
+    On GPUs (NCCL): the IPC buffers of the node's GPUs. On CPU processes (gloo; ``device`` cpu): the
+    host execution of the same kernels over buffers in host shared memory
+    (``commkit.backends.shared_memory``), one host only."""
 
     name = "kernels"
-    device_type = "cuda"  # the device of the tensors it takes
+    device_type = "cuda"  # the device of the tensors it takes ("cpu" for the host execution)
 
     def __init__(
         self,
@@ -571,22 +576,31 @@ class KernelsBackend:
         max_num_sms: int | None = None,
     ):
         """``max_num_sms``: the largest ``num_sms`` a call will use; the IPC buffers are sized for
-        it once (None: the device's SM count, about 250 MB per rank at H = 7168)."""
+        it once (None: the device's SM count, about 250 MB per rank at H = 7168; host shared
+        memory grows as calls need it instead)."""
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device or torch.device("cuda", torch.cuda.current_device())
-        num_sms_device = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.buffers = IpcBuffers(
-            group, self.device, max_num_sms=max_num_sms or num_sms_device, timeout_s=timeout_s
-        )
+        self.device_type = self.device.type
+        self.buffers: SymmetricBuffers
+        if self.device.type == "cpu":
+            check_one_host(group)
+            self.buffers = SharedMemoryBuffers(group, timeout_s=timeout_s)
+        else:
+            num_sms_device = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.buffers = IpcBuffers(
+                group, self.device, max_num_sms=max_num_sms or num_sms_device, timeout_s=timeout_s
+            )
         self.engine = KernelEngine(
             self.num_ranks, self.rank, 1, self.buffers, timeout_s=timeout_s, device=self.device
         )
-        self.comm_stream = torch.cuda.Stream(self.device)
+        self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # Ordering with the caller's stream (see the module docstring of commkit.types.EventHandle)
-    def _begin(self, previous_event: EventHandle | None) -> torch.cuda.Stream:
+    def _begin(self, previous_event: EventHandle | None) -> torch.cuda.Stream | None:
+        if self.comm_stream is None:  # the host execution: every launch finished when it returned
+            return None
         caller = torch.cuda.current_stream(self.device)
         if previous_event is not None and previous_event.event is not None:
             self.comm_stream.wait_event(previous_event.event)
@@ -594,7 +608,11 @@ class KernelsBackend:
             self.comm_stream.wait_stream(caller)
         return caller
 
-    def _end(self, caller: torch.cuda.Stream, async_finish: bool, inputs: list, outputs: list) -> EventHandle:
+    def _end(
+        self, caller: torch.cuda.Stream | None, async_finish: bool, inputs: list, outputs: list
+    ) -> EventHandle:
+        if self.comm_stream is None or caller is None:
+            return EventHandle()
         event = EventHandle.record(self.comm_stream)
         for t in outputs:
             if t is not None:
@@ -609,7 +627,7 @@ class KernelsBackend:
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         caller = self._begin(None)
-        with torch.cuda.stream(self.comm_stream):
+        with stream_context(self.comm_stream):
             per_rank, per_expert, in_rank, _, _ = self.engine.layout(
                 topk_idx, [topk_idx.shape[0]], num_experts
             )
@@ -642,7 +660,7 @@ class KernelsBackend:
         ``num_tokens_per_expert`` is empty (nothing is read back: CUDA-graph capturable)."""
         state = handle.state if handle is not None else None
         caller = self._begin(previous_event)
-        with torch.cuda.stream(self.comm_stream):
+        with stream_context(self.comm_stream):
             result = self.engine.dispatch(
                 x,
                 x_scales,
@@ -687,11 +705,12 @@ class KernelsBackend:
         async_finish: bool,
     ) -> CombineOutput:
         caller = self._begin(previous_event)
-        with torch.cuda.stream(self.comm_stream):
+        with stream_context(self.comm_stream):
             out = self.engine.combine(x, handle.state, handle.num_experts, num_sms=num_sms)
         event = self._end(caller, async_finish, [x], [out])
         return CombineOutput(out, event)
 
     def close(self) -> None:
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.buffers.close()

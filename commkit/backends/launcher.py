@@ -140,6 +140,11 @@ class HostLauncher:
         kernel.launch(num_blocks, num_threads, raw_args(args), seed=self.seed, watchdog_s=self.watchdog_s)
 
 
+def stream_context(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """The comm stream's context on CUDA; nothing on the CPU (the host execution is synchronous)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 _default: Launcher | None = None
 
 
