@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import KCase, bits, compare_dispatch, expected_dispatch, expert_outputs, make_inputs
+from kernel_cases import (
+    KCase,
+    bits,
+    compare_dispatch,
+    expected_dispatch,
+    expert_outputs,
+    internode_inputs,
+    make_inputs,
+)
 
-from commkit import reference, routing
+from commkit import reference
 from commkit.backends.launcher import HostLauncher
 from commkit.emulate import EmulatedGroup
 from commkit.errors import CommTimeoutError
@@ -177,25 +185,9 @@ INTER_CASES = [
 ]
 
 
-def _inter_inputs(gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, seed):  # noqa: ANN001, ANN202
-    gen = torch.Generator().manual_seed(seed)
-    xs, scales, idxs, ws = [], [], [], []
-    for t in tokens:
-        xs.append((torch.randn(t, hidden, generator=gen) * 4).to(torch.bfloat16))
-        idx, w = routing.node_limited_topk(
-            torch.rand(t, num_experts, generator=gen), num_topk, num_groups=nodes, max_groups=2
-        )
-        idxs.append(torch.where(torch.rand(idx.shape, generator=gen) < 0.1, -1, idx).contiguous())
-        ws.append(w.contiguous())
-    if dtype == "fp8":
-        pairs = [cast_to_fp8(x) for x in xs]
-        xs, scales = [p[0] for p in pairs], [p[1] for p in pairs]
-    return xs, (scales if dtype == "fp8" else None), idxs, ws
-
-
 def _check_internode(case: tuple, knobs: dict[str, int] | None = None, seed: int = 0) -> None:
     gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, num_sms = case
-    xs, scales, idxs, ws = _inter_inputs(
+    xs, scales, idxs, ws = internode_inputs(
         gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, gpus + nodes
     )
     ref_xs, ref_scales = (

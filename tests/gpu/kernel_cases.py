@@ -140,3 +140,24 @@ def content_hash(tensors: list[torch.Tensor]) -> str:
     for t in tensors:
         digest.update(bits(t.contiguous()).cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def internode_inputs(gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, seed):  # noqa: ANN001, ANN201
+    """Inputs of virtual nodes (CPU lists over ranks: xs, x_scales (FP8 input only), topk_idxs,
+    topk_weights): node-limited routing (``commkit.routing.node_limited_topk``, each token's experts on
+    at most 2 nodes) with a tenth of the slots -1."""
+    from commkit import routing
+
+    gen = torch.Generator().manual_seed(seed)
+    xs, scales, idxs, ws = [], [], [], []
+    for t in tokens:
+        xs.append((torch.randn(t, hidden, generator=gen) * 4).to(torch.bfloat16))
+        idx, w = routing.node_limited_topk(
+            torch.rand(t, num_experts, generator=gen), num_topk, num_groups=nodes, max_groups=2
+        )
+        idxs.append(torch.where(torch.rand(idx.shape, generator=gen) < 0.1, -1, idx).contiguous())
+        ws.append(w.contiguous())
+    if dtype == "fp8":
+        pairs = [cast_to_fp8(x) for x in xs]
+        xs, scales = [p[0] for p in pairs], [p[1] for p in pairs]
+    return xs, (scales if dtype == "fp8" else None), idxs, ws

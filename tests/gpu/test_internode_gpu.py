@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import bits, compare_dispatch, expert_outputs
+from kernel_cases import bits, compare_dispatch, expert_outputs, internode_inputs
 
-from commkit import reference, routing
+from commkit import reference
 from commkit.fp8 import cast_to_fp8
 
 pytestmark = pytest.mark.gpu
@@ -24,22 +24,6 @@ CASES = [
     (2, 4, (100, 200, 0, 50, 333, 1, 2, 3), 2048, 6, 32, "cast", 4),
     (4, 2, (1024,) * 8, 7168, 8, 256, "bf16", 16),
 ]
-
-
-def _inputs(gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    xs, scales, idxs, ws = [], [], [], []
-    for t in tokens:
-        xs.append((torch.randn(t, hidden, generator=gen) * 4).to(torch.bfloat16))
-        idx, w = routing.node_limited_topk(
-            torch.rand(t, num_experts, generator=gen), num_topk, num_groups=nodes, max_groups=2
-        )
-        idxs.append(torch.where(torch.rand(idx.shape, generator=gen) < 0.1, -1, idx).contiguous())
-        ws.append(w.contiguous())
-    if dtype == "fp8":
-        pairs = [cast_to_fp8(x) for x in xs]
-        xs, scales = [p[0] for p in pairs], [p[1] for p in pairs]
-    return xs, (scales if dtype == "fp8" else None), idxs, ws
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[0]}-H{c[3]}-K{c[4]}-{c[6]}")
@@ -60,7 +44,7 @@ def check_case(case, knobs=None) -> None:  # noqa: ANN001
     from commkit.emulate import EmulatedGroup
 
     gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, num_sms = case
-    xs, scales, idxs, ws = _inputs(
+    xs, scales, idxs, ws = internode_inputs(
         gpus, nodes, tokens, hidden, num_topk, num_experts, dtype, seed=gpus + nodes
     )
     ref_xs, ref_scales = (
@@ -113,7 +97,7 @@ def test_virtual_nodes_stress() -> None:
     from commkit.emulate import EmulatedGroup
 
     gpus, nodes, tokens, hidden, num_topk, num_experts = 4, 2, (512,) * 8, 7168, 8, 256
-    xs, _, idxs, ws = _inputs(gpus, nodes, tokens, hidden, num_topk, num_experts, "bf16", seed=11)
+    xs, _, idxs, ws = internode_inputs(gpus, nodes, tokens, hidden, num_topk, num_experts, "bf16", seed=11)
     group = EmulatedGroup(8, num_sms=16, timeout_s=30.0, num_ranks_per_node=gpus)
     dev = group.device
     xs, idxs, ws = [x.to(dev) for x in xs], [i.to(dev) for i in idxs], [w.to(dev) for w in ws]
