@@ -19,11 +19,15 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <random>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -55,6 +59,8 @@ namespace {
 constexpr int kNumNamedBarriers = 16;
 constexpr int kWarpSize = 32;
 constexpr int kMaxWarps = 32;  // 1024 threads per block
+constexpr size_t kBlockLogBytes = 8192;
+constexpr unsigned kMaxBlocks = 1024;  // OS threads of one launch
 
 enum class FiberState : int { kRunnable, kAtBarrier, kAtWarpOp, kDone };
 enum Status : int { kRunning = 0, kTrapped = 1, kFault = 2 };
@@ -73,17 +79,16 @@ struct Fiber {
     int barrier = -1;     // the named barrier it waits at
     void* tsan_fiber = nullptr;
     void* asan_fake_stack = nullptr;
+    char token = 0;  // TSan: what this thread releases at a barrier and acquires when it is released
 };
 
-// A named barrier (bar.sync id, count): the phase in progress. NOTE: two synchronisation tokens, by
-// phase parity: a released fiber acquires its own phase's token even if others already arrive at
-// the next phase (which cannot complete before it arrives too).
+// A named barrier (bar.sync id, count): the phase in progress. For TSan, every arriving thread
+// releases into its own token; the thread that completes the phase acquires each of them, then
+// releases into each (so a released thread acquires exactly the arrivals of its phase).
 struct Barrier {
     int expected = 0;  // 0: no phase in progress
     int arrived = 0;
-    uint64_t phase = 0;
     std::vector<int> waiting;  // NOTE: reserved for the whole block: no allocation (TSan sees new and memmove)
-    char tokens[2] = {0, 0};
 };
 
 // A warp collective in progress (shuffle, vote, __syncwarp).
@@ -92,10 +97,8 @@ struct WarpCollective {
     WarpOp op = WarpOp::kSync;
     uint32_t mask = 0, arrived = 0;
     int width = kWarpSize;
-    uint64_t phase = 0;
     uint32_t values[kWarpSize] = {};
     int operands[kWarpSize] = {};
-    char tokens[2] = {0, 0};
 };
 
 struct Launch;
@@ -115,6 +118,11 @@ struct Block {
     void* asan_fake_stack = nullptr;
     const void* os_stack_bottom = nullptr;
     size_t os_stack_size = 0;
+    // NOTE: the block's log is a fixed buffer written byte by byte by this (uninstrumented) runtime: a
+    // string appended by several fibers would reach TSan's interceptors (new, memcpy) as races
+    char log[kBlockLogBytes];
+    size_t log_len = 0;
+    char exit_token = 0;  // TSan: every exiting thread releases, the block's thread acquires at the end
 };
 
 struct Launch {
@@ -123,8 +131,6 @@ struct Launch {
     void* arg = nullptr;
     Dim3 grid{1, 1, 1}, block{1, 1, 1};
     std::atomic<int> status{kRunning};
-    std::atomic_flag log_lock = ATOMIC_FLAG_INIT;  // NOTE: not a mutex: TSan would see it as synchronisation
-    std::string log;
     std::chrono::steady_clock::time_point start;
 };
 
@@ -139,30 +145,28 @@ Fiber* current_fiber() {
     return b->current;
 }
 
-void append_log(Launch* launch, const std::string& text) {
-    while (launch->log_lock.test_and_set(std::memory_order_acquire))
-        sched_yield();
-    launch->log += text;
-    launch->log_lock.clear(std::memory_order_release);
+// Appends to the block's log (only its own OS thread writes it; merged after the launch).
+void append_log(Block* b, const char* text, size_t n) {
+    for (size_t i = 0; i < n && b->log_len < kBlockLogBytes - 1; ++i)
+        b->log[b->log_len++] = text[i];
 }
 
-// Stops the launch with `status` (the first stop wins) and logs `why`.
-void stop_launch(Launch* launch, int status, const std::string& why) {
+// Stops the launch with `status` (the first stop wins) and logs `why` in block `b`'s log.
+void stop_launch(Block* b, int status, const std::string& why) {
     int expected = kRunning;
-    launch->status.compare_exchange_strong(expected, status);
-    if (!why.empty())
-        append_log(launch, why);
+    b->launch->status.compare_exchange_strong(expected, status);
+    append_log(b, why.data(), why.size());
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Fiber switches
 // ---------------------------------------------------------------------------------------------------
-void sync_release([[maybe_unused]] void* token) {
+void sync_release([[maybe_unused]] char* token) {
 #if defined(COMMKIT_HOST_TSAN)
     __tsan_release(token);
 #endif
 }
-void sync_acquire([[maybe_unused]] void* token) {
+void sync_acquire([[maybe_unused]] char* token) {
 #if defined(COMMKIT_HOST_TSAN)
     __tsan_acquire(token);
 #endif
@@ -186,12 +190,13 @@ void switch_to_fiber(Block* b, Fiber* f) {
     b->current = nullptr;
 }
 
-// Back to the block's scheduler; `final`: the fiber never runs again (its effects are then ordered
-// before what the block's OS thread does after the launch).
-void switch_to_scheduler(Fiber* f, bool final) {
+// Back to the block's scheduler; `final`: the fiber never runs again. NOTE: never a synchronising
+// switch, not even the last one: the scheduler would pass an exited thread's history on to every
+// thread it enters first afterwards (the exit token orders it before the end of the launch instead).
+void switch_to_scheduler(Fiber* f, [[maybe_unused]] bool final) {
     Block* b = f->block;
 #if defined(COMMKIT_HOST_TSAN)
-    __tsan_switch_to_fiber(b->tsan_scheduler, final ? 0 : kTsanNoSync);
+    __tsan_switch_to_fiber(b->tsan_scheduler, kTsanNoSync);
 #endif
 #if defined(COMMKIT_HOST_ASAN)
     __sanitizer_start_switch_fiber(final ? nullptr : &f->asan_fake_stack, b->os_stack_bottom, b->os_stack_size);
@@ -202,9 +207,16 @@ void switch_to_scheduler(Fiber* f, bool final) {
 #endif
 }
 
+void release_warp_sync_if_complete(Block* b, int warp);
+
 [[noreturn]] void exit_fiber(Fiber* f) {
+    Block* b = f->block;
     f->state = FiberState::kDone;
-    ++f->block->num_done;
+    ++b->num_done;
+    sync_release(&b->exit_token);
+    // __syncwarp waits only for the lanes of its mask that have not exited
+    if (b->launch->status.load(std::memory_order_relaxed) == kRunning)
+        release_warp_sync_if_complete(b, f->warp);
     switch_to_scheduler(f, true);
     std::abort();  // never resumed
 }
@@ -239,7 +251,7 @@ std::string where(const Fiber& f) {
 }
 
 [[noreturn]] void fault(Fiber* f, const std::string& what) {
-    stop_launch(f->block->launch, kFault, "commkit host execution: " + where(*f) + ": " + what + "\n");
+    stop_launch(f->block, kFault, "commkit host execution: " + where(*f) + ": " + what + "\n");
     exit_fiber(f);
 }
 
@@ -298,8 +310,8 @@ void run_block(Block* b) {
     void* stacks = mmap(nullptr, b->stacks_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                         -1, 0);
     if (stacks == MAP_FAILED) {
-        stop_launch(launch, kFault, "commkit host execution: cannot map the fiber stacks of block " +
-                                        std::to_string(b->idx.x) + "\n");
+        stop_launch(b, kFault, "commkit host execution: cannot map the fiber stacks of block " +
+                                   std::to_string(b->idx.x) + "\n");
         return;
     }
     b->stacks = static_cast<char*>(stacks);
@@ -342,7 +354,7 @@ void run_block(Block* b) {
         if (static_cast<size_t>(b->num_done) == num_fibers)
             break;
         if (!ran) {  // every thread left waits at a barrier or collective that nobody else can reach
-            stop_launch(launch, kFault,
+            stop_launch(b, kFault,
                         "commkit host execution: block " + std::to_string(b->idx.x) +
                             " cannot progress: a barrier or warp collective that not every required thread "
                             "reaches\n" +
@@ -353,7 +365,7 @@ void run_block(Block* b) {
                                     std::chrono::steady_clock::now() - launch->start)
                                     .count();
         if (launch->config.watchdog_ns > 0 && elapsed > launch->config.watchdog_ns) {
-            stop_launch(launch, kFault,
+            stop_launch(b, kFault,
                         "commkit host execution: block " + std::to_string(b->idx.x) + " still ran after the watchdog (" +
                             std::to_string(launch->config.watchdog_ns / 1000000) + " ms)\n" + block_state(*b));
             break;
@@ -361,12 +373,18 @@ void run_block(Block* b) {
         sched_yield();  // the other blocks (OS threads) progress too
     }
 
+    // A stopped launch: every thread left runs once more, to its next scheduling point, where it sees
+    // the stop and exits (so that every thread's effects are ordered before the end of the launch)
+    for (Fiber& f : b->fibers)
+        if (f.state != FiberState::kDone)
+            switch_to_fiber(b, &f);
+    sync_acquire(&b->exit_token);  // the block's threads' effects before the launch's end (join)
 #if defined(COMMKIT_HOST_TSAN)
     for (Fiber& f : b->fibers)
         __tsan_destroy_fiber(f.tsan_fiber);
 #endif
 #if defined(COMMKIT_HOST_ASAN)
-    for (size_t i = 0; i < num_fibers; ++i)  // fibers left mid-function keep poisoned frames
+    for (size_t i = 0; i < num_fibers; ++i)  // threads that exited mid-function keep poisoned frames
         __asan_unpoison_memory_region(b->stacks + i * stack_bytes + page, stack_bytes - page);
 #endif
     munmap(b->stacks, b->stacks_bytes);
@@ -391,6 +409,16 @@ void yield() {
     check_stopped(f);
 }
 
+// TSan: the completing thread acquires every waiter's arrival, then releases into each waiter's token
+// (each waiter acquires its own token when it runs again).
+void complete_sync(Fiber* completer, const int* waiters, int num_waiters) {
+    Block* b = completer->block;
+    for (int i = 0; i < num_waiters; ++i)
+        sync_acquire(&b->fibers[waiters[i]].token);
+    for (int i = 0; i < num_waiters; ++i)
+        sync_release(&b->fibers[waiters[i]].token);
+}
+
 void barrier_sync(int id, int num_threads) {
     Fiber* f = current_fiber();
     Block* b = f->block;
@@ -408,8 +436,7 @@ void barrier_sync(int id, int num_threads) {
         fault(f, "bar.sync " + std::to_string(id) + ": arrives with thread count " + std::to_string(num_threads) +
                      " at a barrier whose phase in progress counts " + std::to_string(bar.expected));
     }
-    const uint64_t phase = bar.phase;
-    sync_release(&bar.tokens[phase & 1]);
+    sync_release(&f->token);
     ++bar.arrived;
     bar.waiting.push_back(f->index);
     if (bar.arrived < bar.expected) {
@@ -425,6 +452,7 @@ void barrier_sync(int id, int num_threads) {
                 fault(f, "bar.sync " + std::to_string(id) + ": completed with " + std::to_string(lanes[w]) +
                              " of the 32 threads of warp " + std::to_string(w) +
                              " (every thread of a warp must reach it)");
+        complete_sync(f, bar.waiting.data(), static_cast<int>(bar.waiting.size()));
         for (int i : bar.waiting) {
             Fiber& other = b->fibers[i];
             other.barrier = -1;
@@ -434,10 +462,78 @@ void barrier_sync(int id, int num_threads) {
         bar.waiting.clear();
         bar.arrived = 0;
         bar.expected = 0;
-        ++bar.phase;
     }
-    sync_acquire(&bar.tokens[phase & 1]);
+    sync_acquire(&f->token);
 }
+
+namespace {
+
+uint32_t exited_lanes(const Block& b, int warp) {
+    uint32_t exited = 0;
+    for (int l = 0; l < kWarpSize; ++l) {
+        const size_t t = static_cast<size_t>(warp) * kWarpSize + static_cast<size_t>(l);
+        if (t < b.fibers.size() && b.fibers[t].state == FiberState::kDone)
+            exited |= 1u << l;
+    }
+    return exited;
+}
+
+// Completes warp `warp`'s collective in progress (every lane of its mask arrived; for __syncwarp,
+// arrived or exited): results for every arrived lane, which run again. `completer`: the arriving
+// thread that completed it (null: a lane's exit did).
+void complete_warp_collective(Block* b, int warp, Fiber* completer) {
+    WarpCollective& c = b->warps[warp];
+    const uint32_t mask = c.mask;
+    int waiters[kWarpSize];
+    int num_waiters = 0;
+    uint32_t reduced = 0;
+    for (int l = 0; l < kWarpSize; ++l)
+        if ((c.arrived >> l) & 1u) {
+            reduced |= c.values[l];
+            waiters[num_waiters++] = warp * kWarpSize + l;
+        }
+    for (int i = 0; i < num_waiters; ++i) {
+        Fiber& target = b->fibers[waiters[i]];
+        const int l = target.lane;
+        const int segment = l / c.width * c.width;
+        const int operand = c.operands[l];
+        int src = l;
+        switch (c.op) {  // NOTE: lane operands as the hardware reads them (the low 5 bits)
+            case WarpOp::kShflIdx: src = segment + (operand & (c.width - 1)); break;
+            case WarpOp::kShflXor: src = l ^ (operand & 31); src = src < segment + c.width ? src : l; break;
+            case WarpOp::kShflUp: src = l - (operand & 31) >= segment ? l - (operand & 31) : l; break;
+            default: break;
+        }
+        if (c.op == WarpOp::kReduceOr) {
+            target.result = reduced;
+        } else if (c.op == WarpOp::kSync) {
+            target.result = 0;
+        } else {
+            if (((mask >> src) & 1u) == 0 || ((c.arrived >> src) & 1u) == 0)
+                fault(completer != nullptr ? completer : &target, std::string(op_name(c.op)) + ": lane " + std::to_string(l) + " reads lane " +
+                                     std::to_string(src) + ", which is not in mask " + hex(mask));
+            target.result = c.values[src];
+        }
+    }
+    if (c.op == WarpOp::kSync && completer != nullptr)
+        complete_sync(completer, waiters, num_waiters);
+    for (int i = 0; i < num_waiters; ++i)
+        if (&b->fibers[waiters[i]] != completer)
+            b->fibers[waiters[i]].state = FiberState::kRunnable;
+    c.active = false;
+    c.arrived = 0;
+}
+
+// A lane exited: a __syncwarp that waited only for it completes (CUDA: the non-exited lanes of the
+// mask). NOTE: without TSan synchronisation among the waiters (the exiting thread must not look
+// ordered before them): a race report rather than a hidden race, in a case no kernel has.
+void release_warp_sync_if_complete(Block* b, int warp) {
+    WarpCollective& c = b->warps[warp];
+    if (c.active && c.op == WarpOp::kSync && c.arrived != 0 && ((c.arrived | exited_lanes(*b, warp)) & c.mask) == c.mask)
+        complete_warp_collective(b, warp, nullptr);
+}
+
+}  // namespace
 
 uint32_t warp_collective(WarpOp op, uint32_t mask, uint32_t value, int operand, int width) {
     Fiber* f = current_fiber();
@@ -456,60 +552,30 @@ uint32_t warp_collective(WarpOp op, uint32_t mask, uint32_t value, int operand, 
         c.width = width;
         c.arrived = 0;
     } else if (c.op != op || c.mask != mask || c.width != width) {
+        // NOTE: one collective per warp at a time: divergent collectives with disjoint masks (legal in
+        // CUDA, used by no kernel here) are reported too
         fault(f, std::string(op_name(op)) + " (mask " + hex(mask) + ") while lanes " + hex(c.arrived) + " of warp " +
                      std::to_string(f->warp) + " wait in " + op_name(c.op) + " (mask " + hex(c.mask) +
                      "): every lane of a mask must make the same call");
     }
-    const uint64_t phase = c.phase;
     c.values[lane] = value;
     c.operands[lane] = operand;
     c.arrived |= 1u << lane;
     if (op == WarpOp::kSync)
-        sync_release(&c.tokens[phase & 1]);
-    if (c.arrived != mask) {
+        sync_release(&f->token);
+    const uint32_t present = op == WarpOp::kSync ? c.arrived | exited_lanes(*b, f->warp) : c.arrived;
+    if ((present & mask) != mask)
         block_until_released(f, FiberState::kAtWarpOp);
-    } else {
-        uint32_t reduced = 0;
-        for (int l = 0; l < kWarpSize; ++l)
-            if ((mask >> l) & 1u)
-                reduced |= c.values[l];
-        for (int l = 0; l < kWarpSize; ++l) {
-            if (((mask >> l) & 1u) == 0)
-                continue;
-            const int segment = l / c.width * c.width;
-            int src = l;
-            switch (op) {
-                case WarpOp::kShflIdx: src = segment + ((c.operands[l] % c.width) + c.width) % c.width; break;
-                case WarpOp::kShflXor: src = l ^ c.operands[l]; src = src < segment + c.width ? src : l; break;
-                case WarpOp::kShflUp: src = l - c.operands[l] >= segment ? l - c.operands[l] : l; break;
-                default: break;
-            }
-            Fiber& target = b->fibers[static_cast<size_t>(f->warp) * kWarpSize + l];
-            if (op == WarpOp::kReduceOr) {
-                target.result = reduced;
-            } else if (op == WarpOp::kSync) {
-                target.result = 0;
-            } else {
-                if (((mask >> src) & 1u) == 0)
-                    fault(f, std::string(op_name(op)) + ": lane " + std::to_string(l) + " reads lane " +
-                                 std::to_string(src) + ", which is not in mask " + hex(mask));
-                target.result = c.values[src];
-            }
-            if (&target != f)
-                target.state = FiberState::kRunnable;
-        }
-        c.active = false;
-        c.arrived = 0;
-        ++c.phase;
-    }
+    else
+        complete_warp_collective(b, f->warp, f);
     if (op == WarpOp::kSync)
-        sync_acquire(&c.tokens[phase & 1]);
+        sync_acquire(&f->token);
     return f->result;
 }
 
 void trap() {
     Fiber* f = current_fiber();
-    stop_launch(f->block->launch, kTrapped, "");
+    stop_launch(f->block, kTrapped, "");
     exit_fiber(f);
 }
 
@@ -519,10 +585,8 @@ int device_printf(const char* format, ...) {
     va_start(args, format);
     const int n = std::vsnprintf(text, sizeof(text), format, args);
     va_end(args);
-    Block* b = t_block;
-    if (b != nullptr)
-        append_log(b->launch, text);
-    std::fputs(text, stderr);
+    if (n > 0 && t_block != nullptr)
+        append_log(t_block, text, std::strlen(text));
     return n;
 }
 
@@ -533,6 +597,16 @@ uint64_t globaltimer_ns() {
 }
 
 int launch(const LaunchConfig& config, void (*body)(void*), void* arg, char* log, size_t log_bytes) {
+    auto refuse = [&](const std::string& why) {
+        if (log != nullptr && log_bytes > 0)
+            std::snprintf(log, log_bytes, "commkit host execution: %s\n", why.c_str());
+        return static_cast<int>(kFault);
+    };
+    if (config.block_x == 0 || config.block_x % kWarpSize != 0 || config.block_x > kMaxWarps * kWarpSize)
+        return refuse("a block of " + std::to_string(config.block_x) + " threads (expected a multiple of 32 up to 1024)");
+    if (config.grid_x == 0 || config.grid_x > kMaxBlocks)
+        return refuse("a grid of " + std::to_string(config.grid_x) + " blocks (expected 1 to " +
+                      std::to_string(kMaxBlocks) + ": one OS thread each)");
     Launch launch;
     launch.config = config;
     launch.body = body;
@@ -540,14 +614,7 @@ int launch(const LaunchConfig& config, void (*body)(void*), void* arg, char* log
     launch.grid = {config.grid_x, 1, 1};
     launch.block = {config.block_x, 1, 1};
     launch.start = std::chrono::steady_clock::now();
-    const unsigned num_warps = (config.block_x + kWarpSize - 1) / kWarpSize;
-    if (config.block_x == 0 || config.block_x > static_cast<unsigned>(kMaxWarps * kWarpSize)) {
-        const std::string why = "commkit host execution: a block of " + std::to_string(config.block_x) +
-                                " threads (expected 1 to 1024)\n";
-        if (log != nullptr && log_bytes > 0)
-            std::snprintf(log, log_bytes, "%s", why.c_str());
-        return kFault;
-    }
+    const unsigned num_warps = config.block_x / kWarpSize;
     std::vector<Block> blocks(config.grid_x);
     for (unsigned i = 0; i < config.grid_x; ++i) {
         Block& b = blocks[i];
@@ -566,17 +633,54 @@ int launch(const LaunchConfig& config, void (*body)(void*), void* arg, char* log
             f.warp = static_cast<int>(t / kWarpSize);
         }
     }
-    {
-        std::vector<std::thread> threads;
-        threads.reserve(config.grid_x);
+    // NOTE: the last resort against a thread that never reaches a scheduling point (a loop without a
+    // strong load, which no kernel has): past twice its watchdog the launch cannot be stopped, so the
+    // process exits with a report instead of hanging
+    std::mutex done_mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::thread guard;
+    if (config.watchdog_ns > 0) {
+        guard = std::thread([&] {
+            std::unique_lock<std::mutex> lock(done_mutex);
+            const auto limit = launch.start + std::chrono::nanoseconds(2 * config.watchdog_ns);
+            if (!done_cv.wait_until(lock, limit, [&] { return done; })) {
+                std::fprintf(stderr,
+                             "commkit host execution: a kernel thread ran twice its watchdog (%lld ms) without "
+                             "reaching a scheduling point (a barrier, a warp collective or a strong load); "
+                             "exiting the process\n",
+                             static_cast<long long>(config.watchdog_ns / 1000000));
+                std::_Exit(70);
+            }
+        });
+    }
+    std::vector<std::thread> threads;
+    threads.reserve(config.grid_x);
+    try {
         for (Block& b : blocks)
             threads.emplace_back(run_block, &b);
-        for (std::thread& t : threads)
-            t.join();
+    } catch (const std::system_error& exc) {  // e.g. too many threads: stop the ones started
+        stop_launch(&blocks[0], kFault,
+                    std::string("commkit host execution: cannot start the block threads: ") + exc.what() + "\n");
     }
+    for (std::thread& t : threads)
+        t.join();
+    {
+        std::lock_guard<std::mutex> lock(done_mutex);
+        done = true;
+    }
+    done_cv.notify_all();
+    if (guard.joinable())
+        guard.join();
+    // The blocks' logs, in block order (and on stderr, as a GPU's printf)
+    std::string text;
+    for (const Block& b : blocks)
+        text.append(b.log, b.log_len);
+    if (!text.empty())
+        std::fputs(text.c_str(), stderr);
     if (log != nullptr && log_bytes > 0) {
-        const size_t n = launch.log.size() < log_bytes - 1 ? launch.log.size() : log_bytes - 1;
-        launch.log.copy(log, n);
+        const size_t n = text.size() < log_bytes - 1 ? text.size() : log_bytes - 1;
+        text.copy(log, n);
         log[n] = '\0';
     }
     return launch.status.load();

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -74,5 +75,21 @@ def run(spec: dict) -> dict:
     return {"match": bool(match), "error": None}
 
 
+def run_test_kernel(spec: dict) -> dict:
+    """One kernel of tests/host_kernels/runtime_cases.cuh (the runtime's own checks), 4 blocks x 64."""
+    import numpy as np
+
+    from commkit.jit.compiler import KernelSpec
+    from commkit.jit.host import load_host_kernel
+
+    cases = str(Path(__file__).resolve().parent / "host_kernels")
+    spec_ = KernelSpec("runtime_cases.cuh", f"test::{spec['kernel']}", (), include_dirs=(cases,))
+    kernel = load_host_kernel(spec_, spec["variant"])
+    data = torch.zeros(256, dtype=torch.int32)
+    kernel.launch(4, 64, (np.uint64(data.data_ptr()),), seed=spec.get("fiber_seed", 0), watchdog_s=120.0)
+    return {"match": True, "error": None}
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.argv[1]))), flush=True)
+    request = json.loads(sys.argv[1])
+    print(json.dumps(run_test_kernel(request) if "kernel" in request else run(request)), flush=True)

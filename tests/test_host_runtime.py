@@ -107,16 +107,20 @@ def test_fp8_and_bf16_conversions_match_torch() -> None:
     edges = torch.tensor(
         [448.0, 449.0, 463.9, 464.0, 465.0, 1e6, -1e6, 2.0**-6, 2.0**-9, 2.0**-10, 1e-30, -0.0]
     )
-    x = torch.cat([halves[torch.isfinite(halves)], edges]).contiguous()
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([halves[torch.isfinite(halves)], edges, special]).contiguous()
     out8 = torch.zeros(x.numel(), dtype=torch.uint8)
     out16 = torch.zeros(x.numel(), dtype=torch.int16)
     _kernel("convert_kernel").launch(
         2, 256, (_ptr(x), _ptr(out8), _ptr(out16), np.int32(x.numel())), seed=0, watchdog_s=120
     )
     want8 = x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)  # commkit.fp8's rule
+    want8[-1] = 0x7F  # cvt's canonical NaN (torch keeps the sign); +-inf saturate to +-448 as clamped
+    want8[-3:-1] = torch.tensor([0x7E, 0xFE], dtype=torch.uint8)
     bad = (out8 != want8).nonzero().flatten()
     assert bad.numel() == 0, [(float(x[i]), int(out8[i]), int(want8[i])) for i in bad[:5]]
     want16 = x.to(torch.bfloat16).view(torch.int16)
+    want16[-1] = 0x7FFF  # cvt's canonical NaN
     bad = (out16 != want16).nonzero().flatten()
     assert bad.numel() == 0, [(float(x[i]), int(out16[i]), int(want16[i])) for i in bad[:5]]
 
@@ -131,3 +135,37 @@ def test_a_sanitizer_variant_needs_its_runtime_loaded() -> None:
     spec = KernelSpec("runtime_cases.cuh", "test::atomic_count_kernel", (), include_dirs=(CASES_DIR,))
     with pytest.raises(ConfigError, match="LD_PRELOAD"):
         load_host_kernel(spec, "tsan")
+
+
+def test_syncwarp_waits_for_the_lanes_that_did_not_exit_and_segments_shuffle() -> None:
+    out = torch.full((64,), -7, dtype=torch.int32)
+    _kernel("exited_lanes_kernel").launch(1, 64, (_ptr(out),), seed=4, watchdog_s=60)
+    lane = torch.arange(16)
+    segment = lane // 8 * 8
+    want = (lane ^ 1) + 1000 * (segment + (lane + 2) % 8)
+    assert out[:16].tolist() == want.tolist() and out[32:48].tolist() == want.tolist()
+    assert out[16:32].tolist() == [-7] * 16  # exited
+
+
+def test_named_barrier_of_two_warps_completes_and_orders_shared_memory() -> None:
+    out = torch.zeros(128, dtype=torch.int32)
+    _kernel("named_barrier_kernel").launch(1, 128, (_ptr(out),), seed=9, watchdog_s=60)
+    assert (
+        out[32:96].tolist() == [5] * 64 and out[:32].tolist() == [-1] * 32 and out[96:].tolist() == [-1] * 32
+    )
+
+
+def test_a_trap_stops_every_block() -> None:
+    flag = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(CommTimeoutError) as info:  # the others would wait 60 s: the trap ends them at once
+        _kernel("trap_stops_others_kernel").launch(6, 32, (_ptr(flag), np.int64(60e9)), seed=0, watchdog_s=30)
+    assert "commkit test trap: rank 0 channel 0 role sender peer 1: expected 2, observed 3" in str(info.value)
+    assert "never" not in str(info.value)
+
+
+def test_a_block_size_the_runtime_cannot_run_is_refused() -> None:
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(KernelFault, match="a block of 48 threads"):
+        _kernel("atomic_count_kernel").launch(1, 48, (_ptr(out),), seed=0, watchdog_s=60)
+    with pytest.raises(ValueError, match="watchdog_s"):
+        _kernel("atomic_count_kernel").launch(1, 32, (_ptr(out),), seed=0, watchdog_s=float("inf"))

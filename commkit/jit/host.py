@@ -231,6 +231,8 @@ def compile_host(spec: KernelSpec, variant: str = "plain", defines: tuple[str, .
         )
 
     parts = ["kernel", variant, source, "\0".join(options), _sources_digest(root), _compiler_version(cxx)]
+    # NOTE: the runtime object's path holds its own key (its options), and the link options count too
+    parts += [str(runtime), "\0".join(VARIANTS[variant]["link"])]
     if include_dirs:  # e.g. the kernels of the host runtime's own tests
         parts.append(include_dirs_digest(include_dirs))
     return _cached_build("kernel", parts, build, "kernel.so")
@@ -316,6 +318,8 @@ class HostKernel:
         """``args``: the kernel's parameters in order, as numpy scalars (``int32``, ``int64``,
         ``uint64``: pointers) of the kernel's C types. Raises ``CommTimeoutError`` with the kernel's
         report when it trapped, ``KernelFault`` when the host execution found a fault."""
+        if not (0 < watchdog_s < 1e9):
+            raise ValueError(f"watchdog_s: expected a number of seconds in (0, 1e9), got {watchdog_s!r}")
         values = []
         for i, arg in enumerate(args):
             ctype = _C_TYPES.get(getattr(getattr(arg, "dtype", None), "name", ""))

@@ -96,4 +96,59 @@ __global__ void convert_kernel(const float* in, uint8_t* out8, uint16_t* out16, 
     }
 }
 
+// A race on a GPU that only TSan can show: thread 0 writes and exits, thread 32 (another warp)
+// reads with nothing in between (the TSan positive control of the host execution's annotations).
+__global__ void exit_then_read_kernel(int* data) {
+    if (threadIdx.x == 0)
+        data[blockIdx.x] = 1;
+    else if (threadIdx.x == 32)
+        data[64 + blockIdx.x] = data[blockIdx.x];
+}
+
+// printf from two threads of every block (the runtime's log must not look like a race to TSan).
+__global__ void printf_kernel(int* data) {
+    if (threadIdx.x % 32 == 0 && threadIdx.x < 64)
+        printf("printf from block %d thread %d\n", static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
+    data[blockIdx.x * 64 + threadIdx.x] = 1;
+}
+
+// Lanes 16.. exit; lanes 0..15 meet at __syncwarp (CUDA waits for the non-exited lanes of the mask),
+// then shuffle within segments of 8: out[t] = lane of (lane ^ 1) in its segment, + 1000 * (lane + 2
+// within the segment, clamped), and a named barrier of the two warps' lanes 0..15 is not used.
+__global__ void exited_lanes_kernel(int* out) {
+    const int lane = ptx::lane_id();
+    if (lane >= 16)
+        return;
+    __syncwarp();
+    const int xored = __shfl_xor_sync(0x0000ffffu, lane, 1, 8);
+    const int idx = __shfl_sync(0x0000ffffu, lane, lane + 2, 8);
+    out[threadIdx.x] = xored + 1000 * idx;
+}
+
+// A named barrier of warps 1 and 2 (64 threads), completing normally while warps 0 and 3 do not use it:
+// out[t] = 1 for the participants after thread 32's store before the barrier is seen by all of them.
+__global__ void named_barrier_kernel(int* out) {
+    __shared__ int flag;
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    if (warp == 1 || warp == 2) {
+        if (threadIdx.x == 32)
+            flag = 5;
+        ptx::named_barrier_sync(3, 64);
+        out[threadIdx.x] = flag;
+    } else {
+        out[threadIdx.x] = -1;
+    }
+}
+
+// Block 0 traps; the other blocks spin on a flag nobody sets: the trap stops them (the launch ends
+// with the trap, not with their timeouts).
+__global__ void trap_stops_others_kernel(int* flag, int64_t timeout_ns) {
+    if (threadIdx.x != 0)
+        return;
+    if (blockIdx.x == 0)
+        report_and_trap("test trap", 0, 0, kRoleSender, 1, 2, 3);
+    const WaitContext ctx{"never", static_cast<int>(blockIdx.x), 0, kRoleReceiver, 0, timeout_ns};
+    wait_until(flag, [](int value) { return value != 0; }, 1, ctx);
+}
+
 }  // namespace commkit::test
