@@ -2,9 +2,10 @@
 covers extra include directories.
 
 (a) the installed nvidia.nccl package (nvidia-nccl-cu12/-cu13) when it has the GIN device API, else the
-latest nvidia-nccl-cu12 wheel; (b) nvidia-nccl-cu12==2.28.9, the oldest series with GIN. Wheels are
-downloaded with pip once into $COMMKIT_CACHE_DIR/nccl-wheels (default ~/.cache/commkit/nccl-wheels) and
-only their include directory is unpacked (commkit.jit.nccl.wheel_headers).
+latest nvidia-nccl-cu12 wheel; (b) nvidia-nccl-cu12==2.28.9, the oldest series with GIN. The tests reach
+no network: the wheels are taken from $COMMKIT_CACHE_DIR/nccl-wheels (default
+~/.cache/commkit/nccl-wheels; commkit.jit.nccl.wheel_headers(..., offline=True), which unpacks only their
+include directory) and a test that needs one that is not there skips, saying so.
 
 Stack: NCCL's own device code of some GIN backends builds descriptors in local memory (measured with
 nvcc 13.0 on the kernel below: 2.28.9 16 bytes, from the proxy backend; 2.32.3 136 bytes, from the EFA-GDA
@@ -69,6 +70,15 @@ static void instantiate() { (void)reinterpret_cast<const void*>(&commkit::gin_ne
 GDAKI_ONLY = ("-DNCCL_GIN_PROXY_ENABLE=0", "-DNCCL_GIN_GPI_ENABLE=0", "-DNCCL_GIN_EFA_GDA_ENABLE=0")
 
 
+def cached_wheel_headers(requirement: str, with_library: bool = False) -> nccl.NcclHeaders:
+    """The headers of an NCCL wheel from the local wheel cache (tests reach no network): the test
+    skips, saying why, when the wheel is not there."""
+    try:
+        return nccl.wheel_headers(requirement, with_library=with_library, offline=True)
+    except nccl.NcclHeadersError as exc:
+        pytest.skip(f"needs the real NCCL headers: {exc}")
+
+
 def _installed_or_latest() -> nccl.NcclHeaders:
     include = nccl.package_include_dir()
     if include is not None:
@@ -76,12 +86,12 @@ def _installed_or_latest() -> nccl.NcclHeaders:
             return nccl.check_headers(include, f"package nvidia.nccl at {include.parent}")
         except nccl.NcclHeadersError as exc:
             print(f"installed NCCL not usable for GIN ({exc}); using the latest nvidia-nccl-cu12 wheel")
-    return nccl.wheel_headers("nvidia-nccl-cu12")
+    return cached_wheel_headers("nvidia-nccl-cu12")
 
 
 @pytest.fixture(scope="module", params=["installed-or-latest", "2.28.9"])
 def headers(request: pytest.FixtureRequest) -> nccl.NcclHeaders:
-    return _installed_or_latest() if request.param == "installed-or-latest" else nccl.wheel_headers(OLDEST)
+    return _installed_or_latest() if request.param == "installed-or-latest" else cached_wheel_headers(OLDEST)
 
 
 @pytest.fixture(scope="module")

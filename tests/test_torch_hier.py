@@ -238,5 +238,5 @@ def test_peer_that_never_arrives_times_out_on_the_two_level_path() -> None:
     for rank in range(3):
         cls, message, elapsed = got[rank]
         assert cls == "CommTimeoutError", message
-        assert f"rank {rank} of 4, phase 'combine: rows in node'" in message, message
+        assert f"rank {rank} of 4, phase 'combine: agreement'" in message, message
         assert timeout_s - 0.5 <= elapsed < timeout_s + 5, elapsed

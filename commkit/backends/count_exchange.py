@@ -53,7 +53,12 @@ class CallFormat:
     """What every rank of a call must pass alike (combine: ``num_topk`` and ``dtype_code`` 0;
     ``num_worst_tokens`` None is -1). ``rows_fit``: the outcome of a rank's own check that depends on
     its data (a cached dispatch's rows within ``num_worst_tokens``), shared so that every rank stops
-    where one does."""
+    where one does.
+
+    The fields after ``rows_fit`` are agreed only by the callers that name them (``values(names)``;
+    the internode kernels' message holds the ``FORMAT_NAMES`` ones): ``seq``, the buffer's call
+    sequence number; ``num_ranks_per_node``; ``handle``, the sequence number of the dispatch that made
+    the call's handle (-1: none); ``x_dtype``, the dtype of the rows on the wire (``WIRE_DTYPES``)."""
 
     op: str
     num_experts: int
@@ -63,11 +68,29 @@ class CallFormat:
     num_sms: int
     num_worst_tokens: int | None = None
     rows_fit: bool = True
+    seq: int = 0
+    num_ranks_per_node: int = 0
+    handle: int = -1
+    x_dtype: int = 0
 
-    def values(self) -> tuple[int, ...]:
+    def values(self, names: tuple[str, ...] = FORMAT_NAMES) -> tuple[int, ...]:
         nwt = -1 if self.num_worst_tokens is None else self.num_worst_tokens
-        return (OPS.index(self.op), self.num_experts, self.hidden, self.num_topk, self.dtype_code,
-                self.num_sms, nwt, int(self.rows_fit))  # fmt: skip
+        every = {
+            "op": OPS.index(self.op), "num_experts": self.num_experts, "hidden": self.hidden,
+            "top-k": self.num_topk, "dtype": self.dtype_code, "num_sms": self.num_sms,
+            "num_worst_tokens": nwt, "rows fit": int(self.rows_fit), "call": self.seq,
+            "num_ranks_per_node": self.num_ranks_per_node, "handle": self.handle,
+            "x dtype": self.x_dtype,
+        }  # fmt: skip
+        return tuple(every[n] for n in names)
+
+
+# The fields the torch backends agree on before every call (one all-to-all of one fixed size): what
+# sizes and reads the payload all-to-alls. num_sms does not matter there (the collective library
+# decides its resources), nor num_worst_tokens (padding after the exchange, local to a rank).
+TORCH_FORMAT_NAMES = ("op", "call", "num_experts", "hidden", "top-k", "x dtype", "num_ranks_per_node",
+                      "handle")  # fmt: skip
+WIRE_DTYPES = ("bfloat16", "float8_e4m3fn")
 
 
 def _shown(name: str, value: int) -> str:
@@ -77,12 +100,20 @@ def _shown(name: str, value: int) -> str:
         return "None"
     if name == "rows fit":
         return "yes" if value else "no"
+    if name == "handle":
+        return "none" if value == -1 else f"from call {value}"
+    if name == "x dtype" and 0 <= value < len(WIRE_DTYPES):
+        return WIRE_DTYPES[value]
     return str(value)
 
 
-def describe(values: list[int] | tuple[int, ...]) -> str:
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def describe(values: list[int] | tuple[int, ...], names: tuple[str, ...] = FORMAT_NAMES) -> str:
     """``values`` of a CallFormat as ``name=value`` pairs (the op by name)."""
-    return ", ".join(f"{n}={_shown(n, v)}" for n, v in zip(FORMAT_NAMES, values, strict=True))
+    return ", ".join(f"{n}={_shown(n, v)}" for n, v in zip(names, values, strict=True))
 
 
 @dataclass
@@ -90,30 +121,40 @@ class Agreement:
     """What a rank learnt of its peers' calls. On the device only what the hot path needs: ``agree``
     (bool, True when every rank passed ``own``); ``raw`` is read back to name a disagreement: after
     the count exchange every rank's format values (int32 [R, F]), after the barrier the all-reduced
-    (MAX) ``[v, -v]`` (int32 [2F])."""
+    (MAX) ``[v, -v]`` (int32 [2F]). ``names``: the fields of ``own`` (F = len(names)); with
+    ``name_fields`` an exchange's error also lists each field that differs, here and on that rank."""
 
     kind: str  # "exchange" or "barrier"
     raw: torch.Tensor
     agree: torch.Tensor
     own: tuple[int, ...]
+    names: tuple[str, ...] = FORMAT_NAMES
+    name_fields: bool = False
 
     def error(self, host: list[int]) -> str | None:
         """The error message from ``raw`` read back (flat; None when every rank agrees)."""
-        own = describe(self.own)
+        own = describe(self.own, self.names)
+        num = len(self.names)
         if self.kind == "exchange":
-            rows = [
-                tuple(host[r * NUM_FORMAT : (r + 1) * NUM_FORMAT]) for r in range(len(host) // NUM_FORMAT)
-            ]
+            rows = [tuple(host[r * num : (r + 1) * num]) for r in range(len(host) // num)]
             peer = next((r for r, row in enumerate(rows) if row != self.own), None)
             if peer is None:
                 return None
-            theirs = describe(rows[peer])
-            return f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {peer}"
-        hi, lo = host[:NUM_FORMAT], [-v for v in host[NUM_FORMAT:]]
-        field = next((f for f in range(NUM_FORMAT) if hi[f] != lo[f]), None)
+            theirs = describe(rows[peer], self.names)
+            message = f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {peer}"
+            if self.name_fields:
+                differ = [
+                    f"{n} {_shown(n, mine)} here, {_shown(n, other)} on rank {peer}"
+                    for n, mine, other in zip(self.names, self.own, rows[peer], strict=True)
+                    if mine != other
+                ]
+                message += f"; differs: {'; '.join(differ)}"
+            return message
+        hi, lo = host[:num], [-v for v in host[num:]]
+        field = next((f for f in range(num) if hi[f] != lo[f]), None)
         if field is None:
             return None
-        name = FORMAT_NAMES[field]
+        name = self.names[field]
         if name == "rows fit":
             return (
                 "another rank receives more rows with this handle than num_worst_tokens holds (it "
@@ -140,8 +181,8 @@ class Agreement:
             return
         torch._assert_async(
             self.agree,
-            f"{self.own_op}: the ranks passed different calls (this rank: {describe(self.own)}); "
-            "op, num_experts, hidden, top-k, dtype, num_sms and num_worst_tokens must agree",
+            f"{self.own_op}: the ranks passed different calls (this rank: {describe(self.own, self.names)}); "
+            f"{_listed([n for n in self.names if n != 'rows fit'])} must agree",
         )
 
     @property
@@ -194,11 +235,17 @@ def meta_from_messages(
     return meta
 
 
-def exchange_agreement(received: torch.Tensor, own: tuple[int, ...], own_t: torch.Tensor) -> Agreement:
-    """From the messages received: do all ranks' formats equal ``own`` (``own_t``: the same values as
-    an int32 tensor on ``received``'s device)?"""
-    theirs = received[:, :COUNTS_OFFSET]
-    return Agreement("exchange", theirs, (theirs == own_t).all(), own)
+def exchange_agreement(
+    received: torch.Tensor,
+    own: tuple[int, ...],
+    own_t: torch.Tensor,
+    names: tuple[str, ...] = FORMAT_NAMES,
+    name_fields: bool = False,
+) -> Agreement:
+    """From the messages received (rank s's format in the first ``len(names)`` columns of row s): do
+    all ranks' formats equal ``own`` (``own_t``: the same values as a tensor on ``received``'s device)?"""
+    theirs = received[:, : len(names)]
+    return Agreement("exchange", theirs, (theirs == own_t).all(), own, names, name_fields)
 
 
 def barrier_agreement(reduced: torch.Tensor, own: tuple[int, ...]) -> Agreement:

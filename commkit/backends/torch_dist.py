@@ -9,6 +9,19 @@ This module holds the flat path, for a group on one node. A group that spans sev
 (``num_ranks_per_node`` < R) takes the two-level path of ``commkit.backends.torch_hier``, which
 reuses the helpers here (the guarded all-to-all, row packing, the count exchange, the unpacking).
 
+Agreement: every call (a fresh dispatch, a dispatch with a handle, a combine) starts with ONE
+all-to-all of one fixed size whatever the call and the path (flat or two-level), before any payload
+moves: rank s tells rank d (int64 [F + 2]) its call format (``count_exchange.CallFormat`` over
+``TORCH_FORMAT_NAMES``: op, the buffer's call sequence number, num_experts, hidden, top-k, the rows'
+dtype on the wire, num_ranks_per_node, the sequence number of the dispatch that made the handle or -1)
+and, in a fresh dispatch, the rows s sends to d and (two-level) to d as forwarder (zeros otherwise).
+Every rank receives every rank's format, so every rank checks the same facts: a difference is a
+``ValueError`` on every rank, naming the fields and the first rank that differs, and no payload
+collective follows; the group stays usable (the next call's sequence numbers are re-agreed: every rank
+continues from the largest number plus one). The handle's sequence number ties a combine or a cached
+dispatch to the dispatch that planned its routing: another dispatch's handle is an error, even with
+the same row count. On NCCL the message is read back (one small host sync per call).
+
 Each row travels as bytes (``x`` row, FP8 scales, ``topk_idx`` and ``topk_weights`` packed side by
 side) so that one all-to-all moves everything, whatever the dtype, on every torch.distributed backend.
 """
@@ -23,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from commkit.backends.count_exchange import TORCH_FORMAT_NAMES, CallFormat, exchange_agreement
 from commkit.errors import CommError, CommTimeoutError
 from commkit.fp8 import cast_to_fp8 as cast_bf16_to_fp8
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
@@ -38,6 +52,8 @@ class _TorchState:
     send_counts:    R ints, rows sent to each rank
     recv_counts:    R ints, rows received from each rank
     layout:         the layout of the routing
+    seq:            the buffer's call sequence number of the dispatch that planned it (agreed by
+                    every call that uses the handle)
     """
 
     send_token_idx: torch.Tensor
@@ -45,6 +61,7 @@ class _TorchState:
     send_counts: list[int]
     recv_counts: list[int]
     layout: Layout
+    seq: int = -1
 
 
 def compute_layout(
@@ -175,6 +192,7 @@ class TorchBackend:
         self.num_ranks_per_node = num_ranks_per_node or self.num_ranks
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        self._seq = 0  # this buffer's call sequence number (agreed by every call: ``_agree``)
 
     # -- communication -------------------------------------------------------------------------
 
@@ -204,29 +222,46 @@ class TorchBackend:
                 ) from err
             raise CommError(f"{where}: the collective failed, a peer may have died ({err})") from err
 
-    def _exchange_counts(
-        self, send_counts: torch.Tensor, row_format: tuple[int, ...], names: str, phase: str
+    def _agree(
+        self, fmt: CallFormat, phase: str, device: torch.device, counts: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """All-to-all of per-peer counts [R, C] together with ``row_format``; returns the [R, C] received.
+        """The agreement of a call (module docstring): one all-to-all of int64 [R, F + 2], the same on
+        every rank whatever it calls; ``counts`` [R, C <= 2] (a fresh dispatch) travel with it.
 
-        Ranks that disagree on the row format would corrupt rows silently: every rank raises
-        ``ValueError`` instead, naming the fields (``names``) and the first peer that differs.
-        """
-        send_meta = torch.tensor(row_format, dtype=torch.int64, device=send_counts.device).expand(
-            self.num_ranks, -1
-        )
-        num_counts = send_counts.shape[1]
-        send = torch.cat([send_counts.to(torch.int64), send_meta], dim=1)  # [R, C + len(row_format)]
+        Returns the [R, 2] counts received. Raises ``ValueError`` on every rank when the ranks'
+        formats differ (naming the fields and the first rank that differs); the next call's sequence
+        number is the largest of the group's plus one either way."""
+        names = TORCH_FORMAT_NAMES
+        num = len(names)
+        fmt = dataclasses.replace(fmt, seq=self._seq, num_ranks_per_node=self.num_ranks_per_node)
+        own = fmt.values(names)
+        send = torch.zeros(self.num_ranks, num + 2, dtype=torch.int64)
+        send[:, :num] = torch.tensor(own, dtype=torch.int64)
+        if counts is not None:
+            send[:, num : num + counts.shape[1]] = counts.to(torch.int64).cpu()
+        send = send.to(device)
         recv = torch.empty_like(send)
+        self._seq += 1  # NOTE: a failed exchange (a peer died or is late) leaves the group unusable anyway
         self._all_to_all(recv, send, None, None, phase)
-        mismatch = (recv[:, num_counts:] != send_meta).any(dim=1).nonzero(as_tuple=True)[0].tolist()
-        if mismatch:
-            peer = mismatch[0]
+        host = recv.cpu()  # one small read back: the counts size the payload's exchange anyway
+        self._seq = int(host[:, names.index("call")].max()) + 1
+        agreement = exchange_agreement(host, own, torch.tensor(own, dtype=torch.int64), names, True)
+        error = agreement.error(host[:, :num].reshape(-1).tolist())
+        if error is not None:
             raise ValueError(
-                f"dispatch: expected every rank to pass the same {names} = {tuple(row_format)}, "
-                f"got {tuple(recv[peer, num_counts:].tolist())} from rank {peer}"
+                f"{fmt.op}: the ranks disagree (phase '{phase}', rank {self.rank} of {self.num_ranks}): "
+                f"{error}"
             )
-        return recv[:, :num_counts]
+        return host[:, num:]
+
+    @staticmethod
+    def _format(
+        op: str, num_experts: int, hidden: int, num_topk: int, x: torch.Tensor, handle: Handle | None
+    ) -> CallFormat:
+        """The call's format (the sequence number and node size are the backend's: ``_agree``)."""
+        wire = int(x.dtype == torch.float8_e4m3fn)
+        seq = handle.state.seq if handle is not None else -1
+        return CallFormat(op, num_experts, hidden, num_topk, wire, 0, x_dtype=wire, handle=seq)
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -236,9 +271,9 @@ class TorchBackend:
     # -- dispatch ------------------------------------------------------------------------------
 
     def _plan(
-        self, topk_idx: torch.Tensor, num_experts: int, layout: Layout | None, row_format: tuple[int, ...]
+        self, topk_idx: torch.Tensor, num_experts: int, layout: Layout | None, fmt: CallFormat
     ) -> _TorchState:
-        """Send order and count exchange for a new routing; ``row_format`` must agree on all ranks."""
+        """Send order, agreement and count exchange for a new routing (format ``fmt``)."""
         if layout is None:
             layout = self.get_dispatch_layout(topk_idx, num_experts)
         in_rank = layout.is_token_in_rank  # [T, R]
@@ -247,9 +282,10 @@ class TorchBackend:
         # NOTE: a token's rows come back summed in ascending rank order.
         rounds = summation_rounds(in_rank, send_token_idx, dst_rank)
         send_counts = layout.num_tokens_per_rank.to(torch.int64)
-        names = "(num_experts, hidden, top-k, x bytes per element, scales per row)"
-        recv = self._exchange_counts(send_counts[:, None], row_format, names, "dispatch: count exchange")
-        return _TorchState(send_token_idx, rounds, send_counts.tolist(), recv[:, 0].tolist(), layout)
+        seq = self._seq
+        phase = "dispatch: agreement and count exchange"
+        recv = self._agree(fmt, phase, topk_idx.device, send_counts[:, None])
+        return _TorchState(send_token_idx, rounds, send_counts.tolist(), recv[:, 0].tolist(), layout, seq)
 
     @staticmethod
     def _prepare(
@@ -282,11 +318,13 @@ class TorchBackend:
         x, x_scales = self._prepare(x, x_scales, previous_event, cast_to_fp8)
         hidden, num_topk = x.shape[1], topk_idx.shape[1]
         num_scales = x_scales.shape[1] if x_scales is not None else 0
+        op = "cached dispatch" if handle is not None else "dispatch"
+        fmt = self._format(op, num_experts, hidden, num_topk, x, handle)
         if handle is not None:
             state = handle.state
+            self._agree(fmt, "cached dispatch: agreement", x.device)
         else:
-            row_format = (num_experts, hidden, num_topk, x.element_size(), num_scales)
-            state = self._plan(topk_idx, num_experts, layout, row_format)
+            state = self._plan(topk_idx, num_experts, layout, fmt)
 
         # NOTE: x rows go straight into the output (one gather, no packing); the small columns
         # (scales, topk_idx, weights) travel packed in a second all-to-all.
@@ -397,8 +435,10 @@ class TorchBackend:
         if previous_event is not None:
             previous_event.current_stream_wait()
         state: _TorchState = handle.state
-        x = x[: sum(state.recv_counts)]  # rows past the received ones pad a num_worst_tokens dispatch
         hidden = x.shape[1]
+        self._agree(self._format("combine", handle.num_experts, hidden, 0, x, handle), "combine: agreement",
+                    x.device)  # fmt: skip
+        x = x[: sum(state.recv_counts)]  # rows past the received ones pad a num_worst_tokens dispatch
         back = torch.empty(len(state.send_token_idx), hidden, dtype=x.dtype, device=x.device)
         self._all_to_all(
             _as_bytes(back),

@@ -23,8 +23,10 @@ Rows that cross nodes: in stage 1 a rank sends ``sum over nodes n != own of num_
 rows (each token once per other node it reaches); combine sends as many partials back. The handle's
 ``state.cross_node_send_rows`` / ``state.cross_node_recv_rows`` hold the counts of this rank.
 
-The helpers (the guarded all-to-all, the count exchange, row packing and unpacking, summation rounds)
-are ``commkit.backends.torch_dist``'s.
+Every call starts with the agreement of ``commkit.backends.torch_dist`` (the same fixed-size message
+as the flat path's, so flat and two-level ranks of one group meet in it and disagree on
+num_ranks_per_node). The helpers (the guarded all-to-all, the agreement and count exchange, row
+packing and unpacking, summation rounds) are ``commkit.backends.torch_dist``'s.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class HierState:
       recv_order:     [N_recv] int64, final row i is stage-2 received row ``recv_order[i]``
     layout:           the routing's layout (with the per-node fields)
     cross_node_send_rows, cross_node_recv_rows: rows this rank sends / receives in stage 1
+    seq:              see ``torch_dist._TorchState.seq``
     """
 
     s1_token_idx: torch.Tensor
@@ -82,6 +85,7 @@ class HierState:
     layout: Layout
     cross_node_send_rows: int
     cross_node_recv_rows: int
+    seq: int = -1  # the call sequence number of the dispatch that planned it (``TorchState.seq``)
 
 
 class HierTorchBackend(TorchBackend):
@@ -128,8 +132,11 @@ class HierTorchBackend(TorchBackend):
         ranks_per_node, num_ranks = self.num_ranks_per_node, self.num_ranks
         device = x.device
 
+        op = "cached dispatch" if handle is not None else "dispatch"
+        fmt = self._format(op, num_experts, hidden, num_topk, x, handle)
         if handle is not None:
             state: HierState = handle.state
+            self._agree(fmt, "cached dispatch: agreement", device)
             s1_token_idx, own_token_idx = state.s1_token_idx, state.own_token_idx
             s1_send_counts, s1_recv_counts, own_offset = (
                 state.s1_send_counts,
@@ -156,11 +163,10 @@ class HierTorchBackend(TorchBackend):
             s1_send = torch.zeros(num_ranks, dtype=torch.int64, device=device)
             forwarders = torch.arange(self.num_nodes, device=device) * ranks_per_node + self.local_index
             s1_send[forwarders] = other_nodes.sum(dim=0).to(torch.int64)
-            # One count exchange: final rows per receiver, stage-1 rows per forwarder, the row format.
-            row_format = (num_experts, hidden, num_topk, x.element_size(), num_scales, ranks_per_node)
-            names = "(num_experts, hidden, top-k, x bytes per element, scales per row, num_ranks_per_node)"
+            # One agreement and count exchange: final rows per receiver, stage-1 rows per forwarder.
             counts = torch.stack([layout.num_tokens_per_rank.to(torch.int64), s1_send], dim=1)
-            recv = self._exchange_counts(counts, row_format, names, "dispatch: count exchange")
+            seq = self._seq
+            recv = self._agree(fmt, "dispatch: agreement and count exchange", device, counts)
             final_counts = recv[:, 0].tolist()  # rows each source sends this rank in the end
             s1_send_counts, s1_recv_counts = s1_send.tolist(), recv[:, 1].tolist()
             own_offset = sum(s1_recv_counts[: self.node * ranks_per_node])
@@ -213,6 +219,7 @@ class HierTorchBackend(TorchBackend):
                 layout=layout,
                 cross_node_send_rows=int(s1_token_idx.numel()),
                 cross_node_recv_rows=cross_recv,
+                seq=seq,
             )
 
         # Stage 2: every forwarded row to the ranks of this node that host one of its experts.
@@ -253,9 +260,11 @@ class HierTorchBackend(TorchBackend):
         if previous_event is not None:
             previous_event.current_stream_wait()
         state: HierState = handle.state
+        hidden = x.shape[1]
+        self._agree(self._format("combine", handle.num_experts, hidden, 0, x, handle), "combine: agreement",
+                    x.device)  # fmt: skip
         num_recv = state.recv_order.numel()
         x = x[:num_recv]  # rows past the received ones pad a num_worst_tokens dispatch
-        hidden = x.shape[1]
 
         # Stage 2 back: each row to the forwarder that sent it, in the order it came.
         send2 = torch.empty_like(x)

@@ -14,7 +14,10 @@ root's ``ptx/`` and ``csrc/`` (so any header edit rebuilds), the options and ``n
 when a caller passes extra include directories (``include_dirs``, e.g. the NCCL headers of the GIN path,
 see ``commkit/jit/nccl.py``), the content of every header under them. An entry is written in a temporary
 directory and moved into place with ``os.replace``, so concurrent processes (and threads) never see
-half an entry.
+half an entry. One lock file per key (``<cache>/locks/<key>.lock``, ``filelock``) makes the
+processes of a node that miss the same entry run one compiler: the others wait for it, look again and
+load its entry; a torn entry (a directory without its ``kernel.json``, left by a killed process) is
+replaced under the lock.
 
 A cache hit without nvcc: the key covers ``nvcc --version``, which cannot be read without nvcc. So every
 entry is also recorded under its *source key* (the same key without the compiler version) in
@@ -44,6 +47,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 import commkit
 
@@ -185,6 +190,7 @@ def cache_key(
     return digest.hexdigest()
 
 
+LOCK_DIR = "locks"  # <cache>/locks/<key>.lock: one compiler per key across processes (compile_source)
 SOURCE_INDEX = "by-source"  # <cache>/by-source/<source key[:2]>/<source key>/<key>: see the module docstring
 
 
@@ -310,7 +316,28 @@ def compile_source(
         _record_source_key(cache, skey, key, version)
         return _load_entry(entry_dir, version)
 
-    cache.mkdir(parents=True, exist_ok=True)
+    locks = cache / LOCK_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{key}.lock")):
+        if meta_path.exists():  # another process compiled it while this one waited
+            _record_source_key(cache, skey, key, version)
+            return _load_entry(entry_dir, version)
+        return _compile_locked(nvcc, source, options, root, cache, include_dirs, key, skey, version)
+
+
+def _compile_locked(
+    nvcc: str,
+    source: str,
+    options: tuple[str, ...],
+    root: Path,
+    cache: Path,
+    include_dirs: tuple[Path, ...],
+    key: str,
+    skey: str,
+    version: str,
+) -> CompileResult:
+    """Compile the entry ``key`` (its lock held) and move it into place."""
+    entry_dir = cache / key[:2] / key
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
         tmp_dir = Path(tmp)
         (tmp_dir / "kernel.cu").write_text(source)
@@ -349,10 +376,8 @@ def compile_source(
         os.replace(tmp_dir / "kernel.cu", staged / "kernel.cu")
         os.replace(tmp_dir / "kernel.cubin", staged / "kernel.cubin")
         os.replace(tmp_dir / "kernel.json", staged / "kernel.json")
-        try:
-            os.replace(staged, entry_dir)  # atomic when entry_dir does not exist
-        except OSError:
-            shutil.rmtree(staged, ignore_errors=True)  # another process won the race: same content
+        shutil.rmtree(entry_dir, ignore_errors=True)  # a torn entry of a killed process (lock held)
+        os.replace(staged, entry_dir)  # atomic: readers see the whole entry or none
     _record_source_key(cache, skey, key, version)
     return CompileResult(
         entry_dir / "kernel.cubin", meta["entries"], stats, log, cache_hit=False, nvcc_version=version

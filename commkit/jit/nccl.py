@@ -11,7 +11,8 @@ Environment: ``COMMKIT_NCCL_INCLUDE`` (a directory holding ``nccl.h``; overrides
 :func:`wheel_headers` downloads an ``nvidia-nccl-cu*`` wheel with pip into
 ``$COMMKIT_CACHE_DIR/nccl-wheels`` (default ``~/.cache/commkit/nccl-wheels``) and unpacks its include
 directory (and, on request, its library): the compile tests use it to build against other NCCL versions
-than the installed one.
+than the installed one. With ``offline=True`` (what the tests pass: they reach no network) it only looks
+in that cache, and raises :class:`NcclHeadersError` when the wheel is not there.
 """
 
 from __future__ import annotations
@@ -213,13 +214,15 @@ def wheel_headers(
     cache: Path | None = None,
     with_library: bool = False,
     timeout_s: float = 1200.0,
+    offline: bool = False,
 ) -> NcclHeaders:
     """Headers of the NCCL wheel ``requirement`` (``nvidia-nccl-cu12`` = latest, or ``...==2.28.9``).
 
     A pinned version already unpacked in the cache is used without pip. Otherwise ``pip download --no-deps``
     fetches the wheel into the cache (a no-op download when the newest wheel is already there) and its
     include directory is unpacked next to it; when pip fails (offline), an unpinned requirement falls back
-    to the newest wheel in the cache.
+    to the newest wheel in the cache. ``offline``: no pip at all: the wheel (or its unpacked headers, and
+    the library when asked for) must be in the cache already, else :class:`NcclHeadersError`.
     """
     name, _, pinned = requirement.partition("==")
     dist = name.strip().replace("-", "_")
@@ -242,6 +245,8 @@ def wheel_headers(
         if version in cached:
             return unpacked(version, cached[version])
 
+    if offline:
+        return _offline_headers(root, dist, pinned.strip(), with_library, unpacked)
     wheels.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -269,3 +274,26 @@ def wheel_headers(
         raise NcclHeadersError(f"could not download {requirement} ({' '.join(cmd)}): {error}")
     version, wheel = available[-1]  # pip fetched the newest; offline: the newest cached
     return unpacked(version, wheel)
+
+
+def _offline_headers(root: Path, dist: str, pinned: str, with_library: bool, unpacked) -> NcclHeaders:  # noqa: ANN001
+    """``wheel_headers`` without pip: the newest (or the pinned) version in the cache, as a wheel or as
+    headers unpacked there before (with the library next to them when ``with_library``)."""
+    versions: dict[tuple[int, ...], Path | None] = {}
+    for path in root.glob(f"{dist}-*") if root.is_dir() else []:
+        text = path.name[len(dist) + 1 :]
+        lib_ok = not with_library or (path / "lib" / Path(_LIB_MEMBER).name).is_file()
+        if re.fullmatch(r"\d+(?:\.\d+)*", text) and (path / "include" / "nccl.h").is_file() and lib_ok:
+            versions[_version_tuple(text)] = None
+    for version, wheel in _cached_wheels(root / "wheels", dist):
+        versions.setdefault(version, wheel)
+    if pinned:
+        versions = {v: w for v, w in versions.items() if v == _version_tuple(pinned)}
+    if not versions:
+        wanted = f"{dist}=={pinned}" if pinned else dist
+        raise NcclHeadersError(
+            f"{wanted} is not in the local wheel cache {root} (offline: no download; fill the cache with "
+            f"commkit.jit.nccl.wheel_headers({wanted.replace('_', '-')!r}) where a network is reachable)"
+        )
+    version = max(versions)
+    return unpacked(version, versions[version])
