@@ -49,11 +49,13 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CompileResul
     return results
 
 
+@pytest.mark.slow
 def test_every_instantiation_compiles(compiled: dict[str, CompileResult]) -> None:
     for family, specs in representative_specs().items():
         assert len(compiled[family].stats) == len(specs), (family, compiled[family].ptxas_log)
 
 
+@pytest.mark.slow
 def test_no_spills_no_local_memory(compiled: dict[str, CompileResult], tmp_path_factory) -> None:
     lines = [f"# ptxas -v, sm_90, {nvcc_version_line()}", "# registers  smem_bytes  kernel"]
     bad = []
@@ -72,6 +74,7 @@ def test_no_spills_no_local_memory(compiled: dict[str, CompileResult], tmp_path_
     assert "lmem" not in "".join(r.ptxas_log for r in compiled.values())
 
 
+@pytest.mark.slow
 def test_registers_fit_one_block_per_sm(compiled: dict[str, CompileResult]) -> None:
     # 512 threads x registers <= 64K registers of an SM; ptxas enforces it through __launch_bounds__
     for family in ("dispatch", "combine"):

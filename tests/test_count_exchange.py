@@ -100,7 +100,7 @@ def _exchange(rank: int, world: int, per_node: int) -> dict:
     return dict(metas=metas, node_size=int(one.item()), node_ranks=list(node_ranks(world, per_node, rank)))
 
 
-@pytest.mark.parametrize(("world", "per_node"), [(2, 1), (4, 2), (8, 4)])
+@pytest.mark.parametrize(("world", "per_node"), [(2, 1), (4, 2), pytest.param(8, 4, marks=pytest.mark.slow)])
 def test_group_exchange_matches_notify_contract(world: int, per_node: int) -> None:
     got = spawn_gloo(_exchange, world, per_node, timeout_s=120)
     for rank, g in enumerate(got):
@@ -129,6 +129,7 @@ def _one_rank_absent(rank: int, world: int) -> str:
     return "no error"
 
 
+@pytest.mark.slow
 def test_missing_peer_times_out() -> None:
     got = spawn_gloo(_one_rank_absent, 2, timeout_s=60, allow_failures=True)
     assert not isinstance(got[0], RankFailed), got[0]
@@ -166,7 +167,14 @@ def _disagree(rank: int, world: int, field: str) -> list[str]:
     return errors
 
 
-@pytest.mark.parametrize("field", ["num_experts", "hidden", "num_topk", "num_sms", "num_worst_tokens"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "num_experts",
+        "hidden",
+        *(pytest.param(f, marks=pytest.mark.slow) for f in ("num_topk", "num_sms", "num_worst_tokens")),
+    ],
+)
 def test_ranks_that_disagree_raise_on_every_rank(field: str) -> None:
     """Even num_experts (another message length in the old format) ends in ValueError on every rank,
     naming the peer (count exchange) or the field and its range (barrier), never a hang."""

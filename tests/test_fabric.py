@@ -137,6 +137,7 @@ def _choose(rank: int, world: int, choices: list, domains: list) -> str:
         return f"ConfigError: {exc}"
 
 
+@pytest.mark.slow
 def test_transport_choice_is_the_same_on_every_rank() -> None:
     auto, same = ["auto"] * 4, [("ab/1", "")] * 4
     assert spawn_gloo(_choose, 4, auto, same, timeout_s=60) == ["nvlink-domain"] * 4
@@ -303,6 +304,7 @@ def _forced(rank: int, world: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_forced_nvlink_domain_without_one_domain_fails_on_every_rank() -> None:
     for error, transport in spawn_gloo(_forced, 4, timeout_s=120):
         assert error == (

@@ -34,7 +34,8 @@ from commkit.jit.compiler import (
     nvcc_path,
 )
 
-pytestmark = requires_nvcc
+# NOTE: slow (nvcc over NCCL's device headers, 5-20 s a kernel): outside the fast subset
+pytestmark = [requires_nvcc, pytest.mark.slow]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nccl_h"
 OLDEST = "nvidia-nccl-cu12==2.28.9"

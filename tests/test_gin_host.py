@@ -185,6 +185,7 @@ def test_nccl_errors_name_the_call_and_the_reason(library: gin.NcclLibrary) -> N
 
 
 @requires_nvcc
+@pytest.mark.slow
 def test_layout_probe_and_requirements(headers: nccl.NcclHeaders, probe_cache: Path) -> None:
     layout = gin.probe_layout(headers, cache=probe_cache)
     entries = list((probe_cache / "gin-layout").glob("*.json"))
@@ -252,6 +253,7 @@ int main(int argc, char** argv) {
 
 
 @requires_nvcc
+@pytest.mark.slow
 def test_packed_gin_net_reads_back_in_c(headers: nccl.NcclHeaders, probe_cache: Path, tmp_path: Path) -> None:
     layout = gin.probe_layout(headers, cache=probe_cache)
     pointers = {"comm": 0x7F00_0000_1000, "window": 0x7F00_0000_2000, "base": 0x7E00_0000_0000}

@@ -100,7 +100,10 @@ def _run(rank: int, world: int, per_node: int) -> dict:
     )
 
 
-@pytest.mark.parametrize(("world", "per_node"), [(4, 2), (8, 4), (8, 2)])
+@pytest.mark.parametrize(
+    ("world", "per_node"),
+    [(4, 2), pytest.param(8, 4, marks=pytest.mark.slow), pytest.param(8, 2, marks=pytest.mark.slow)],
+)
 def test_internode_backend_host_logic(world: int, per_node: int) -> None:
     got = spawn_gloo(_run, world, per_node, timeout_s=300)
     assert all(g["backend"] == "InternodeKernelsBackend" and g["per_node"] == per_node for g in got)

@@ -132,7 +132,7 @@ def check_against_reference(world: int, cases: list[Case], got: list[list[dict]]
     assert order_matters or world < 3
 
 
-@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("world", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_torch_backend_matches_reference(world: int) -> None:
     cases = cases_for(world)
     got = spawn_gloo(run_cases, world, cases, timeout_s=300)

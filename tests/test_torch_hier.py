@@ -166,7 +166,7 @@ def check_worst(world: int, per_node: int, case: Case, got: list[dict]) -> None:
         assert torch.equal(bits(g["y"]), bits(ys[r])), f"worst, rank {r}"
 
 
-@pytest.mark.parametrize("world,per_node", [(4, 2), (8, 4)])
+@pytest.mark.parametrize("world,per_node", [(4, 2), pytest.param(8, 4, marks=pytest.mark.slow)])
 def test_two_level_matches_node_aware_reference(world: int, per_node: int) -> None:
     cases = cases_for(world, per_node)
     got = spawn_gloo(run_cases, world, per_node, cases, timeout_s=300)
@@ -231,6 +231,7 @@ def peer_hangs(rank: int, world: int, timeout_s: float) -> tuple[str, str, float
         return type(err).__name__, str(err), time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_peer_that_never_arrives_times_out_on_the_two_level_path() -> None:
     timeout_s = 3.0
     got = spawn_gloo(peer_hangs, 4, timeout_s, timeout_s=60, allow_failures=True)

@@ -203,7 +203,7 @@ def peer_dies_or_hangs(rank: int, world: int, mode: str) -> tuple[str, str, floa
         return type(err).__name__, str(err), time.monotonic() - start
 
 
-@pytest.mark.parametrize("mode", ["dies", "hangs"])
+@pytest.mark.parametrize("mode", ["dies", pytest.param("hangs", marks=pytest.mark.slow)])
 def test_peer_that_never_arrives_raises_within_timeout(mode: str) -> None:
     got = spawn_gloo(peer_dies_or_hangs, 2, mode, timeout_s=60, allow_failures=True)
     assert isinstance(got[1], RankFailed)
