@@ -1,12 +1,22 @@
-"""Shared helpers for the CPU compile tests (nvcc present, representative kernel matrix)."""
+"""Shared helpers for the CPU compile tests (nvcc present, representative kernel matrix, NCCL headers)."""
 
 from __future__ import annotations
 
 import pytest
 
+from commkit.jit import nccl
 from commkit.jit.compiler import KernelSpec, nvcc_path
 
 requires_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not found (CUDA toolkit not installed)")
+
+
+def cached_wheel_headers(requirement: str, with_library: bool = False) -> nccl.NcclHeaders:
+    """The headers of an NCCL wheel from the local wheel cache (tests reach no network): the test
+    skips, saying why, when the wheel is not there."""
+    try:
+        return nccl.wheel_headers(requirement, with_library=with_library, offline=True)
+    except nccl.NcclHeadersError as exc:
+        pytest.skip(f"needs the real NCCL headers: {exc}")
 
 RANKS = (2, 4, 8)
 HIDDEN_TOPK = ((2048, 1), (4096, 4), (7168, 8))  # hidden 2048 to 7168, top-k 1 to 8

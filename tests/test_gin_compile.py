@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _nvcc import requires_nvcc
+from _nvcc import cached_wheel_headers, requires_nvcc
 
 from commkit.backends.gin import GIN_BACKENDS, backend_defines
 from commkit.jit import nccl
@@ -70,14 +70,6 @@ static void instantiate() { (void)reinterpret_cast<const void*>(&commkit::gin_ne
 # Only NCCL's GDAKI backend (the macros NCCL's gin_device_common.h defaults to 1 when undefined)
 GDAKI_ONLY = ("-DNCCL_GIN_PROXY_ENABLE=0", "-DNCCL_GIN_GPI_ENABLE=0", "-DNCCL_GIN_EFA_GDA_ENABLE=0")
 
-
-def cached_wheel_headers(requirement: str, with_library: bool = False) -> nccl.NcclHeaders:
-    """The headers of an NCCL wheel from the local wheel cache (tests reach no network): the test
-    skips, saying why, when the wheel is not there."""
-    try:
-        return nccl.wheel_headers(requirement, with_library=with_library, offline=True)
-    except nccl.NcclHeadersError as exc:
-        pytest.skip(f"needs the real NCCL headers: {exc}")
 
 
 def _installed_or_latest() -> nccl.NcclHeaders:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _nvcc import requires_nvcc
+from _nvcc import cached_wheel_headers, requires_nvcc
 
 from commkit.backends import gin
 from commkit.jit import nccl
@@ -123,14 +123,6 @@ def test_cupy_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 # Real NCCL headers and libraries (wheels cached by commkit.jit.nccl.wheel_headers)
 # ---------------------------------------------------------------------------------------------------
 
-
-def cached_wheel_headers(requirement: str, with_library: bool = False) -> nccl.NcclHeaders:
-    """The headers of an NCCL wheel from the local wheel cache (tests reach no network): the test
-    skips, saying why, when the wheel is not there."""
-    try:
-        return nccl.wheel_headers(requirement, with_library=with_library, offline=True)
-    except nccl.NcclHeadersError as exc:
-        pytest.skip(f"needs the real NCCL headers: {exc}")
 
 
 def _installed_or_latest(with_library: bool) -> nccl.NcclHeaders:

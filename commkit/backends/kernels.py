@@ -10,10 +10,11 @@ exchange, barrier, prefix sums) -> host reads the receive counts (skipped with `
 -> ``dispatch``. With a handle: ``cached_notify`` (barrier only) -> ``dispatch``. Per combine:
 ``cached_notify`` -> ``combine``. All on the communication stream; CuPy is imported lazily.
 
-Hot path: the CuPy stream wrappers (per CUDA stream), the loaded kernels and their occupancy checks
-(per instantiation) and the small device tensors of offsets (per value tuple) are cached on the
-engine, so a call with the shapes and counts of an earlier call makes no host sync and no
-host-to-device copy (CUDA-graph capturable with ``num_worst_tokens``: warm up once, then capture).
+Hot path: the loaded kernels and their occupancy checks (per instantiation) and the small device
+tensors of offsets (per value tuple) are cached on the engine, the CuPy stream views (per CUDA
+stream) on its launcher (``commkit.backends.launcher``), so a call with the shapes and counts of an
+earlier call makes no host sync and no host-to-device copy (CUDA-graph capturable with
+``num_worst_tokens``: warm up once, then capture).
 
 Kernel timing (``KernelEngine.kernel_events``, on when ``record_kernel_events`` is set and the device
 is CUDA, skipped while a CUDA graph is being captured): per op ("layout", "dispatch", "combine") a

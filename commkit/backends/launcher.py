@@ -127,7 +127,6 @@ class HostLauncher:
         self.build = build or HostBuild()
         self.seed = int(os.environ.get("COMMKIT_HOST_SEED", "0")) if seed is None else seed
         self.watchdog_s = watchdog_s
-        self.launches: list[str] = []  # kernel names in launch order (tests read it)
 
     def kernel(self, spec: KernelSpec) -> Any:
         return load_host_kernel(spec, self.build.variant, self.build.defines)
@@ -136,7 +135,6 @@ class HostLauncher:
         return 1  # one 512-thread block per SM, as the kernels' __launch_bounds__ ask of a GPU
 
     def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
-        self.launches.append(kernel.spec.name)
         kernel.launch(num_blocks, num_threads, raw_args(args), seed=self.seed, watchdog_s=self.watchdog_s)
 
 

@@ -82,7 +82,7 @@ class CopyRoofline:
     def __call__(self, num_sms: int) -> None:
         import cupy
 
-        from commkit.backends.kernels import _cupy_stream
+        from commkit.backends.launcher import _cupy_stream
 
         index: int = self.device.index if self.device.index is not None else torch.cuda.current_device()
         # NOTE: the same torch -> CuPy stream view as the kernels' launches (Stream.from_external on
