@@ -49,7 +49,7 @@ template <int kNumRanks, int kHidden>
 __global__ void __launch_bounds__(kNumThreads, 1)
     combine_kernel(const uint64_t* peer_bases, int rank_base, int num_channels, int max_channels, int num_experts,
                    const int* token_offsets, const void* x, const int* recv_row_offsets, const int* recv_src_token,
-                   const int* meta, const int* send_pos, void* out, int64_t timeout_ns) {
+                   const int* meta, const int* status, const int* send_pos, void* out, int64_t timeout_ns) {
     using Cfg = CombineConfig<kNumRanks, kHidden>;
     constexpr int kWarpsPerPeer = Cfg::kWarpsPerPeer;
     constexpr int kGroupThreads = kWarpsPerPeer * 32;
@@ -60,6 +60,14 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     const int meta_stride = 2 * kNumRanks + 1 + num_local_experts;
     const int* my_meta = meta + me.local_idx * meta_stride;
     uint8_t* own = peer_base(peer_bases, me.rank);
+
+    // The ranks disagreed on the call (every one of them skips: no queue is touched): poison the rows
+    if (status[me.local_idx * kStatusInts + kStatusVerdict] != kAgreed) {
+        const int token_begin = token_offsets[me.local_idx];
+        poison_words(static_cast<int*>(out) + int64_t{token_begin} * (kHidden / 2),
+                     int64_t{token_offsets[me.local_idx + 1] - token_begin} * (kHidden / 2), me.channel, num_channels);
+        return;
+    }
 
     if (warp < kNumRoleWarps) {
         // ---------------- sender: rows that came from `peer` in channel c -> queue (c, me) of `peer`

@@ -62,20 +62,45 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 // ---------------------------------------------------------------------------------------------------
 // Symmetric buffer layout (identical on every rank; commkit/backends/kernels_layout.py mirrors it)
 //
-//   [0, 64)          barrier epoch of this rank (only this rank touches it)
-//   [64, 128)        barrier signals: int[kMaxRanks], slot p incremented by rank p
-//   inbox            int[2][kMaxRanks][kInboxInts]: counts sent by each source, double-buffered by the
-//                    parity of the barrier epoch
+//   [0, 64)          barrier epoch of this rank at [0], its next call sequence number at [4] (only
+//                    this rank touches them)
+//   [64, 128)        barrier signals: int[kMaxRanks], slot p holds the last barrier epoch rank p began
+//   inbox            int[2][kMaxRanks][kInboxInts]: call descriptor and counts sent by each source,
+//                    double-buffered by the parity of the barrier epoch
 //   counters         int[4][max_channels][kMaxRanks]: dispatch tail/head, combine tail/head
 //   ring             bytes[max_channels][kMaxRanks][kNumSlots][slot_bytes]: dispatch and combine use
 //                    the same region one after the other (each kernel drains it before it returns)
 // ---------------------------------------------------------------------------------------------------
 
-// One inbox entry: [num_tokens sent to me, num_tokens of the source, L per-expert counts].
-constexpr int kInboxInts = 2 + kMaxLocalExperts;
+// The call descriptor: what every rank of a call passes alike, in this order (the host names them:
+// commkit/backends/count_exchange.py KERNEL_FORMAT_NAMES). Every notify and cached notify exchanges it
+// with the peers at its barrier (csrc/notify.cuh agree_on_call); a rank whose peers differ skips the
+// payload kernel, as every one of them does.
+enum CallField : int {
+    kCallOp = 0,       // 0 dispatch, 1 cached dispatch, 2 combine
+    kCallSeq = 1,      // this buffer's call sequence number (kept on the device: kCallSeqOffset)
+    kCallExperts = 2,  // num_experts
+    kCallHidden = 3,
+    kCallTopk = 4,     // top-k columns (combine: 0)
+    kCallDtype = 5,    // DispatchDtype (combine: 0)
+    kCallSms = 6,      // num_sms: the channels of the rings
+    kCallHandle = 7,   // sequence number of the dispatch that made the call's handle, -1 without one
+    kCallInts = 8,
+};
+
+// What agree_on_call writes per rank of the launch (int32 [kStatusInts]): the verdict, the first
+// peer that differs, this call's sequence number, then that peer's descriptor.
+enum StatusField : int { kStatusVerdict = 0, kStatusPeer = 1, kStatusSeq = 2, kStatusPeerCall = 3 };
+constexpr int kStatusInts = kStatusPeerCall + kCallInts;
+enum Verdict : int { kAgreed = 0, kDisagreed = 1 };
+
+// One inbox entry: [call descriptor, num_tokens sent to me, num_tokens of the source, L per-expert counts].
+constexpr int kInboxCounts = kCallInts;
+constexpr int kInboxInts = kCallInts + 2 + kMaxLocalExperts;
 
 struct BufferLayout {
     static constexpr int64_t kEpochOffset = 0;
+    static constexpr int64_t kCallSeqOffset = 4;
     static constexpr int64_t kSignalOffset = 64;
     static constexpr int64_t kInboxOffset = 128;
     static constexpr int64_t kInboxBytes = 2LL * kMaxRanks * kInboxInts * 4;
@@ -248,6 +273,16 @@ __device__ __forceinline__ void channel_token_range(int num_tokens, int num_chan
 
 // The rank this block works for and its index among the ranks of the launch: real ranks launch one
 // rank's blocks (rank_base = rank), virtual ranks launch all of them (rank_base = 0).
+// Fills `num_words` int32 words at `ptr` with -1 (all bits set: NaN in bf16, e4m3 and float32, -1 in
+// int32 and int64), spread over the `num_blocks` blocks of a rank. What a payload kernel writes into
+// its outputs when the ranks disagreed on the call (its status): nothing it returns looks like rows.
+__device__ __forceinline__ void poison_words(void* ptr, int64_t num_words, int block, int num_blocks) {
+    int* words = static_cast<int*>(ptr);
+    for (int64_t i = static_cast<int64_t>(block) * blockDim.x + threadIdx.x; i < num_words;
+         i += static_cast<int64_t>(num_blocks) * blockDim.x)
+        words[i] = -1;
+}
+
 struct BlockRank {
     int local_idx;  // index among the ranks of this launch
     int rank;       // rank in the EP group

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     dispatch_kernel(const uint64_t* peer_bases, int rank_base, int num_channels, int max_channels,
                     int num_experts, const int* token_offsets, const void* x, const float* x_scales,
                     const int64_t* topk_idx, const float* topk_weights, const int* send_pos, const int* meta,
-                    const int* recv_row_offsets, void* out_x, float* out_x_scales, int64_t* out_topk_idx,
+                    const int* status, const int* recv_row_offsets, void* out_x, float* out_x_scales, int64_t* out_topk_idx,
                     float* out_topk_weights, int* out_src_token, int64_t timeout_ns) {
     using Cfg = DispatchConfig<kNumRanks, kHidden, kNumTopk, kDtype>;
     constexpr int kWarpsPerPeer = Cfg::kWarpsPerPeer;
@@ -120,6 +120,25 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     const int barrier_id = 1 + peer + (is_sender ? 0 : kNumRanks);
     const int num_local_experts = num_experts / kNumRanks;
     uint8_t* own = peer_base(peer_bases, me.rank);
+
+    // The ranks disagreed on the call (every one of them skips: no queue is touched): poison the rows
+    if (status[me.local_idx * kStatusInts + kStatusVerdict] != kAgreed) {
+        const int row_begin = recv_row_offsets[me.local_idx];
+        const int num_rows = meta[me.local_idx * (2 * kNumRanks + 1 + num_local_experts) + kNumRanks];
+        constexpr int kRowWords = (Cfg::kOutFp8 ? kHidden : 2 * kHidden) / 4;
+        constexpr int kScales = Cfg::kOutFp8 ? kHidden / kFp8GroupSize : 0;
+        poison_words(static_cast<int*>(out_x) + int64_t{row_begin} * kRowWords, int64_t{num_rows} * kRowWords,
+                     me.channel, num_channels);
+        if (kScales > 0)
+            poison_words(out_x_scales + int64_t{row_begin} * kScales, int64_t{num_rows} * kScales, me.channel,
+                         num_channels);
+        poison_words(out_topk_idx + int64_t{row_begin} * kNumTopk, int64_t{num_rows} * kNumTopk * 2, me.channel,
+                     num_channels);
+        poison_words(out_topk_weights + int64_t{row_begin} * kNumTopk, int64_t{num_rows} * kNumTopk, me.channel,
+                     num_channels);
+        poison_words(out_src_token + row_begin, num_rows, me.channel, num_channels);
+        return;
+    }
 
     if (peer < kNumRanks && is_sender) {
         // ---------------- sender: this rank's channel tokens -> queue (channel, me) of rank `peer`

@@ -92,6 +92,11 @@ class FakeKernels:
         peers,
         rank_base,
         num_experts,
+        hidden,
+        num_topk,
+        dtype,
+        num_sms,
+        status,
         offsets,
         per_rank,
         per_expert,
@@ -102,6 +107,7 @@ class FakeKernels:
     ):
         (num_ranks,) = targs
         assert blocks == num_ranks and int(rank_base) == 0  # virtual ranks: every rank in the launch
+        self._agreed(status)
         num_local_experts = int(num_experts) // num_ranks
         offsets, per_rank, per_expert, meta = (
             self.t(offsets).tolist(),
@@ -121,8 +127,18 @@ class FakeKernels:
             counts = per_expert[:, lo : lo + num_local_experts].sum(0)
             meta[dst, 2 * num_ranks + 1 :] = (counts + int(align) - 1) // int(align) * int(align)
 
-    def cached_notify_kernel(self, targs, blocks, peers, rank_base, timeout):
-        pass
+    def cached_notify_kernel(
+        self, targs, blocks, peers, rank_base, op, num_experts, hidden, num_topk, dtype, num_sms, handle, status,
+        timeout,
+    ):  # fmt: skip
+        self._agreed(status)
+
+    def _agreed(self, status) -> None:
+        """Every rank is in the launch: they agree (csrc/notify.cuh agree_on_call's status)."""
+        status = self.t(status)
+        status.zero_()
+        status[:, kl.STATUS_PEER] = -1
+        status[:, kl.STATUS_SEQ] = self.call_seq = getattr(self, "call_seq", -1) + 1
 
     def dispatch_kernel(
         self,
@@ -140,6 +156,7 @@ class FakeKernels:
         weights,
         send_pos,
         meta,
+        status,
         recv_rows,
         out_x,
         out_scales,
@@ -345,6 +362,7 @@ class FakeKernels:
         recv_rows,
         recv_src,
         meta,
+        status,
         send_pos,
         out,
         timeout,

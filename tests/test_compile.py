@@ -107,6 +107,9 @@ int main() {
            DispatchConfig<2, 2048, 1, 2>::kSlotBytes);
     printf("combine_7168 %d\nwarps_per_peer_2 %d\nwarps_per_peer_8 %d\n", CombineConfig<8, 7168>::kSlotBytes,
            RoleSplit<2>::kWarpsPerPeer, RoleSplit<8>::kWarpsPerPeer);
+    printf("CALL_INTS %d\nSTATUS_INTS %d\nSTATUS_SEQ %d\nSTATUS_PEER_CALL %d\nCALL_SEQ_OFFSET %lld\n",
+           (int)kCallInts, (int)kStatusInts, (int)kStatusSeq, (int)kStatusPeerCall,
+           (long long)BufferLayout::kCallSeqOffset);
 }
 """
 
@@ -144,5 +147,10 @@ def test_host_mirror_of_device_layout(tmp_path: Path) -> None:
         "combine_7168": kl.combine_slot_bytes(7168),
         "warps_per_peer_2": kl.warps_per_peer(2),
         "warps_per_peer_8": kl.warps_per_peer(8),
+        "CALL_INTS": kl.CALL_INTS,
+        "STATUS_INTS": kl.STATUS_INTS,
+        "STATUS_SEQ": kl.STATUS_SEQ,
+        "STATUS_PEER_CALL": kl.STATUS_PEER_CALL,
+        "CALL_SEQ_OFFSET": kl.CALL_SEQ_OFFSET,
     }
     assert {k: int(v) for k, v in values.items()} == expected

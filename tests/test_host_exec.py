@@ -23,6 +23,7 @@ from kernel_cases import (
 )
 
 from commkit import reference
+from commkit.backends import kernels_layout as kl
 from commkit.backends.launcher import HostLauncher
 from commkit.emulate import EmulatedGroup
 from commkit.errors import CommTimeoutError
@@ -271,8 +272,10 @@ def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
 
     group = _group(2, 1)
     group.buffers.ensure(1, 64)
+    status = torch.empty(1, kl.STATUS_INTS, dtype=torch.int32)
+    call = tuple(np.int32(v) for v in (kl.OP_COMBINE, 8, 64, 0, 0, 1))  # op, E, H, top-k, dtype, num_sms
     barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
     with pytest.raises(CommTimeoutError) as info:  # rank 0's block alone: rank 1 never arrives
-        barrier.launch(1, 128, (pointer(group.buffers.peer_bases), np.int32(0), np.int64(3e8)), seed=0,
-                       watchdog_s=60)  # fmt: skip
+        barrier.launch(1, 128, (pointer(group.buffers.peer_bases), np.int32(0), *call, pointer(None),
+                                pointer(status), np.int64(3e8)), seed=0, watchdog_s=60)  # fmt: skip
     assert "commkit barrier: rank 0 channel -1 role barrier peer 1: expected 1, observed 0" in str(info.value)

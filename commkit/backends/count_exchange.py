@@ -91,6 +91,9 @@ class CallFormat:
 TORCH_FORMAT_NAMES = ("op", "call", "num_experts", "hidden", "top-k", "x dtype", "num_ranks_per_node",
                       "handle")  # fmt: skip
 WIRE_DTYPES = ("bfloat16", "float8_e4m3fn")
+# The call descriptor of the one-node kernels, in the order of csrc/common.cuh CallField: every notify
+# and cached notify exchanges it at its barrier, on the device (``KernelEngine``, ``status_error``).
+KERNEL_FORMAT_NAMES = ("op", "call", "num_experts", "hidden", "top-k", "dtype", "num_sms", "handle")
 
 
 def _shown(name: str, value: int) -> str:
@@ -114,6 +117,35 @@ def _listed(names: list[str]) -> str:
 def describe(values: list[int] | tuple[int, ...], names: tuple[str, ...] = FORMAT_NAMES) -> str:
     """``values`` of a CallFormat as ``name=value`` pairs (the op by name)."""
     return ", ".join(f"{n}={_shown(n, v)}" for n, v in zip(names, values, strict=True))
+
+
+def disagreement(
+    own: tuple[int, ...], theirs: tuple[int, ...], peer: int, names: tuple[str, ...], name_fields: bool = True
+) -> str:
+    """Why rank ``peer``'s call (``theirs``) is not this rank's (``own``); with ``name_fields`` each
+    field that differs is listed, here and there."""
+    message = (
+        f"expected every rank to pass the same call ({describe(own, names)}), got "
+        f"({describe(theirs, names)}) from rank {peer}"
+    )
+    if name_fields:
+        differ = [
+            f"{n} {_shown(n, mine)} here, {_shown(n, other)} on rank {peer}"
+            for n, mine, other in zip(names, own, theirs, strict=True)
+            if mine != other
+        ]
+        message += f"; differs: {'; '.join(differ)}"
+    return message
+
+
+def status_error(status: list[int], own: tuple[int, ...]) -> str | None:
+    """The error in one rank's status row of the one-node kernels' agreement (int32
+    [``kernels_layout.STATUS_INTS``], written by ``csrc/notify.cuh`` agree_on_call), None when every
+    rank made the same call; ``own``: this rank's descriptor (``KERNEL_FORMAT_NAMES``)."""
+    if status[kl.STATUS_VERDICT] == 0:
+        return None
+    theirs = tuple(status[kl.STATUS_PEER_CALL : kl.STATUS_PEER_CALL + kl.CALL_INTS])
+    return disagreement(own, theirs, status[kl.STATUS_PEER], KERNEL_FORMAT_NAMES)
 
 
 @dataclass
@@ -140,16 +172,7 @@ class Agreement:
             peer = next((r for r, row in enumerate(rows) if row != self.own), None)
             if peer is None:
                 return None
-            theirs = describe(rows[peer], self.names)
-            message = f"expected every rank to pass the same call ({own}), got ({theirs}) from rank {peer}"
-            if self.name_fields:
-                differ = [
-                    f"{n} {_shown(n, mine)} here, {_shown(n, other)} on rank {peer}"
-                    for n, mine, other in zip(self.names, self.own, rows[peer], strict=True)
-                    if mine != other
-                ]
-                message += f"; differs: {'; '.join(differ)}"
-            return message
+            return disagreement(self.own, rows[peer], peer, self.names, self.name_fields)
         hi, lo = host[:num], [-v for v in host[num:]]
         field = next((f for f in range(num) if hi[f] != lo[f]), None)
         if field is None:

@@ -29,7 +29,7 @@ from commkit.backends import internode_layout as il
 from commkit.backends import kernels_layout as kl
 from commkit.backends.count_exchange import Agreement, CallFormat, GroupCountExchange
 from commkit.backends.internode_net import NetProvider, NvlinkDomain
-from commkit.backends.kernels import DispatchResult, KernelEngine, KernelState, _i32, _offsets
+from commkit.backends.kernels import CallArgs, DispatchResult, KernelEngine, KernelState, _i32, _offsets
 from commkit.backends.launcher import Launcher
 from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import ConfigError
@@ -325,14 +325,17 @@ class InternodeEngine(KernelEngine):
             outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
             outs[2].fill_(-1)
             outs[3].zero_()
-        agreement = None
+        agreement = status = None
+        # NOTE: virtual nodes run every rank in one launch: the device agreement cannot differ there
+        call = CallArgs(kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH, num_experts, hidden, num_topk,
+                        dtype_code, num_sms, None if state is None else state.status)  # fmt: skip
         if state is None:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
                 topk_idx, token_counts, num_experts, with_in_rank=False
             )
             node_pos = node_send_pos(send_pos, list(token_counts), g)
             if self.exchange is None:
-                meta = self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
+                meta, status = self._notify(token_offsets, per_rank, per_expert, call, num_worst_tokens)
             else:
                 meta, agreement = self.exchange.notify(
                     per_rank, per_expert, token_counts[0], num_worst_tokens, fmt
@@ -355,7 +358,7 @@ class InternodeEngine(KernelEngine):
             except ValueError as exc:
                 rows_error = exc
             if self.exchange is None:
-                self._cached_notify()
+                status = self._cached_notify(call)
             else:
                 fmt = dataclasses.replace(fmt, rows_fit=rows_error is None)
                 try:
@@ -442,6 +445,7 @@ class InternodeEngine(KernelEngine):
             fwd_offsets=fwd_offsets,
             fwd_mask=fwd_mask,
             fwd_token=fwd_token,
+            status=status,
         )
         return DispatchResult(out_x, out_scales, out_idx, out_weights, row_offsets, new_state)
 
@@ -462,7 +466,7 @@ class InternodeEngine(KernelEngine):
         self._poison(out)
         self._timing_begin()
         if self.exchange is None:
-            self._cached_notify()
+            self._cached_notify(CallArgs(kl.OP_COMBINE, num_experts, hidden, 0, 0, num_sms, state.status))
         else:
             fmt = CallFormat("combine", num_experts, hidden, 0, 0, num_sms)
             agreement = self.exchange.barrier(fmt)

@@ -5,10 +5,22 @@ by base pointers: one rank per process (``KernelsBackend``, buffers exchanged th
 ranks on one GPU (``commkit.emulate``, buffers carved out of one allocation). The kernels are the
 same; a launch covers ``num_local`` ranks starting at ``rank_base`` with ``num_sms`` blocks each.
 
-Per dispatch: ``layout`` kernel (counts, ``is_token_in_rank``, send positions) -> ``notify`` (count
-exchange, barrier, prefix sums) -> host reads the receive counts (skipped with ``num_worst_tokens``)
--> ``dispatch``. With a handle: ``cached_notify`` (barrier only) -> ``dispatch``. Per combine:
-``cached_notify`` -> ``combine``. All on the communication stream; CuPy is imported lazily.
+Per dispatch: ``layout`` kernel (counts, ``is_token_in_rank``, send positions) -> ``notify`` (call
+agreement and count exchange, barrier, prefix sums) -> host reads the receive counts (skipped with
+``num_worst_tokens``) -> ``dispatch``. With a handle: ``cached_notify`` (agreement and barrier) ->
+``dispatch``. Per combine: ``cached_notify`` -> ``combine``. All on the communication stream; CuPy is
+imported lazily.
+
+Agreement (``csrc/notify.cuh``): every notify exchanges the call's descriptor with the peers at its
+barrier (``count_exchange.KERNEL_FORMAT_NAMES``: op, the buffer's call sequence number, kept on the
+device, num_experts, hidden, top-k, dtype, num_sms and the sequence number of the handle's dispatch)
+and writes a ``status`` per rank. If any rank made another call, every rank's payload kernel skips
+(no queue is touched, so the next call works) and fills its outputs with all bits set (NaN rows, -1
+indices). The host raises ``ValueError`` naming the fields and the rank: at once on the CPU (host
+execution) and where the counts are read back anyway (a fresh dispatch without ``num_worst_tokens``);
+otherwise, without a host sync, at the first later call into the engine that finds the call's status
+copied back (``check_agreement(wait=True)`` waits for it; inside a CUDA-graph capture only the
+poisoned outputs tell).
 
 Hot path: the loaded kernels and their occupancy checks (per instantiation) and the small device
 tensors of offsets (per value tuple) are cached on the engine, the CuPy stream views (per CUDA
@@ -38,10 +50,11 @@ import torch
 import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
+from commkit.backends.count_exchange import status_error
 from commkit.backends.launcher import Launcher, for_device, stream_context
 from commkit.backends.shared_memory import SharedMemoryBuffers, check_one_host
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
-from commkit.errors import CommTimeoutError, ConfigError
+from commkit.errors import CommError, CommTimeoutError, ConfigError
 from commkit.jit.compiler import KernelSpec
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
@@ -74,6 +87,8 @@ class KernelState:
     recv_src_token:    [sum N_recv] int32, source token of each received row
     recv_counts:       N_recv per rank (None with num_worst_tokens: not read back)
     expert_counts:     unaligned rows per local expert, per rank (None with num_worst_tokens)
+    status:            [num_local, STATUS_INTS] int32, the agreement of the dispatch (its sequence
+                       number ties the handle to it; None where the host agrees: internode processes)
     """
 
     send_pos: torch.Tensor
@@ -85,6 +100,44 @@ class KernelState:
     recv_counts: list[int] | None
     expert_counts: list[list[int]] | None
     num_worst_tokens: int | None
+    status: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class CallArgs:
+    """A call's descriptor as the host knows it (``csrc/common.cuh`` CallField; the sequence numbers
+    live on the device). ``handle_status``: the status of the dispatch that made the handle."""
+
+    op: int  # kernels_layout.OP_*
+    num_experts: int
+    hidden: int
+    num_topk: int
+    dtype: int
+    num_sms: int
+    handle_status: torch.Tensor | None = None
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        return (_i32(self.num_experts), _i32(self.hidden), _i32(self.num_topk), _i32(self.dtype),
+                _i32(self.num_sms))  # fmt: skip
+
+    def own(self, status_row: list[int], local_idx: int) -> tuple[int, ...]:
+        """This rank's whole descriptor (``count_exchange.KERNEL_FORMAT_NAMES``); reads the handle's
+        sequence number back (the error path only)."""
+        handle = -1
+        if self.handle_status is not None:
+            handle = int(self.handle_status[local_idx, kl.STATUS_SEQ])
+        return (self.op, status_row[kl.STATUS_SEQ], self.num_experts, self.hidden, self.num_topk, self.dtype,
+                self.num_sms, handle)  # fmt: skip
+
+
+@dataclass
+class _PendingAgreement:
+    """A call's status on its way to the host (pinned copy) and the event after the copy."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event
+    call: CallArgs
+    phase: str
 
 
 @dataclass
@@ -142,6 +195,9 @@ class KernelEngine:
         # Tests set this: outputs are filled with 0xFF bytes before the kernels run, so unwritten
         # rows show (NaN for floats, -1 for integers).
         self.poison_outputs = False
+        # Agreements whose verdict has not been seen on the host yet (CUDA: see check_agreement)
+        self._pending: list[_PendingAgreement] = []
+        self._failed: BaseException | None = None  # an earlier call that left the buffers unusable
 
     # ------------------------------------------------------------------ helpers
     def _kernel(
@@ -164,7 +220,23 @@ class KernelEngine:
             return
         if self._timing is not None and self._segment_start is None:
             self._segment_start = _timing_event(torch.cuda.current_stream(self.device))
-        self.launcher.launch(kernel, num_blocks, num_threads, args)
+        try:
+            self.launcher.launch(kernel, num_blocks, num_threads, args)
+        except CommTimeoutError as exc:
+            # NOTE: a kernel that trapped left queues and barriers half done (on a GPU the context is
+            # lost too): no later call may run on these buffers
+            self._failed = exc
+            raise
+
+    def _check_usable(self) -> None:
+        """Raises if an earlier call left the buffers unusable, or a deferred agreement failed."""
+        if self._failed is not None:
+            raise CommError(
+                f"ranks {self.rank_base}..{self.rank_base + self.num_local - 1}: the buffers cannot be used "
+                f"after an earlier call failed ({self._failed}); make a new Buffer"
+            ) from self._failed
+        if self._pending:
+            self.check_agreement(wait=False)
 
     def _check_budget(self, kernel: Any, num_sms: int) -> None:
         """All blocks of a launch must be resident at once (they wait for each other)."""
@@ -230,7 +302,11 @@ class KernelEngine:
         host.copy_(meta, non_blocking=True)
         event = torch.cuda.Event()
         event.record(stream)
-        self._wait(phase, event)
+        try:
+            self._wait(phase, event)
+        except CommTimeoutError as exc:
+            self._failed = exc
+            raise
         return host.tolist()
 
     def _wait(self, phase: str, event: torch.cuda.Event) -> None:
@@ -305,6 +381,44 @@ class KernelEngine:
             raise ConfigError(f"hidden: the kernels support H <= {kl.MAX_HIDDEN}, got {hidden}")
         if not 1 <= num_topk <= 32:
             raise ConfigError(f"topk_idx: the kernels support 1 to 32 top-k slots (columns), got {num_topk}")
+
+    # ------------------------------------------------------------------ agreement
+    def _raise_disagreement(self, status_host: list[list[int]], call: CallArgs, phase: str) -> None:
+        for local_idx, row in enumerate(status_host):
+            error = status_error(row, call.own(row, local_idx))
+            if error is not None:
+                raise ValueError(f"{phase}: rank {self.rank_base + local_idx}: {error}")
+
+    def _settle(self, status: torch.Tensor, call: CallArgs, phase: str) -> None:
+        """The verdict of a call whose counts are not read back: on the CPU read now (raises before
+        the payload kernel), on CUDA copied back without a host sync and checked later."""
+        if status.device.type != "cuda":
+            self._raise_disagreement(status.tolist(), call, phase)
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return  # NOTE: a graph replays the copy into one host buffer: the outputs' poison tells
+        host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True)
+        host.copy_(status, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._pending.append(_PendingAgreement(host, event, call, phase))
+        if len(self._pending) > 256:  # bounded: wait for the oldest
+            self.check_agreement(wait=True)
+
+    def check_agreement(self, *, wait: bool = True) -> None:
+        """Raises ``ValueError`` for the first earlier call whose ranks disagreed (its outputs were
+        poisoned on the device). ``wait``: wait (bounded by ``timeout_s``) for every call launched so
+        far; else look only at those whose status has reached the host."""
+        while self._pending:
+            pending = self._pending[0]
+            if wait:
+                self._wait(pending.phase, pending.event)
+            elif not pending.event.query():
+                return
+            self._pending.pop(0)
+            self._raise_disagreement(
+                pending.host.tolist(), pending.call, f"{pending.phase} (an earlier call: its outputs are poisoned)"
+            )
 
     # ------------------------------------------------------------------ layout
     def layout(
@@ -389,8 +503,11 @@ class KernelEngine:
                 f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
                 f"got {list(token_counts)}"
             )
+        self._check_usable()
         kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
+        call = CallArgs(kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH, num_experts, hidden, num_topk,
+                        dtype_code, num_sms, None if state is None else state.status)  # fmt: skip
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
         self.buffers.ensure(num_sms, slot_bytes)
         peer_bases = self.buffers.peer_bases
@@ -414,17 +531,25 @@ class KernelEngine:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
                 topk_idx, token_counts, num_experts, with_in_rank=False
             )
-            meta = self._notify(token_offsets, per_rank, per_expert, num_experts, num_worst_tokens)
+            meta, status = self._notify(token_offsets, per_rank, per_expert, call, num_worst_tokens)
             recv_counts = expert_counts = None
         else:
             send_pos, meta, token_offsets = state.send_pos, state.meta, state.token_offsets
             recv_counts, expert_counts = state.recv_counts, state.expert_counts
             self._check_cached_worst(state, num_worst_tokens)
-            self._cached_notify()
+            status = self._cached_notify(call)
 
+        phase = "dispatch: agreement (notify)" if state is None else "cached dispatch: agreement"
+        if num_worst_tokens is not None or recv_counts is not None:
+            self._settle(status, call, phase)
         if num_worst_tokens is None:
             if recv_counts is None:
-                meta_host = self._read_counts(meta, "dispatch: count exchange (notify)")
+                # The verdict comes back with the counts (one read), before the outputs are sized
+                stride = meta.shape[1]
+                both = torch.cat([meta, status], dim=1)
+                rows = self._read_counts(both, "dispatch: count exchange (notify)")
+                self._raise_disagreement([row[stride:] for row in rows], call, phase)
+                meta_host = [row[:stride] for row in rows]
                 recv_counts = [row[num_ranks] for row in meta_host]
                 expert_counts = [row[2 * num_ranks + 1 :] for row in meta_host]
             row_offsets = _offsets(recv_counts)
@@ -447,6 +572,7 @@ class KernelEngine:
             topk_weights,
             send_pos,
             meta,
+            status,
             recv_row_offsets,
             out_x,
             out_scales,
@@ -467,25 +593,32 @@ class KernelEngine:
             recv_counts=recv_counts if num_worst_tokens is None else None,
             expert_counts=expert_counts if num_worst_tokens is None else None,
             num_worst_tokens=num_worst_tokens,
+            status=status,
         )
         return DispatchResult(out_x, out_scales, out_idx, out_weights, row_offsets, new_state)
+
+    def _status(self) -> torch.Tensor:
+        return torch.empty(self.num_local, kl.STATUS_INTS, dtype=torch.int32, device=self.device)
 
     def _notify(
         self,
         token_offsets: torch.Tensor,
         per_rank: torch.Tensor,
         per_expert: torch.Tensor,
-        num_experts: int,
+        call: CallArgs,
         num_worst_tokens: int | None,
-    ) -> torch.Tensor:
-        """Count exchange and barrier (csrc/notify.cuh); returns ``meta`` [num_local, 2R + 1 + L]."""
-        stride = kl.meta_stride(self.num_ranks, num_experts)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Agreement, count exchange and barrier (csrc/notify.cuh); returns ``meta`` [num_local, 2R + 1 + L]
+        and ``status`` [num_local, STATUS_INTS]."""
+        stride = kl.meta_stride(self.num_ranks, call.num_experts)
         meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
+        status = self._status()
         notify = self._kernel("csrc/notify.cuh", "notify_kernel", self.num_ranks)
         args: tuple[Any, ...] = (
             self.buffers.peer_bases,
             _i32(self.rank_base),
-            _i32(num_experts),
+            *call.kernel_args(),
+            status,
             token_offsets,
             per_rank,
             per_expert,
@@ -495,7 +628,7 @@ class KernelEngine:
             np.int64(self._timeout_ns),
         )
         self._launch(notify, self.num_local, 128, args)
-        return meta
+        return meta, status
 
     @staticmethod
     def _check_cached_worst(state: KernelState, num_worst_tokens: int | None) -> None:
@@ -516,15 +649,20 @@ class KernelEngine:
                     f"got {num_worst_tokens}"
                 )
 
-    def _cached_notify(self) -> None:
+    def _cached_notify(self, call: CallArgs) -> torch.Tensor:
+        """Agreement and barrier (csrc/cached.cuh); returns ``status`` [num_local, STATUS_INTS]."""
         kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
-        args = (self.buffers.peer_bases, _i32(self.rank_base), np.int64(self._timeout_ns))
+        status = self._status()
+        args = (self.buffers.peer_bases, _i32(self.rank_base), _i32(call.op), *call.kernel_args(),
+                call.handle_status, status, np.int64(self._timeout_ns))  # fmt: skip
         self._launch(kernel, self.num_local, 128, args)
+        return status
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, state: KernelState, num_experts: int, *, num_sms: int) -> torch.Tensor:
         """x: [sum N_recv, H] bf16 packed like the dispatch outputs -> [sum T, H] bf16."""
         hidden = x.shape[1]
+        self._check_usable()
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
         kernel = self._kernel("csrc/combine.cuh", "combine_kernel", self.num_ranks, hidden)
@@ -533,7 +671,9 @@ class KernelEngine:
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
         self._timing_begin()
-        self._cached_notify()
+        call = CallArgs(kl.OP_COMBINE, num_experts, hidden, 0, 0, num_sms, state.status)
+        status = self._cached_notify(call)
+        self._settle(status, call, "combine: agreement")
         args = (
             self.buffers.peer_bases,
             _i32(self.rank_base),
@@ -545,6 +685,7 @@ class KernelEngine:
             state.recv_row_offsets,
             state.recv_src_token,
             state.meta,
+            status,
             state.send_pos,
             out,
             np.int64(self._timeout_ns),

@@ -12,7 +12,13 @@ MAX_HIDDEN = 12288  # combine reducer accumulators in registers (csrc/common.cuh
 NUM_THREADS = 512
 NUM_SLOTS = 16
 CHUNK = 4
-INBOX_INTS = 2 + MAX_LOCAL_EXPERTS
+# The call descriptor every notify exchanges (csrc/common.cuh CallField; count_exchange names them)
+CALL_INTS = 8
+# Per rank of a launch, what the notify's agreement writes (csrc/common.cuh StatusField)
+STATUS_VERDICT, STATUS_PEER, STATUS_SEQ, STATUS_PEER_CALL = 0, 1, 2, 3
+STATUS_INTS = STATUS_PEER_CALL + CALL_INTS
+OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 0, 1, 2
+INBOX_INTS = CALL_INTS + 2 + MAX_LOCAL_EXPERTS
 FP8_GROUP_SIZE = 128
 
 # Dispatch dtypes (template argument kDtype)
@@ -21,6 +27,7 @@ DTYPE_FP8 = 1
 DTYPE_BF16_CAST_FP8 = 2
 
 EPOCH_OFFSET = 0
+CALL_SEQ_OFFSET = 4
 SIGNAL_OFFSET = 64
 INBOX_OFFSET = 128
 INBOX_BYTES = 2 * MAX_RANKS * INBOX_INTS * 4

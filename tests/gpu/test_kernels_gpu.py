@@ -170,11 +170,11 @@ def test_device_timeout_reports_and_traps() -> None:
         """
         import torch
         from commkit.emulate import EmulatedGroup
-        from commkit.backends.kernels import KernelEngine
+        from commkit.backends.kernels import CallArgs, KernelEngine
         group = EmulatedGroup(2, num_sms=1, timeout_s=0.2)
         group.buffers.ensure(1, 4096)
         lonely = KernelEngine(2, 0, 1, group.buffers, timeout_s=0.2, device=group.device)
-        lonely._cached_notify()  # rank 1 never arrives at the barrier
+        lonely._cached_notify(CallArgs(2, 8, 4096, 0, 0, 1))  # rank 1 never arrives at the barrier
         torch.cuda.synchronize()
         """
     )
