@@ -174,6 +174,7 @@ class _Dispatch(torch.autograd.Function):
         if pad:
             parts.append(torch.zeros(out.x.shape[0], pad, dtype=torch.bfloat16, device=out.x.device))
         rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        call.buffer._check_open("combine")  # the backward of a dispatch is a combine
         back = call.buffer._backend.combine(
             rows, out.handle, num_sms=call.num_sms, previous_event=None, async_finish=False
         ).x
@@ -232,6 +233,7 @@ class _Combine(torch.autograd.Function):
         # The routing travels along (the backends send it with the rows); its weights are not needed.
         idx = handle.topk_idx.to(grad.device)
         weights = torch.zeros(idx.shape, dtype=torch.float32, device=grad.device)
+        call.buffer._check_open("dispatch")  # the backward of a combine is a dispatch
         out = call.buffer._backend.dispatch(
             grad,
             None,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from commkit import autograd, validate
 from commkit.backends import BACKENDS, kernels_unavailable_reason
 from commkit.backends.base import Backend
-from commkit.errors import ConfigError
+from commkit.errors import CommError, ConfigError
 from commkit.jit.host import host_unavailable_reason
 from commkit.profiles import BufferConfig, cluster_signature, resolve_config
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
@@ -142,6 +142,7 @@ class Buffer:
         self.id = next(_buffer_ids)
         self.check_values = check_values
         self._backend = backend
+        self._closed = False
         self.rank = backend.rank
         self.num_ranks = backend.num_ranks
 
@@ -204,6 +205,13 @@ class Buffer:
         """Name of the backend in use: "torch" or "kernels"."""
         return self._backend.name
 
+    def _check_open(self, call: str) -> None:
+        if self._closed:
+            raise CommError(
+                f"Buffer.{call}: this buffer was closed (Buffer.close released its {self.backend!r} backend); "
+                "make a new Buffer"
+            )
+
     def _check_values(self, t: torch.Tensor) -> bool:
         return self.check_values if self.check_values is not None else t.device.type == "cpu"
 
@@ -221,6 +229,7 @@ class Buffer:
         counted once per node of ``num_ranks_per_node`` ranks) and is_token_in_node [T, N] bool
         (None with the intranode kernels).
         """
+        self._check_open("get_dispatch_layout")
         num_experts = validate.check_num_experts(num_experts, self.num_ranks)
         topk_idx = validate.check_topk_idx(topk_idx, None, num_experts, self._check_values(topk_idx))
         return self._backend.get_dispatch_layout(topk_idx, num_experts)
@@ -278,6 +287,7 @@ class Buffer:
         gradient: ``topk_idx``, the FP8 scales and an FP8 pair ``x``; with ``cast_to_fp8`` the
         differentiable rows are ``out.x_dequantized`` (float32) and ``x`` gets a bf16 gradient.
         """
+        self._check_open("dispatch")
         data, scales = validate.split_x(x)
         num_experts = validate.check_num_experts(num_experts, self.num_ranks)
         check_values = self._check_values(topk_idx) if isinstance(topk_idx, torch.Tensor) else True
@@ -315,6 +325,7 @@ class Buffer:
         budget = self._num_sms(num_sms)
 
         def run(data: torch.Tensor, topk_weights: torch.Tensor) -> DispatchOutput:
+            self._check_open("dispatch")  # also in the backward of a combine
             return self._backend.dispatch(
                 data,
                 scales,
@@ -373,6 +384,7 @@ class Buffer:
         dispatch of the gradient (bf16) with ``handle``: each received row gets its source token's
         gradient (zeros for ``num_worst_tokens`` padding rows). ``handle`` has no gradient.
         """
+        self._check_open("combine")
         validate.check_handle(handle, buffer_id=self.id, backend=self.backend)
         x = validate.check_combine_x(x, handle)
         validate.check_device_type("x", x.device, self._backend.device_type)
@@ -380,6 +392,7 @@ class Buffer:
         budget = self._num_sms(num_sms)
 
         def run(x: torch.Tensor) -> CombineOutput:
+            self._check_open("combine")  # also in the backward of a dispatch
             return self._backend.combine(
                 x, handle, num_sms=budget, previous_event=previous_event, async_finish=async_finish
             )
@@ -395,6 +408,7 @@ class Buffer:
         reducers get the rest; default 4). Every rank must set the same values. A tuning profile's
         knobs are applied when the buffer takes its budget from that profile (no ``num_sms``). Other
         backends have none: the call warns and changes nothing (``buf.knobs`` is then {})."""
+        self._check_open("set_knobs")
         from commkit.backends.internode import KNOBS
 
         unknown = sorted(set(knobs) - set(KNOBS))
@@ -434,7 +448,10 @@ class Buffer:
 
     def close(self) -> None:
         """Release the backend's resources (the kernels' symmetric buffer: collective, bounded by
-        ``timeout_s``). The buffer cannot be used afterwards."""
+        ``timeout_s``). Afterwards every call raises ``CommError``; a second close does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         close = getattr(self._backend, "close", None)
         if close is not None:
             close()

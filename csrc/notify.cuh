@@ -52,9 +52,11 @@ __device__ __forceinline__ void rank_barrier(const uint64_t* peer_bases, int ran
             report_and_trap("barrier: a peer ran more barriers than this rank (epochs)", rank, -1, kRoleBarrier,
                             static_cast<int>(threadIdx.x), epoch, observed);
     }
+    __syncthreads();
+    // NOTE: after every wait of the block: a barrier left by a timeout keeps the epoch it had, so it
+    // is begun again with the same value (read by the next kernel only)
     if (threadIdx.x == 0)
         *reinterpret_cast<int*>(own + BufferLayout::kEpochOffset) = epoch;
-    __syncthreads();
 }
 
 // The descriptor of this rank's call (CallField order). `handle_status`: the status of the dispatch

@@ -3,7 +3,9 @@
 another hidden size or dtype, another dispatch's handle of the same row count, another call sequence
 number, another num_ranks_per_node) get a ValueError on every rank that names the phase, the field
 and the rank, at once (well within timeout_s), no process aborts, and the next correct call on the
-group returns the reference's output. On 4 gloo processes, flat and as 2 nodes of 2."""
+group returns the reference's output. On 4 gloo processes, flat and as 2 nodes of 2; and the same
+cases through the one-node kernels (``Buffer(backend="kernels")`` on CPU processes: the host execution
+of csrc/notify.cuh, whose agreement runs on the device, ``KernelEngine``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from cases import Case, bits, expert_output, make_inputs
 
 import commkit
+from commkit.backends import kernels_layout as kl
+from commkit.jit.host import host_unavailable_reason
 from commkit.launch import spawn_gloo
 from commkit.reference import combine_reference, dispatch_reference
 
@@ -32,6 +36,8 @@ SCENARIOS = {
     "other-handle-same-rows": (ODD, "handle"),
     "call-sequence": (ODD, "call"),
 }
+# The kernels' descriptor names the dispatch dtype "dtype" (count_exchange.KERNEL_FORMAT_NAMES)
+KERNEL_FIELDS = {"cached-dtype": "dtype"}
 
 
 def case_for(per_node: int) -> Case:
@@ -72,14 +78,19 @@ def _scenario(name: str, buf: commkit.Buffer, rank: int, x, idx, w, num_experts:
         buf.combine(expert_output(b.x, rank), a.handle if odd else b.handle)
     elif name == "call-sequence":
         if odd:  # stands in for a rank that made more calls than its peers
-            buf._backend._seq += 3
+            if buf.backend == "kernels":  # the sequence number is kept in the rank's own buffer
+                backend = buf._backend
+                header = backend.buffers._views[backend.rank][: kl.CALL_SEQ_OFFSET + 4].view(torch.int32)
+                header[kl.CALL_SEQ_OFFSET // 4] += 3
+            else:
+                buf._backend._seq += 3
         buf.dispatch(x, idx, w, num_experts)
     else:
         raise AssertionError(name)
 
 
-def run_scenarios(rank: int, world: int, per_node: int, names: list[str]) -> dict:
-    buf = commkit.Buffer(backend="torch", timeout_s=TIMEOUT_S, num_ranks_per_node=per_node)
+def run_scenarios(rank: int, world: int, per_node: int, names: list[str], backend: str = "torch") -> dict:
+    buf = commkit.Buffer(backend=backend, timeout_s=TIMEOUT_S, num_ranks_per_node=per_node)
     case = case_for(per_node)
     x, idx, w = make_inputs(case, rank)
     got = {}
@@ -98,18 +109,20 @@ def run_scenarios(rank: int, world: int, per_node: int, names: list[str]) -> dic
     return dict(got=got, backend=type(buf._backend).__name__)
 
 
-def check_scenarios(per_node: int, names: list[str], results: list[dict]) -> None:
+def check_scenarios(per_node: int, names: list[str], results: list[dict], backend: str = "torch") -> None:
     case = case_for(per_node)
     inputs = [make_inputs(case, r) for r in range(WORLD)]
     ref = dispatch_reference([i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs],
                              case.num_experts)  # fmt: skip
     ys = combine_reference([expert_output(d.x, r) for r, d in enumerate(ref)], ref, list(case.tokens),
                            per_node)  # fmt: skip
-    want_backend = "TorchBackend" if per_node == WORLD else "HierTorchBackend"
+    want_backend = "KernelsBackend" if backend == "kernels" else "TorchBackend" if per_node == WORLD else "HierTorchBackend"
     for rank, result in enumerate(results):
         assert result["backend"] == want_backend
         for name in names:
             odd, field = SCENARIOS[name]
+            if backend == "kernels":
+                field = KERNEL_FIELDS.get(name, field)
             g = result["got"][name]
             kind, message = g["error"]
             where = f"{name}, rank {rank}: {message}"
@@ -130,6 +143,23 @@ def test_ranks_that_call_differently_raise_on_every_rank(per_node: int) -> None:
     names = list(SCENARIOS)
     results = spawn_gloo(run_scenarios, WORLD, per_node, names, timeout_s=180)
     check_scenarios(per_node, names, results)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(host_unavailable_reason() is not None, reason=str(host_unavailable_reason()))
+def test_kernels_ranks_that_call_differently_raise_on_every_rank() -> None:
+    """The one-node kernels' agreement on the device, one rank per process (the host execution)."""
+    names = list(SCENARIOS)
+    results = spawn_gloo(run_scenarios, WORLD, WORLD, names, "kernels", timeout_s=400)
+    check_scenarios(WORLD, names, results, "kernels")
+
+
+@pytest.mark.skipif(host_unavailable_reason() is not None, reason=str(host_unavailable_reason()))
+def test_kernels_combine_against_dispatch_raises_on_every_rank() -> None:
+    """The fast subset's case of the one above."""
+    names = ["combine-vs-dispatch", "other-handle-same-rows"]
+    results = spawn_gloo(run_scenarios, WORLD, WORLD, names, "kernels", timeout_s=200)
+    check_scenarios(WORLD, names, results, "kernels")
 
 
 def mixed_node_sizes(rank: int, world: int) -> dict:

@@ -10,6 +10,8 @@ AddressSanitizer: ``test_host_sanitizers.py``.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from kernel_cases import (
@@ -279,3 +281,49 @@ def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
         barrier.launch(1, 128, (pointer(group.buffers.peer_bases), np.int32(0), *call, pointer(None),
                                 pointer(status), np.int64(3e8)), seed=0, watchdog_s=60)  # fmt: skip
     assert "commkit barrier: rank 0 channel -1 role barrier peer 1: expected 1, observed 0" in str(info.value)
+
+
+def _barrier_launcher(group: EmulatedGroup):  # noqa: ANN202
+    """Launches of the cached notify (agreement and barrier) for ranks [rank_base, rank_base + n)."""
+    import numpy as np
+
+    from commkit.backends.launcher import pointer
+    from commkit.jit.compiler import KernelSpec
+
+    group.buffers.ensure(1, 64)
+    barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
+    call = tuple(np.int32(v) for v in (kl.OP_COMBINE, 8, 64, 0, 0, 1))
+
+    def launch(rank_base: int, num: int, timeout_s: float) -> torch.Tensor:
+        status = torch.empty(num, kl.STATUS_INTS, dtype=torch.int32)
+        args = (pointer(group.buffers.peer_bases), np.int32(rank_base), *call, pointer(None), pointer(status),
+                np.int64(timeout_s * 1e9))  # fmt: skip
+        barrier.launch(num, 128, args, seed=0, watchdog_s=60)
+        return status
+
+    return launch
+
+
+def test_a_barrier_left_by_a_timeout_never_lets_a_later_one_pass_early() -> None:
+    """Barriers store their epoch: rank 0's barrier that timed out, begun again with rank 1, leaves
+    nothing behind that would let rank 1 pass its next barrier alone (with increments it did)."""
+    launch = _barrier_launcher(_group(2, 1))
+    with pytest.raises(CommTimeoutError):
+        launch(0, 1, 0.2)  # rank 0 alone: rank 1 never arrives
+    status = launch(0, 2, 30)  # both ranks: the barrier rank 0 began again
+    assert status[:, kl.STATUS_VERDICT].tolist() == [0, 0]
+    with pytest.raises(CommTimeoutError, match="rank 1 channel -1 role barrier peer 0: expected 2, observed 1"):
+        launch(1, 1, 0.2)  # rank 1 alone must wait for rank 0
+
+
+def test_a_peer_two_barriers_ahead_is_reported() -> None:
+    group = _group(2, 1)
+    launch = _barrier_launcher(group)
+    launch(0, 2, 30)
+    epoch = group.buffers.peer_bases  # rank 0's header: it stands for a rank that ran 5 more barriers
+    header = torch.frombuffer(
+        (ctypes.c_int * 2).from_address(int(epoch[0])), dtype=torch.int32
+    )  # fmt: skip
+    header[kl.EPOCH_OFFSET // 4] += 5
+    with pytest.raises(CommTimeoutError, match="a peer ran more barriers than this rank"):
+        launch(0, 2, 0.5)

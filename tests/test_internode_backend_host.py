@@ -363,3 +363,38 @@ def test_rows_that_do_not_fit_stop_every_rank_before_growth() -> None:
             assert g["error"].startswith("cached dispatch: another rank receives more rows"), g["error"]
         assert g["grown"] == 0
         assert torch.equal(bits(g["y"]), bits(ys[rank]))
+
+
+def _other_handle(rank: int, world: int) -> dict:
+    """Two dispatches of the same rows per rank (B routes A's tokens in reverse order); rank 1 combines
+    with A's handle, the others with B's: the handle is tied to its dispatch's sequence number."""
+    from group_fake_kernels import install_group_fakes
+
+    install_group_fakes()
+    buf = commkit.Buffer(backend="kernels", timeout_s=60, num_ranks_per_node=2)
+    case = Case("c", (16,) * world, num_experts=4 * world, ranks_per_node=2, seed=3)
+    x, topk_idx, weights = make_inputs(case, rank)
+    a = buf.dispatch(x, topk_idx, weights, case.num_experts, num_sms=2)
+    b = buf.dispatch(x.flip(0), topk_idx.flip(0), weights.flip(0), case.num_experts, num_sms=2)
+    try:
+        buf.combine(b.x, a.handle if rank == 1 else b.handle, num_sms=2)
+        error = "no error"
+    except ValueError as exc:
+        error = str(exc)
+    y = buf.combine(b.x, b.handle, num_sms=2)  # the group still works
+    buf.close()
+    return dict(error=error, same_rows=a.x.shape == b.x.shape, y=y.x)
+
+
+def test_a_combine_with_another_dispatchs_handle_raises_on_every_rank() -> None:
+    world = 4
+    case = Case("c", (16,) * world, num_experts=4 * world, ranks_per_node=2, seed=3)
+    inputs = [make_inputs(case, r) for r in range(world)]
+    ref = dispatch_reference([i[0].flip(0) for i in inputs], [i[1].flip(0) for i in inputs],
+                             [i[2].flip(0) for i in inputs], 16)  # fmt: skip
+    ys = combine_reference([d.x for d in ref], ref, list(case.tokens), 2)
+    for rank, g in enumerate(spawn_gloo(_other_handle, world, timeout_s=300)):
+        assert g["same_rows"]
+        assert g["error"].startswith("combine: expected every rank to pass the same call"), g["error"]
+        assert "got handle from" in g["error"], g["error"]
+        assert torch.equal(bits(g["y"]), bits(ys[rank]))

@@ -85,3 +85,36 @@ def _several_nodes(rank: int, world: int) -> str:
 def test_several_nodes_on_cpu_processes_are_refused() -> None:
     for message in spawn_gloo(_several_nodes, 2, timeout_s=120):
         assert "'kernels' cannot run here" in message
+
+
+def _slow_compile(rank: int, world: int, case: KCase) -> list[str]:
+    """Rank 1 takes 3 s to load each kernel (a compile); every rank's timeout_s is 1 s."""
+    import time
+
+    xs, scales, idxs, weights = make_inputs(case)
+    buf = commkit.Buffer(backend="kernels", num_sms=case.num_sms, timeout_s=1.0)
+    engine = buf._backend.engine
+    if rank == 1:
+        load = engine.launcher.kernel
+
+        def slow(spec):  # noqa: ANN001, ANN202
+            time.sleep(3.0)
+            return load(spec)
+
+        engine.launcher.kernel = slow
+    want = expected_dispatch(case, xs, scales, idxs, weights)
+    out = buf.dispatch(xs[rank], idxs[rank], weights[rank], case.num_experts)
+    errors = compare_dispatch([out], [want[rank]])
+    back = buf.combine(want[rank].x, out.handle)  # the combine kernel: loaded anew too
+    want_y = reference.combine_reference([w.x for w in want], want, list(case.tokens))
+    if not torch.equal(bits(back.x), bits(want_y[rank])):
+        errors.append(f"rank {rank}: combine differs")
+    buf.close()
+    return errors
+
+
+def test_a_peer_compiling_does_not_count_against_timeout_s() -> None:
+    """The first barrier of a call that loaded kernels anew waits timeout_s + JIT_TIMEOUT_S."""
+    case = KCase((9, 14), hidden=128, num_topk=2, num_experts=4, num_sms=1, seed=7)
+    for r, errors in enumerate(spawn_gloo(_slow_compile, 2, case, timeout_s=120)):
+        assert not errors, (r, errors[:5])

@@ -49,6 +49,7 @@ class InterState(KernelState):
     fwd_offsets: torch.Tensor
     fwd_mask: torch.Tensor
     fwd_token: torch.Tensor
+    seq: int = -1  # one rank per process: the call sequence number of the dispatch (the handle's tie)
 
 
 def node_send_pos(send_pos: torch.Tensor, token_counts: list[int], gpus_per_node: int) -> torch.Tensor:
@@ -131,6 +132,7 @@ class InternodeEngine(KernelEngine):
         self.gpus_per_node = gpus_per_node
         self.num_nodes = num_ranks // gpus_per_node
         self.exchange = exchange
+        self._seq = 0  # one rank per process: this engine's call sequence number (agreed in the exchange)
         self.net = net or NvlinkDomain()
         # Role split inside a block (knobs, see set_knobs): warps of the dispatch forwarder (the net
         # senders get the rest of the first half) and of the combine forwarder-reducers (the final
@@ -316,8 +318,10 @@ class InternodeEngine(KernelEngine):
         else:  # virtual nodes: the notify kernel works in the buffers
             kernel, net = self._kernel_and_net(num_sms, hidden, num_topk, dtype_code, header, name)
         out_fp8 = dtype_code != kl.DTYPE_BF16
+        seq, self._seq = self._seq, self._seq + 1
         fmt = CallFormat("dispatch" if state is None else "cached dispatch", num_experts, hidden, num_topk,
-                         dtype_code, num_sms, num_worst_tokens)  # fmt: skip
+                         dtype_code, num_sms, num_worst_tokens, seq=seq,
+                         handle=-1 if state is None else state.seq)  # fmt: skip
 
         self._timing_begin()
         if num_worst_tokens is not None:
@@ -446,6 +450,7 @@ class InternodeEngine(KernelEngine):
             fwd_mask=fwd_mask,
             fwd_token=fwd_token,
             status=status,
+            seq=seq,
         )
         return DispatchResult(out_x, out_scales, out_idx, out_weights, row_offsets, new_state)
 
@@ -468,7 +473,8 @@ class InternodeEngine(KernelEngine):
         if self.exchange is None:
             self._cached_notify(CallArgs(kl.OP_COMBINE, num_experts, hidden, 0, 0, num_sms, state.status))
         else:
-            fmt = CallFormat("combine", num_experts, hidden, 0, 0, num_sms)
+            seq, self._seq = self._seq, self._seq + 1
+            fmt = CallFormat("combine", num_experts, hidden, 0, 0, num_sms, seq=seq, handle=state.seq)
             agreement = self.exchange.barrier(fmt)
             self._agree(agreement, not self._net_cached(num_sms, hidden, None, None), "combine: barrier")
             kernel, net = self._net_then_kernel(kernel, defines, num_sms, hidden, None, None, header, name)

@@ -50,12 +50,12 @@ import torch
 import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
-from commkit.backends.count_exchange import status_error
+from commkit.backends.count_exchange import OPS, status_error
 from commkit.backends.launcher import Launcher, for_device, stream_context
 from commkit.backends.shared_memory import SharedMemoryBuffers, check_one_host
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
-from commkit.jit.compiler import KernelSpec
+from commkit.jit.compiler import JIT_TIMEOUT_S, KernelSpec
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 
@@ -198,6 +198,7 @@ class KernelEngine:
         # Agreements whose verdict has not been seen on the host yet (CUDA: see check_agreement)
         self._pending: list[_PendingAgreement] = []
         self._failed: BaseException | None = None  # an earlier call that left the buffers unusable
+        self._loaded_anew = False  # this call loaded (maybe compiled) a kernel: see _first_wait_ns
 
     # ------------------------------------------------------------------ helpers
     def _kernel(
@@ -213,6 +214,7 @@ class KernelEngine:
         if kernel is None:
             spec = KernelSpec(header, name, tuple(args), include_dirs, defines)
             kernel = self._kernels[key] = self.launcher.kernel(spec)
+            self._loaded_anew = True
         return kernel
 
     def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
@@ -237,6 +239,14 @@ class KernelEngine:
             ) from self._failed
         if self._pending:
             self.check_agreement(wait=False)
+        self._loaded_anew = False
+
+    def _first_wait_ns(self) -> int:
+        """The wait budget of a call's first barrier (its notify): ``timeout_s``, plus ``JIT_TIMEOUT_S``
+        when this call loaded a kernel anew. Every rank loads a format's kernels in the same call, and
+        each loads all of them before its first launch, so a peer still compiling is waited for here
+        and no later wait of the call counts compile time."""
+        return self._timeout_ns + (int(JIT_TIMEOUT_S * 1e9) if self._loaded_anew else 0)
 
     def _check_budget(self, kernel: Any, num_sms: int) -> None:
         """All blocks of a launch must be resident at once (they wait for each other)."""
@@ -387,7 +397,10 @@ class KernelEngine:
         for local_idx, row in enumerate(status_host):
             error = status_error(row, call.own(row, local_idx))
             if error is not None:
-                raise ValueError(f"{phase}: rank {self.rank_base + local_idx}: {error}")
+                raise ValueError(
+                    f"{OPS[call.op]}: the ranks disagree (phase '{phase}', rank {self.rank_base + local_idx} "
+                    f"of {self.num_ranks}): {error}"
+                )
 
     def _settle(self, status: torch.Tensor, call: CallArgs, phase: str) -> None:
         """The verdict of a call whose counts are not read back: on the CPU read now (raises before
@@ -404,6 +417,16 @@ class KernelEngine:
         self._pending.append(_PendingAgreement(host, event, call, phase))
         if len(self._pending) > 256:  # bounded: wait for the oldest
             self.check_agreement(wait=True)
+
+    def _grow_or_settle(self, status: torch.Tensor, call: CallArgs, phase: str, num_sms: int, slot_bytes: int) -> None:
+        """After the notify: grow the buffers if the call needs it, else ``_settle``. The growth is a
+        collective of the ranks sized by the call, so the verdict is read first (the growth syncs the
+        host anyway): ranks that disagree raise instead of entering a collective their peers skip."""
+        if self.buffers.fits(num_sms, slot_bytes):
+            self._settle(status, call, phase)
+            return
+        self._raise_disagreement(self._read_counts(status, phase), call, phase)
+        self.buffers.ensure(num_sms, slot_bytes)
 
     def check_agreement(self, *, wait: bool = True) -> None:
         """Raises ``ValueError`` for the first earlier call whose ranks disagreed (its outputs were
@@ -509,8 +532,7 @@ class KernelEngine:
         call = CallArgs(kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH, num_experts, hidden, num_topk,
                         dtype_code, num_sms, None if state is None else state.status)  # fmt: skip
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
-        self.buffers.ensure(num_sms, slot_bytes)
-        peer_bases = self.buffers.peer_bases
+        self.buffers.ensure_header()
         out_fp8 = dtype_code != kl.DTYPE_BF16
 
         self._timing_begin()
@@ -540,8 +562,9 @@ class KernelEngine:
             status = self._cached_notify(call)
 
         phase = "dispatch: agreement (notify)" if state is None else "cached dispatch: agreement"
-        if num_worst_tokens is not None or recv_counts is not None:
-            self._settle(status, call, phase)
+        read_back = num_worst_tokens is None and recv_counts is None
+        if not read_back:
+            self._grow_or_settle(status, call, phase, num_sms, slot_bytes)
         if num_worst_tokens is None:
             if recv_counts is None:
                 # The verdict comes back with the counts (one read), before the outputs are sized
@@ -549,6 +572,7 @@ class KernelEngine:
                 both = torch.cat([meta, status], dim=1)
                 rows = self._read_counts(both, "dispatch: count exchange (notify)")
                 self._raise_disagreement([row[stride:] for row in rows], call, phase)
+                self.buffers.ensure(num_sms, slot_bytes)  # every rank agrees: grows on all or none
                 meta_host = [row[:stride] for row in rows]
                 recv_counts = [row[num_ranks] for row in meta_host]
                 expert_counts = [row[2 * num_ranks + 1 :] for row in meta_host]
@@ -560,7 +584,7 @@ class KernelEngine:
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
 
         args = (
-            peer_bases,
+            self.buffers.peer_bases,
             _i32(self.rank_base),
             _i32(num_sms),
             _i32(self.buffers.max_channels),
@@ -625,7 +649,7 @@ class KernelEngine:
             _i32(1),
             _i32(-1 if num_worst_tokens is None else num_worst_tokens),
             meta,
-            np.int64(self._timeout_ns),
+            np.int64(self._first_wait_ns()),
         )
         self._launch(notify, self.num_local, 128, args)
         return meta, status
@@ -654,7 +678,7 @@ class KernelEngine:
         kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
         status = self._status()
         args = (self.buffers.peer_bases, _i32(self.rank_base), _i32(call.op), *call.kernel_args(),
-                call.handle_status, status, np.int64(self._timeout_ns))  # fmt: skip
+                call.handle_status, status, np.int64(self._first_wait_ns()))  # fmt: skip
         self._launch(kernel, self.num_local, 128, args)
         return status
 
@@ -667,13 +691,13 @@ class KernelEngine:
         self._check_aligned("x", x)
         kernel = self._kernel("csrc/combine.cuh", "combine_kernel", self.num_ranks, hidden)
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
-        self.buffers.ensure(num_sms, kl.combine_slot_bytes(hidden))
+        self.buffers.ensure_header()
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
         self._poison(out)
         self._timing_begin()
         call = CallArgs(kl.OP_COMBINE, num_experts, hidden, 0, 0, num_sms, state.status)
         status = self._cached_notify(call)
-        self._settle(status, call, "combine: agreement")
+        self._grow_or_settle(status, call, "combine: agreement", num_sms, kl.combine_slot_bytes(hidden))
         args = (
             self.buffers.peer_bases,
             _i32(self.rank_base),

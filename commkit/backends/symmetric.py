@@ -27,6 +27,16 @@ class SymmetricBuffers:
         """Grow (all ranks together) so that num_channels channels of slot_bytes slots fit."""
         raise NotImplementedError
 
+    def fits(self, num_channels: int, slot_bytes: int) -> bool:
+        """Whether ``ensure(num_channels, slot_bytes)`` would not grow the buffers."""
+        return self.peer_bases is not None and num_channels <= self.max_channels and slot_bytes <= self.max_slot_bytes
+
+    def ensure_header(self) -> None:
+        """Buffers of the same size on every rank whatever its call (the agreement of a call runs in
+        the header and inbox before anything grows): the smallest, unless some exist."""
+        if self.peer_bases is None:
+            self.ensure(1, 16)
+
 
 class GroupBuffers(SymmetricBuffers):
     """Symmetric buffers of the ranks of a process group, one per process: the fields every such

@@ -35,6 +35,7 @@ directory holding ``ptx/`` and ``csrc/``; default: the installed package or the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -44,10 +45,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import filelock
 from filelock import FileLock
 
 import commkit
@@ -190,6 +193,35 @@ def cache_key(
     return digest.hexdigest()
 
 
+# Bounds a compile and the wait for another process compiling the same key (``COMMKIT_JIT_TIMEOUT_S``).
+# The kernels' first barrier of a call whose kernels a process loaded anew waits this much longer than
+# timeout_s (``KernelEngine``): a peer compiling never trips a rank's timeout.
+JIT_TIMEOUT_S = float(os.environ.get("COMMKIT_JIT_TIMEOUT_S", "300"))
+
+
+def run_compiler(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    """``cmd`` run to completion within ``JIT_TIMEOUT_S`` (``RuntimeError`` naming it otherwise)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=JIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"{what}: the compiler ran longer than COMMKIT_JIT_TIMEOUT_S={JIT_TIMEOUT_S:g}s: {' '.join(cmd)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def compile_lock(path: Path, what: str) -> Iterator[None]:
+    """The lock of one cache key across processes, waited for at most ``JIT_TIMEOUT_S``."""
+    try:
+        with FileLock(str(path), timeout=JIT_TIMEOUT_S):
+            yield
+    except filelock.Timeout:
+        raise RuntimeError(
+            f"{what}: another process held the compile lock {path} longer than "
+            f"COMMKIT_JIT_TIMEOUT_S={JIT_TIMEOUT_S:g}s"
+        ) from None
+
+
 LOCK_DIR = "locks"  # <cache>/locks/<key>.lock: one compiler per key across processes (compile_source)
 SOURCE_INDEX = "by-source"  # <cache>/by-source/<source key[:2]>/<source key>/<key>: see the module docstring
 
@@ -318,7 +350,7 @@ def compile_source(
 
     locks = cache / LOCK_DIR
     locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"{key}.lock")):
+    with compile_lock(locks / f"{key}.lock", "jit"):
         if meta_path.exists():  # another process compiled it while this one waited
             _record_source_key(cache, skey, key, version)
             return _load_entry(entry_dir, version)
@@ -355,7 +387,7 @@ def _compile_locked(
             str(tmp_dir / "kernel.cubin"),
             str(tmp_dir / "kernel.cu"),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = run_compiler(cmd, "jit")
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
         log = proc.stdout + proc.stderr

@@ -35,10 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 
 from commkit.errors import CommTimeoutError, ConfigError, KernelFault
-from commkit.jit.compiler import HEADER_SUFFIXES, KernelSpec, cache_dir, include_dirs_digest, include_root
+from commkit.jit.compiler import (
+    HEADER_SUFFIXES,
+    KernelSpec,
+    cache_dir,
+    compile_lock,
+    include_dirs_digest,
+    include_root,
+    run_compiler,
+)
 
 HOST_DIRS = ("ptx", "csrc", "host")
 SOURCE_SUFFIXES = (*HEADER_SUFFIXES, ".cpp")
@@ -140,7 +147,7 @@ def _cached_build(kind: str, key_parts: list[str], build: Any, output_name: str)
     if done.exists():
         return entry / output_name
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry.parent / f".{key}.lock")):
+    with compile_lock(entry.parent / f".{key}.lock", "host jit"):
         if done.exists():  # another process built it while this one waited
             return entry / output_name
         with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".build-{key[:8]}-") as tmp:
@@ -154,7 +161,7 @@ def _cached_build(kind: str, key_parts: list[str], build: Any, output_name: str)
 
 
 def _run_compiler(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_compiler(cmd, "host jit")
     if proc.returncode != 0:
         raise RuntimeError(f"host compile failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
 
