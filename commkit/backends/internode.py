@@ -298,6 +298,7 @@ class InternodeEngine(KernelEngine):
         num_worst_tokens: int | None = None,
     ) -> DispatchResult:
         """As ``KernelEngine.dispatch`` (same outputs, bit for bit), through the internode kernels."""
+        self._check_usable()
         hidden, num_topk = x.shape[1], topk_idx.shape[1]
         fp8_in = x.dtype == torch.float8_e4m3fn
         dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
@@ -457,6 +458,7 @@ class InternodeEngine(KernelEngine):
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, state: KernelState, num_experts: int, *, num_sms: int) -> torch.Tensor:
         """x: [sum N_recv, H] bf16 packed like the dispatch outputs -> [sum T, H] bf16 (two-level sum)."""
+        self._check_usable()
         if not isinstance(state, InterState):
             raise ValueError("handle: expected a handle of an internode dispatch of this group")
         hidden = x.shape[1]

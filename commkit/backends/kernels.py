@@ -18,8 +18,9 @@ and writes a ``status`` per rank. If any rank made another call, every rank's pa
 (no queue is touched, so the next call works) and fills its outputs with all bits set (NaN rows, -1
 indices). The host raises ``ValueError`` naming the fields and the rank: at once on the CPU (host
 execution) and where the counts are read back anyway (a fresh dispatch without ``num_worst_tokens``);
-otherwise, without a host sync, at the first later call into the engine that finds the call's status
-copied back (``check_agreement(wait=True)`` waits for it; inside a CUDA-graph capture only the
+otherwise, without a host sync, at the end of the first later call into the engine that finds the
+call's status copied back, after that call's kernels are launched, so that every rank still makes
+every call (``check_agreement(wait=True)`` waits for it; inside a CUDA-graph capture only the
 poisoned outputs tell).
 
 Hot path: the loaded kernels and their occupancy checks (per instantiation) and the small device
@@ -231,15 +232,19 @@ class KernelEngine:
             raise
 
     def _check_usable(self) -> None:
-        """Raises if an earlier call left the buffers unusable, or a deferred agreement failed."""
+        """Raises if an earlier call left the buffers unusable."""
         if self._failed is not None:
             raise CommError(
                 f"ranks {self.rank_base}..{self.rank_base + self.num_local - 1}: the buffers cannot be used "
                 f"after an earlier call failed ({self._failed}); make a new Buffer"
             ) from self._failed
+        self._loaded_anew = False
+
+    def _check_earlier(self) -> None:
+        """At the end of a call, once its kernels are launched (so that the ranks stay in step: a
+        peer may see the same verdict a call later): the deferred verdicts that reached the host."""
         if self._pending:
             self.check_agreement(wait=False)
-        self._loaded_anew = False
 
     def _first_wait_ns(self) -> int:
         """The wait budget of a call's first barrier (its notify): ``timeout_s``, plus ``JIT_TIMEOUT_S``
@@ -607,6 +612,7 @@ class KernelEngine:
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         self._timing_end("dispatch")
+        self._check_earlier()
         new_state = KernelState(
             send_pos=send_pos,
             meta=meta,
@@ -716,6 +722,7 @@ class KernelEngine:
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         self._timing_end("combine")
+        self._check_earlier()
         return out
 
 
