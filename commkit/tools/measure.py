@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -30,8 +30,14 @@ from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import L2Flusher, time_collective
 
 if TYPE_CHECKING:
-    from commkit.tools.bench import BenchSpec
     from commkit.tools.ranks import RankContext
+
+
+class Repetitions(Protocol):
+    """What a measurement reads of the sweep's ``BenchSpec``: how often it times each call."""
+
+    reps: int
+    warmup: int
 
 
 @dataclass
@@ -81,7 +87,7 @@ def measure_backend(
     shape: MoEShape,
     dtype: str,
     num_sms: int | None,
-    spec: BenchSpec,
+    spec: Repetitions,
 ) -> tuple[Measured, Measured]:
     """Dispatch and combine times over rotated input sets; every repetition checked."""
     rank, device = ctx.rank, ctx.device
@@ -159,7 +165,7 @@ def _identity(value: float) -> float:
 
 
 def measure_torch_ops(
-    sets: list[InputSet], shape: MoEShape, dtype: str, spec: BenchSpec, device: torch.device
+    sets: list[InputSet], shape: MoEShape, dtype: str, spec: Repetitions, device: torch.device
 ) -> tuple[Measured, Measured]:
     """The torch-ops baseline of virtual ranks (``commkit.tools.torch_ops``), on one thread: dispatch
     and combine of all ranks' tokens with torch ops on the same device, checked like the kernels."""
@@ -228,7 +234,7 @@ def measure_torch_ops(
 
 
 def roofline_times(
-    ctx: RankContext, nbytes: float, num_sms: int, spec: BenchSpec, device: torch.device
+    ctx: RankContext, nbytes: float, num_sms: int, spec: Repetitions, device: torch.device
 ) -> list[float]:
     """Copy of ``nbytes`` on ``num_sms`` blocks: on every real rank at once (its own GPU), or for
     virtual ranks on rank 0 alone (the caller passes all ranks' bytes and SMs; one GPU)."""
