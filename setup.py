@@ -49,6 +49,7 @@ setup(
         "commkit.ptx": DEVICE_SOURCES,
         "commkit.host": DEVICE_SOURCES,
         "commkit.host.include": DEVICE_SOURCES,
+        "commkit.backends.gin": ["layout_probe.cu"],  # the GIN struct-layout probe (probe.py compiles it)
     },
     include_package_data=False,
     cmdclass={"build_py": build_py_with_commit},

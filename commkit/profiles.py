@@ -285,8 +285,8 @@ def cluster_signature(
     import torch
     import torch.distributed as dist
 
-    from commkit.tools import sysfs_ib
-    from commkit.tools.nvml import Nvml, NvmlUnavailable, nvlink_gbps
+    from commkit.hw import sysfs_ib
+    from commkit.hw.nvml import Nvml, NvmlUnavailable, nvlink_gbps
 
     num_ranks = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     num_ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", num_ranks))

@@ -7,6 +7,7 @@ group-readable profiles, caches under the platform's user cache directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from commkit.__main__ import COMMANDS, command_of, main, summary
 from commkit.cli import _common
 from commkit.cli import bench as bench_cli
 from commkit.tools import report
+from commkit.tools.rows import BenchRow
+from commkit.tools.timing import TimeStats
 
 REPO = Path(__file__).resolve().parents[1]
 LIST_COMMANDS = ["demo", "bench", "overlap", "tune", "monitor", "info", "model"]
@@ -205,17 +208,18 @@ def test_data_is_printed_as_text_not_markup() -> None:
     assert name in text and "[bold]" in text
 
 
-def _row(**changes: Any) -> dict[str, Any]:
-    row = {
-        "shape": "qwen3-235b-a22b[num_tokens=4096]", "op": "dispatch", "backend": "kernels", "ranks": 64,
-        "nodes": 8, "tokens": 4096, "hidden": 4096, "topk": 8, "dtype": "fp8", "num_sms": 24,
-        "nvl_bytes": 987654321.0, "rdma_bytes": 876543210.0, "rdma_bytes_flat": 1e9, "rdma_saved": 1.23,
-        "bus_bytes": 876543210.0, "time_median_s": 0.0123456, "time_min_s": 0.012, "time_max_s": 0.0131,
-        "time_source": "wall", "algbw_gbps": 80.01, "busbw_gbps": 71.0, "gbps": 71.0, "link": "nvlink-domain",
-        "wrong": 123456, "vs_torch": 12.3456, "vs_roofline": 0.87654, "roofline_gbps": 91.3,
-    }  # fmt: skip
-    row.update(changes)
-    return row
+def _row(**changes: Any) -> BenchRow:
+    row = BenchRow(
+        shape="qwen3-235b-a22b[num_tokens=4096]", op="dispatch", backend="kernels", ranks=64,
+        nodes=8, virtual=False, tokens=4096, hidden=4096, experts=128, topk=8, dtype="fp8", num_sms=24,
+        num_sms_source="argument", num_sms_requested=24, knobs={},
+        nvl_bytes=987654321.0, rdma_bytes=876543210.0, rdma_bytes_flat=1e9, rdma_saved=1.23,
+        bytes_counted="rdma", bus_bytes=876543210.0,
+        time=TimeStats(median_s=0.0123456, min_s=0.012, max_s=0.0131, reps=20),
+        time_source="wall", algbw_gbps=80.01, busbw_gbps=71.0, gbps=71.0, link="nvlink-domain",
+        wrong=123456, vs_torch=12.3456, vs_roofline=0.87654, roofline_gbps=91.3,
+    )  # fmt: skip
+    return dataclasses.replace(row, **changes)
 
 
 def test_bench_table_fits_120_columns_with_wide_rows() -> None:

@@ -1,10 +1,10 @@
 """CPU: the NCCL header lookup (commkit/jit/nccl.py) and the host side of the GIN transport
-(commkit/backends/gin.py) as far as they run without a GPU.
+(commkit/backends/gin/) as far as they run without a GPU.
 
 Checked here: version parsing and the errors for missing / too old headers; the struct-layout probe
 against the headers of the installed-or-latest nvidia-nccl-cu12 and of 2.28.9; GinNet packed in Python
 reads back field by field in C; the requirements carry NCCL's initializer; the libnccl of each wheel
-exports every function gin.py calls and reports the headers' version; NCCL errors name the call and
+exports every function the binding calls and reports the headers' version; NCCL errors name the call and
 NCCL's error string; GinTransport fails with a clear error where there is no GPU.
 """
 
@@ -24,6 +24,7 @@ import pytest
 from _nvcc import cached_wheel_headers, requires_nvcc
 
 from commkit.backends import gin
+from commkit.backends.gin import transport as gin_transport
 from commkit.jit import nccl
 from commkit.jit.compiler import include_root, nvcc_path
 
@@ -116,7 +117,7 @@ def test_library_lookup_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_cupy_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(RuntimeError, match=r"needs CuPy: pip install 'commkit\[cu12\]'"):
-        gin._cupy_runtime()
+        gin_transport._cupy_runtime()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def test_window_grows_without_a_new_communicator(
     setup and keeps the NCCL communicator (no ncclCommInitRank, no ncclCommDestroy until close)."""
     layout = gin.probe_layout(headers, cache=probe_cache)
     lib = _RecordingLibrary(layout, rank=1, num_ranks=4)
-    monkeypatch.setattr(gin, "_cupy_runtime", _FakeRuntime)
+    monkeypatch.setattr(gin_transport, "_cupy_runtime", _FakeRuntime)
     t = _bare_transport(layout, lib, 1, 4)
     # one process: the agreement step runs the allocation and finds no failure elsewhere
     monkeypatch.setattr("commkit.backends.agree.run_agreed", lambda group, fn: (fn(), {}))
@@ -382,9 +383,10 @@ def test_window_grows_without_a_new_communicator(
 
 def _grow_fails_on_rank_1(rank: int, world: int, headers: nccl.NcclHeaders, cache: str) -> list[str]:
     from commkit.backends import gin as gin_mod
+    from commkit.backends.gin import transport
 
     layout = gin_mod.probe_layout(headers, cache=Path(cache))
-    gin_mod._cupy_runtime = _FakeRuntime  # type: ignore[assignment]
+    transport._cupy_runtime = _FakeRuntime  # type: ignore[assignment]
     lib = _RecordingLibrary(layout, rank=rank, num_ranks=world)
     if rank == 1:
         original = lib.call

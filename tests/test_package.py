@@ -46,6 +46,8 @@ def test_non_editable_install_ships_device_sources(tmp_path: Path) -> None:
         installed = target / "commkit" / name
         assert installed.is_file(), f"{name} is not in the installed package"
         assert installed.read_bytes() == content
+    probe = Path("backends") / "gin" / "layout_probe.cu"  # the GIN layout probe's C++ source
+    assert (target / "commkit" / probe).read_bytes() == (REPO / "commkit" / probe).read_bytes()
     # The installed copy (not the checkout) is the one imported from there.
     code = "import commkit, pathlib; print(pathlib.Path(commkit.__file__).parent)"
     out = subprocess.run(

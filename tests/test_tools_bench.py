@@ -13,19 +13,18 @@ import torch
 from commkit.__main__ import main
 from commkit.launch import spawn_gloo
 from commkit.reference import combine_reference, dispatch_reference
-from commkit.tools.bench import (
-    bytes_per_rank,
+from commkit.tools.bench import with_ranks_per_node
+from commkit.tools.payload import (
     count_wrong_combine,
     count_wrong_dispatch,
     expected_combine,
     expected_dispatch,
     expert_output,
-    link_fields,
     make_input_set,
     payload_rows,
-    with_ranks_per_node,
 )
 from commkit.tools.ranks import DistRanks, VirtualRanks
+from commkit.tools.rows import bytes_per_rank, link_fields
 from commkit.tools.shapes import SHAPES, MoEShape, get_shape
 from commkit.tools.traffic import count_traffic
 from commkit.tools.tune import choose
@@ -84,7 +83,7 @@ def test_bytes_split_nvlink_and_rdma() -> None:
     fp8 = count_traffic(idx, 4, 2, hidden=128, dtype="fp8")
     assert fp8.figures("dispatch")["logical_bytes"] == pytest.approx(7 / 4 * (128 + 4))
     assert fp8.figures("combine")["logical_bytes"] == pytest.approx(7 / 4 * 256)
-    # the dict of bench.bytes_per_rank (overlap's comm bytes) is the same count
+    # the dict of rows.bytes_per_rank (overlap's comm bytes) is the same count
     assert bytes_per_rank(idx, 4, 2, hidden=128, dtype="fp8") == {
         "dispatch_nvl_bytes": 7 / 4 * 132, "dispatch_rdma_bytes": 1 / 4 * 132,
         "combine_nvl_bytes": 7 / 4 * 256, "combine_rdma_bytes": 1 / 4 * 256, "mean_recv_rows": 7 / 4,

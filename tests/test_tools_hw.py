@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from commkit.tools import sysfs_ib
+from commkit.hw import sysfs_ib
+from commkit.hw.nvml import Nvml, NvmlUnavailable, nvlink_gbps
 from commkit.tools.monitor import Channel, Monitor, ib_channels, monitor, nvml_channels, plot_report
-from commkit.tools.nvml import Nvml, NvmlUnavailable, nvlink_gbps
 from tests._fake_pynvml import FakePynvml
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs_ib"

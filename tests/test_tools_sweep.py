@@ -13,7 +13,9 @@ import torch
 
 from commkit.errors import ConfigError
 from commkit.tools import bench as tools_bench
-from commkit.tools.bench import BenchSpec, bench_virtual, payload_rows, payload_scales
+from commkit.tools.bench import BenchSpec, bench_virtual
+from commkit.tools.payload import payload_rows, payload_scales
+from commkit.tools.rows import split_skipped, summary
 from commkit.tools.shapes import get_shape
 
 SHAPE = get_shape("ci-tiny").with_(num_experts=6, num_tokens=13)
@@ -83,18 +85,18 @@ def test_budget_that_raises_config_error_is_skipped(
 
     monkeypatch.setattr(tools_bench, "measure_backend", measure)
     rows = bench_virtual(3, _spec(num_sms=[2, 3, 1]), device=CPU)
-    measured, skipped = tools_bench.split_skipped(rows)
-    assert sorted({r["num_sms"] for r in measured}) == [1, 2]
-    assert [(r["num_sms"], r["dtype"]) for r in skipped] == [(3, "bf16")]
-    assert "ConfigError" in skipped[0]["skipped"] and "resident at once" in skipped[0]["skipped"]
-    assert tools_bench.summary(rows)["total_wrong"] == 0
+    measured, skipped = split_skipped(rows)
+    assert sorted({r.num_sms for r in measured}) == [1, 2]
+    assert [(r.num_sms, r.dtype) for r in skipped] == [(3, "bf16")]
+    assert "ConfigError" in skipped[0].skipped and "resident at once" in skipped[0].skipped
+    assert summary(rows)["total_wrong"] == 0
 
     # tune: the skipped budget is reported, the choice is made from the others
     from commkit.tools.tune import TuneSpec, tune_virtual
 
     result = tune_virtual(3, TuneSpec(bench=_spec(), candidates=[2, 3]), device=CPU)
-    assert {r["num_sms_requested"] for r in result["rows"]} == {2}
-    assert [r["num_sms"] for r in result["skipped"]] == [3]
+    assert {r.num_sms_requested for r in result["rows"]} == {2}
+    assert [r.num_sms for r in result["skipped"]] == [3]
 
 
 def test_bench_cli_reports_skipped_budget(
@@ -158,19 +160,19 @@ def test_virtual_rows_report_kernel_time(fake, profiles: Path, monkeypatch: pyte
 
     monkeypatch.setattr(emulate, "EmulatedGroup", WithEvents)
     rows = bench_virtual(3, _spec(), device=CPU)
-    by_op = {r["op"]: r for r in rows}
-    assert by_op["dispatch"]["time_median_s"] == pytest.approx(2.5e-3)
-    assert by_op["combine"]["time_median_s"] == pytest.approx(1.25e-3)
+    by_op = {r.op: r for r in rows}
+    assert by_op["dispatch"].time.median_s == pytest.approx(2.5e-3)
+    assert by_op["combine"].time.median_s == pytest.approx(1.25e-3)
     for r in rows:
-        assert r["time_source"] == "kernel" and "kernel_events" in r["time_note"]
-        assert r["time_wall_median_s"] > 0 and r["wrong"] == 0
+        assert r.time_source == "kernel" and "kernel_events" in r.time_note
+        assert r.time_wall.median_s > 0 and r.wrong == 0
 
 
 def test_virtual_rows_without_kernel_events_fall_back_to_wall(fake, profiles: Path) -> None:
     """The fake kernels on CPU record no events (None) or an older emulator has no attribute: wall time."""
     for r in bench_virtual(3, _spec(), device=CPU):
-        assert r["time_source"] == "wall" and r["time_note"] and "time_wall_median_s" not in r
-        assert r["time_median_s"] > 0
+        assert r.time_source == "wall" and r.time_note and "time_wall_median_s" not in r.to_dict()
+        assert r.time.median_s > 0
 
 
 def test_timeouts_are_split() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import torch
 from commkit import reference
 from commkit.fp8 import cast_to_fp8
 from commkit.tools import torch_ops
-from commkit.tools.bench import BenchSpec, bench_virtual, token_in_rank
+from commkit.tools.bench import BenchSpec, bench_virtual
+from commkit.tools.payload import token_in_rank
 from commkit.tools.shapes import get_shape
 
 # 6 experts split over 3 virtual ranks; few tokens: the CPU stand-ins loop over rows in Python.
@@ -43,27 +45,27 @@ def _spec(**kw) -> BenchSpec:
 
 def test_bench_on_virtual_ranks(fake, profiles: Path) -> None:
     rows = bench_virtual(3, _spec(), timeout_s=30.0, device=CPU)
-    assert [(r["op"], r["dtype"]) for r in rows] == [
+    assert [(r.op, r.dtype) for r in rows] == [
         ("dispatch", "bf16"), ("combine", "bf16"), ("dispatch", "fp8"), ("combine", "bf16")
     ]  # fmt: skip
     assert "dispatch_kernel" in fake.launches and "combine_kernel" in fake.launches
     for r in rows:
-        assert r["virtual"] is True and r["ranks"] == 3 and r["nodes"] == 1 and r["backend"] == "kernels"
-        assert r["wrong"] == 0, r
-        assert r["num_sms"] == 2 and r["num_sms_source"] == "argument"
-        assert 0 < r["time_min_s"] <= r["time_median_s"] <= r["time_max_s"]
+        assert r.virtual is True and r.ranks == 3 and r.nodes == 1 and r.backend == "kernels"
+        assert r.wrong == 0, r
+        assert r.num_sms == 2 and r.num_sms_source == "argument"
+        assert 0 < r.time.min_s <= r.time.median_s <= r.time.max_s
         # The torch-ops baseline ran on the same device, was checked, and gives the ratio.
-        assert r["vs_torch_baseline"] == "torch-ops" and r["torch_wrong"] == 0
-        assert r["vs_torch"] == pytest.approx(r["torch_time_median_s"] / r["time_median_s"])
-        assert "torch ops on the same GPU" in r["vs_torch_note"]
-        assert r["vs_roofline"] is None and "CUDA" in r["vs_roofline_note"]
+        assert r.vs_torch_baseline == "torch-ops" and r.torch_wrong == 0
+        assert r.vs_torch == pytest.approx(r.torch_time_median_s / r.time.median_s)
+        assert "torch ops on the same GPU" in r.vs_torch_note
+        assert r.vs_roofline is None and "CUDA" in r.vs_roofline_note
 
 
 def test_bench_virtual_default_budget_and_no_baseline(fake, profiles: Path) -> None:
     rows = bench_virtual(3, _spec(dtypes=["bf16"], num_sms=[None], baseline=False), device=CPU)
     for r in rows:
-        assert r["wrong"] == 0 and r["num_sms"] == 20 and r["num_sms_source"] == "default"
-        assert r["vs_torch"] is None and "disabled" in r["vs_torch_note"]
+        assert r.wrong == 0 and r.num_sms == 20 and r.num_sms_source == "default"
+        assert r.vs_torch is None and "disabled" in r.vs_torch_note
 
 
 def test_bench_cli_virtual_writes_rows_the_model_reads(
@@ -104,8 +106,8 @@ def test_tune_on_virtual_ranks_keys_profile_for_from_backend(fake, profiles: Pat
     spec = TuneSpec(bench=_spec(dtypes=["bf16"]), candidates=[2, 3])
     result = tune_virtual(3, spec, device=CPU)
     assert result["backend"] == "kernels"
-    assert {r["num_sms_requested"] for r in result["rows"]} == {2, 3}
-    assert all(r["wrong"] == 0 and r["virtual"] for r in result["rows"])
+    assert {r.num_sms_requested for r in result["rows"]} == {2, 3}
+    assert all(r.wrong == 0 and r.virtual for r in result["rows"])
     sig = ClusterSignature.from_dict(result["signature"])
     assert (sig.num_ranks, sig.num_ranks_per_node) == (3, 3)
     assert sig.device_name == cluster_signature().device_name
@@ -204,9 +206,9 @@ def test_bench_on_virtual_nodes(fake, profiles: Path) -> None:
     assert "internode_dispatch_kernel" in fake.launches and "internode_combine_kernel" in fake.launches
     assert "dispatch_kernel" not in fake.launches
     for r in rows:
-        assert r["virtual"] is True and r["ranks"] == 4 and r["nodes"] == 2, r
-        assert r["wrong"] == 0, r
-        assert r["rdma_bytes"] > 0 and r["rdma_bytes"] < r["rdma_bytes_flat"], r
+        assert r.virtual is True and r.ranks == 4 and r.nodes == 2, r
+        assert r.wrong == 0, r
+        assert r.rdma_bytes > 0 and r.rdma_bytes < r.rdma_bytes_flat, r
 
 
 def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
@@ -227,14 +229,14 @@ def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
     bench = _spec(shapes=[shape], dtypes=["bf16"], num_ranks_per_node=2)
     spec = TuneSpec(bench=bench, candidates=[2, 3], role_candidates=[2, 6])
     result = tune_virtual(4, spec, device=CPU)
-    swept = {(r["op"], r["knobs"][ROLE_KNOBS[r["op"]]], r["num_sms_requested"]) for r in result["role_rows"]}
+    swept = {(r.op, r.knobs[ROLE_KNOBS[r.op]], r.num_sms_requested) for r in result["role_rows"]}
     choice = choose(comm_time_by_budget(result["rows"]), "fastest", None, 0.03)
     assert swept == {(op, w, choice.num_sms) for op in ("dispatch", "combine") for w in (2, 6)}, (
-        [(r["op"], r["num_sms"], r["time_median_s"]) for r in result["rows"]],
-        [(r["op"], r["knobs"], r["num_sms_requested"]) for r in result["role_rows"]],
+        [(r.op, r.num_sms, r.time.median_s) for r in result["rows"]],
+        [(r.op, r.knobs, r.num_sms_requested) for r in result["role_rows"]],
         choice.num_sms,
     )
-    assert all(r["wrong"] == 0 for r in result["role_rows"])
+    assert all(r.wrong == 0 for r in result["role_rows"])
     compiled = {(name, targs[-1]) for _, name, targs, _ in fake.compiled if "internode" in name}
     assert {("internode_dispatch_kernel", 2), ("internode_combine_kernel", 6)} <= compiled
     profile = make_profile(result, spec, choice)
@@ -254,8 +256,13 @@ def test_choose_roles_skips_wrong_and_partial_splits() -> None:
 
     def row(op, warps, shape, ms, wrong=0):  # noqa: ANN001, ANN202
         name = f"internode_{op}_forwarder_warps"
-        return dict(
-            op=op, shape=shape, dtype="bf16", knobs={name: warps}, time_median_s=ms / 1e3, wrong=wrong
+        return SimpleNamespace(
+            op=op,
+            shape=shape,
+            dtype="bf16",
+            knobs={name: warps},
+            time=SimpleNamespace(median_s=ms / 1e3),
+            wrong=wrong,
         )
 
     rows = [
@@ -281,4 +288,4 @@ def test_bench_rows_record_the_knobs_in_use(fake, profiles: Path) -> None:
     shape = SHAPE.with_(num_experts=8)
     spec = _spec(shapes=[shape], dtypes=["bf16"], num_ranks_per_node=2, num_sms=[None])
     rows = bench_virtual(4, spec, timeout_s=30.0, device=CPU)
-    assert rows and all(r["knobs"] == knobs and r["wrong"] == 0 for r in rows)
+    assert rows and all(r.knobs == knobs and r.wrong == 0 for r in rows)

@@ -259,7 +259,7 @@ class FabricBuffers(GroupBuffers):
 def local_fabric_domain(device_index: int, *, nvml: Any = None, driver: Any = None) -> tuple[str | None, str]:
     """(this GPU's NVLink domain as "cluster-uuid/clique", or None; why not). Needs NVML's fabric info
     with registration completed and CUDA fabric-handle support."""
-    from commkit.tools import nvml as nvml_mod
+    from commkit.hw import nvml as nvml_mod
 
     nv = None
     try:

@@ -7,7 +7,7 @@ import re
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from commkit.cli._common import (
     HelpFormatter,
@@ -24,6 +24,9 @@ from commkit.cli._common import (
     virtual_unavailable,
     warn,
 )
+
+if TYPE_CHECKING:
+    from commkit.tools.rows import BenchRow, SkippedRow
 
 WIDTH = 120  # the default table, header and footer fit this many columns
 
@@ -135,33 +138,30 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def display_shape(r: dict[str, Any]) -> str:
+def display_shape(r: BenchRow) -> str:
     """The shape's name without a ``[num_tokens=T]`` suffix that the tokens column already says."""
-    return re.sub(rf"\[num_tokens={r['tokens']}\]$", "", r["shape"])
+    return re.sub(rf"\[num_tokens={r.tokens}\]$", "", r.shape)
 
 
-def table_row(r: dict[str, Any], columns: list[str] = WIDE_COLUMNS) -> list[Any]:
+def table_row(r: BenchRow, columns: list[str] = WIDE_COLUMNS) -> list[Any]:
     values = {
-        "shape": display_shape(r) if columns is COLUMNS else r["shape"], "op": r["op"],
-        "backend": r["backend"], "ranks": r["ranks"], "nodes": r["nodes"], "tokens": r["tokens"],
-        "hidden": r["hidden"], "topk": r["topk"], "dtype": r["dtype"],
-        "sms": "-" if r["num_sms"] is None else r["num_sms"], "size": r["nvl_bytes"] / 1e6,
-        "bus MB": r["bus_bytes"] / 1e6 if "bus_bytes" in r else None,
-        "NVL MB": r["nvl_bytes"] / 1e6, "RDMA MB": r["rdma_bytes"] / 1e6,
-        "flat RDMA MB": r["rdma_bytes_flat"] / 1e6 if "rdma_bytes_flat" in r else "",
-        "RDMA saved": r.get("rdma_saved", ""), "time": r["time_median_s"] * 1e6,
-        "min us": r["time_min_s"] * 1e6, "max us": r["time_max_s"] * 1e6,
-        "time source": r.get("time_source", "wall"),
-        "algbw": r.get("algbw_gbps"), "busbw": r.get("busbw_gbps"), "GB/s": r["gbps"],
-        "link": r.get("link", ""), "#wrong": r["wrong"], "vs_torch": r["vs_torch"],
-        "vs_roof": r["vs_roofline"],
+        "shape": display_shape(r) if columns is COLUMNS else r.shape, "op": r.op,
+        "backend": r.backend, "ranks": r.ranks, "nodes": r.nodes, "tokens": r.tokens,
+        "hidden": r.hidden, "topk": r.topk, "dtype": r.dtype,
+        "sms": "-" if r.num_sms is None else r.num_sms, "size": r.nvl_bytes / 1e6,
+        "bus MB": r.bus_bytes / 1e6, "NVL MB": r.nvl_bytes / 1e6, "RDMA MB": r.rdma_bytes / 1e6,
+        "flat RDMA MB": r.rdma_bytes_flat / 1e6 if r.rdma_bytes_flat is not None else "",
+        "RDMA saved": r.rdma_saved if r.rdma_bytes_flat is not None else "", "time": r.time.median_s * 1e6,
+        "min us": r.time.min_s * 1e6, "max us": r.time.max_s * 1e6, "time source": r.time_source,
+        "algbw": r.algbw_gbps, "busbw": r.busbw_gbps, "GB/s": r.gbps, "link": r.link, "#wrong": r.wrong,
+        "vs_torch": r.vs_torch, "vs_roof": r.vs_roofline,
     }  # fmt: skip
     return [values[c] for c in columns]
 
 
-def skipped_table_row(r: dict[str, Any], columns: list[str]) -> list[Any]:
-    values = {c: "" for c in columns}
-    values.update(shape=r["shape"], op="skipped", tokens=r["tokens"], dtype=r["dtype"], sms=r["num_sms"])
+def skipped_table_row(r: SkippedRow, columns: list[str]) -> list[Any]:
+    values: dict[str, Any] = {c: "" for c in columns}
+    values.update(shape=r.shape, op="skipped", tokens=r.tokens, dtype=r.dtype, sms=r.num_sms)
     return [values.get(c, "") for c in columns]
 
 
@@ -172,7 +172,7 @@ def wrap_comment(text: str, width: int = WIDTH) -> list[str]:
     )  # fmt: skip
 
 
-def header_lines(rows: list[dict[str, Any]], meta: dict[str, Any], spec: Any) -> list[str]:
+def header_lines(rows: list[BenchRow], meta: dict[str, Any], spec: Any) -> list[str]:
     """nccl-tests' header: what ran, where, how often (the constant part of every row)."""
     commit = meta.get("commit") or "unknown"
     short = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "") if commit != "unknown" else commit
@@ -186,10 +186,9 @@ def header_lines(rows: list[dict[str, Any]], meta: dict[str, Any], spec: Any) ->
             "gloo": "CPU processes over gloo",
             "hbm": "virtual ranks on one GPU",
             "nccl": "GPUs over NCCL",
-        }.get(r.get("link", ""), f"GPUs, link {r.get('link')}")
+        }.get(r.link, f"GPUs, link {r.link}")
         lines += wrap_comment(
-            f"backend {r['backend']}: {r['ranks']} ranks ({where}) on {r['nodes']} node"
-            f"{'s' if r['nodes'] > 1 else ''}"
+            f"backend {r.backend}: {r.ranks} ranks ({where}) on {r.nodes} node{'s' if r.nodes > 1 else ''}"
         )
         lines += wrap_comment(
             f"{spec.reps} repetitions after {spec.warmup} warm-up, {spec.num_input_sets} input sets, skew "
@@ -199,17 +198,17 @@ def header_lines(rows: list[dict[str, Any]], meta: dict[str, Any], spec: Any) ->
     return lines
 
 
-def footer_lines(rows: list[dict[str, Any]], foot: dict[str, Any]) -> list[str]:
+def footer_lines(rows: list[BenchRow], foot: dict[str, Any]) -> list[str]:
     from commkit.tools.report import sig
 
     if not rows:
         return []
+    worst = foot["worst"]
     lines = wrap_comment(
         f"#wrong total: {foot['total_wrong']}; avg algbw {sig(foot.get('avg_algbw'))} GB/s, avg busbw "
         f"{sig(foot.get('avg_busbw'))} GB/s, avg vs torch {sig(foot['avg_vs_torch'])}, avg vs roof "
-        f"{sig(foot['avg_vs_roofline'])}; worst ({foot['worst_by']}): {display_shape(foot['worst'])} "
-        f"{foot['worst']['op']} {foot['worst']['dtype']} tokens {foot['worst']['tokens']} sms "
-        f"{foot['worst']['num_sms'] or '-'}"
+        f"{sig(foot['avg_vs_roofline'])}; worst ({foot['worst_by']}): {display_shape(worst)} "
+        f"{worst.op} {worst.dtype} tokens {worst.tokens} sms {worst.num_sms or '-'}"
     )
     return lines + wrap_comment(FOOTER)
 
@@ -243,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, shapes: list, num_sms: list, directory: Path, warned: bool) -> int:
     from commkit.tools import report
-    from commkit.tools.bench import BenchSpec, bench_rank, bench_virtual, launch, spec_to_dict, split_skipped
-    from commkit.tools.bench import summary as summarise
+    from commkit.tools.bench import BenchSpec, bench_rank, bench_virtual, launch, spec_to_dict
+    from commkit.tools.rows import split_skipped
+    from commkit.tools.rows import summary as summarise
 
     spec = BenchSpec(
         shapes=shapes, dtypes=list(dict.fromkeys(args.dtype or ["bf16"])), num_sms=num_sms,
@@ -260,8 +260,8 @@ def _run(args: argparse.Namespace, shapes: list, num_sms: list, directory: Path,
         all_rows = launch(bench_rank, args.ranks, spec, timeout_s=args.timeout)
     rows, skipped = split_skipped(all_rows)
     if not is_rank_zero():
-        return 0 if all(r["wrong"] == 0 for r in rows) else 1
-    if args.num_sms and not warned and any(r.get("num_sms_ignored") for r in rows):
+        return 0 if all(r.wrong == 0 for r in rows) else 1
+    if args.num_sms and not warned and any(r.num_sms_ignored for r in rows):
         warn("--num-sms ignored: the run took the torch backend, which has no SM budget (one row per shape)")
     foot = summarise(rows)
     meta = report.run_metadata(started, args)
@@ -269,33 +269,37 @@ def _run(args: argparse.Namespace, shapes: list, num_sms: list, directory: Path,
     table = [table_row(r, columns) for r in rows] + [skipped_table_row(r, columns) for r in skipped]
     lines = header_lines(rows, meta, spec) + report.plain_table(columns, table, left=LEFT, units=UNITS)
     lines += footer_lines(rows, foot)
-    notes = sorted(
-        {str(n) for r in rows for n in (r.get("vs_torch_note"), r.get("vs_roofline_note")) if n is not None}
-    )
+    notes = sorted({str(n) for r in rows for n in (r.vs_torch_note, r.vs_roofline_note) if n is not None})
     lines += [line for note in notes for line in wrap_comment(f"n/a: {note}")]
-    if any(r["nodes"] > 1 for r in rows):
+    if any(r.nodes > 1 for r in rows):
         lines += wrap_comment(
             "rdma: RDMA MB = network bytes of the hierarchical path (a token once per remote node); flat "
             "RDMA MB = a flat all-to-all's for the same routing (once per remote rank); RDMA saved = flat / "
             "hierarchical (--wide, TSV); the JSON also has rdma_bytes_incl_own_node and gbps_incl_own_node, "
             "counted as DeepEP publishes them (own node included)"
         )
-    for note in sorted({r["time_note"] for r in rows if r.get("time_note")}):
+    for note in sorted({r.time_note for r in rows if r.time_note}):
         lines += wrap_comment(f"time: {note}")
     for r in skipped:
-        lines += wrap_comment(f"skipped: {r['shape']} {r['dtype']} num_sms={r['num_sms']}: {r['skipped']}")
+        lines += wrap_comment(f"skipped: {r.shape} {r.dtype} num_sms={r.num_sms}: {r.skipped}")
     print("\n".join(lines), flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     report.write_json(
         directory / "bench.json",
-        {"meta": meta, "spec": spec_to_dict(spec), "rows": rows, "skipped": skipped, "summary": foot},
+        {
+            "meta": meta,
+            "spec": spec_to_dict(spec),
+            "rows": [r.to_dict() for r in rows],
+            "skipped": [r.to_dict() for r in skipped],
+            "summary": {**foot, "worst": foot["worst"].to_dict()} if foot else foot,
+        },
     )
     report.write_tsv(directory / "bench.tsv", WIDE_COLUMNS, [table_row(r) for r in rows])
     written = [directory / "bench.json", directory / "bench.tsv"]
     msg = plot_bench(rows, directory / "bench.png")
     if msg is None:
         written.append(directory / "bench.png")
-        if len({r["tokens"] for r in rows}) > 1:
+        if len({r.tokens for r in rows}) > 1:
             plot_tokens(rows, directory / "bench_tokens.png")
             written.append(directory / "bench_tokens.png")
     print(f"wrote {', '.join(p.name for p in written)} in {directory}" + (f"; {msg}" if msg else ""))
@@ -308,12 +312,12 @@ def _run(args: argparse.Namespace, shapes: list, num_sms: list, directory: Path,
     return 0
 
 
-def _label(r: dict[str, Any]) -> str:
-    sms = f" sms {r['num_sms']}" if r["num_sms"] is not None else ""
-    return f"{r['shape']} {r['op']} {r['dtype']}{sms}"
+def _label(r: BenchRow) -> str:
+    sms = f" sms {r.num_sms}" if r.num_sms is not None else ""
+    return f"{r.shape} {r.op} {r.dtype}{sms}"
 
 
-def plot_bench(rows: list[dict[str, Any]], path: Any) -> str | None:
+def plot_bench(rows: list[BenchRow], path: Any) -> str | None:
     """Horizontal bars of algbw per row (labels on the y axis never overlap), dispatch and combine in
     their colours with a legend, the copy roofline drawn (and named) only where it was measured; returns
     a message instead when matplotlib is missing or there is nothing to plot."""
@@ -330,11 +334,9 @@ def plot_bench(rows: list[dict[str, Any]], path: Any) -> str | None:
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.4 * n + 1.5)))
     colors = {"dispatch": "C0", "combine": "C1"}
     ys = list(range(n))[::-1]  # first row on top
-    ax.barh(
-        ys, [r.get("algbw_gbps", r["gbps"]) for r in rows], color=[colors.get(r["op"], "C2") for r in rows]
-    )
-    handles = [Patch(color=c, label=op) for op, c in colors.items() if any(r["op"] == op for r in rows)]
-    roof = [(y, r["roofline_gbps"]) for y, r in zip(ys, rows, strict=True) if r.get("roofline_gbps")]
+    ax.barh(ys, [r.algbw_gbps for r in rows], color=[colors.get(r.op, "C2") for r in rows])
+    handles = [Patch(color=c, label=op) for op, c in colors.items() if any(r.op == op for r in rows)]
+    roof = [(y, r.roofline_gbps) for y, r in zip(ys, rows, strict=True) if r.roofline_gbps]
     for y, value in roof:
         ax.plot([value, value], [y - 0.4, y + 0.4], color="k", lw=1.5)
     if roof:
@@ -342,7 +344,7 @@ def plot_bench(rows: list[dict[str, Any]], path: Any) -> str | None:
     ax.set_yticks(ys, [_label(r) for r in rows], fontsize="small")
     ax.set_xlabel("algbw, GB/s (logical bytes per rank / median time)")
     r0 = rows[0]
-    ax.set_title(f"commkit bench: {r0['backend']} backend, {r0['ranks']} ranks, link {r0.get('link', '?')}")
+    ax.set_title(f"commkit bench: {r0.backend} backend, {r0.ranks} ranks, link {r0.link}")
     ax.legend(handles=handles, loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -350,7 +352,7 @@ def plot_bench(rows: list[dict[str, Any]], path: Any) -> str | None:
     return None
 
 
-def plot_tokens(rows: list[dict[str, Any]], path: Any) -> str | None:
+def plot_tokens(rows: list[BenchRow], path: Any) -> str | None:
     """algbw against tokens per rank (log2 axis), one line per (shape, op, dtype, budget)."""
     from commkit.tools.report import MATPLOTLIB_MISSING, load_pyplot
 
@@ -360,10 +362,8 @@ def plot_tokens(rows: list[dict[str, Any]], path: Any) -> str | None:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         base = display_shape(r)
-        sms = f" sms {r['num_sms']}" if r["num_sms"] is not None else ""
-        series.setdefault(f"{base} {r['op']} {r['dtype']}{sms}", []).append(
-            (r["tokens"], r.get("algbw_gbps", r["gbps"]))
-        )
+        sms = f" sms {r.num_sms}" if r.num_sms is not None else ""
+        series.setdefault(f"{base} {r.op} {r.dtype}{sms}", []).append((r.tokens, r.algbw_gbps))
     fig, ax = plt.subplots(figsize=(9, 5))
     for label, points in series.items():
         points.sort()
@@ -372,7 +372,7 @@ def plot_tokens(rows: list[dict[str, Any]], path: Any) -> str | None:
     ax.set_xlabel("tokens per rank")
     ax.set_ylabel("algbw, GB/s (logical bytes per rank / median time)")
     r0 = rows[0]
-    ax.set_title(f"commkit bench: {r0['backend']} backend, {r0['ranks']} ranks, link {r0.get('link', '?')}")
+    ax.set_title(f"commkit bench: {r0.backend} backend, {r0.ranks} ranks, link {r0.link}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

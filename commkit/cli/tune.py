@@ -163,15 +163,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     meta = report.run_metadata(started, args)
     if result["backend"] == "torch":
-        report.write_json(directory / "tune.json", {"meta": meta, "rows": result["rows"], "saved": None})
+        rows = [r.to_dict() for r in result["rows"]]
+        report.write_json(directory / "tune.json", {"meta": meta, "rows": rows, "saved": None})
         return fail(NO_BUDGET, 1)
     skipped = result.get("skipped", [])
     for r in skipped:
-        print(f"skipped: num_sms={r['num_sms']} ({r['shape']}): {r['skipped']}")
+        print(f"skipped: num_sms={r.num_sms} ({r.shape}): {r.skipped}")
     if not result["rows"]:
-        report.write_json(directory / "tune.json", {"meta": meta, "rows": [], "skipped": skipped})
+        report.write_json(
+            directory / "tune.json", {"meta": meta, "rows": [], "skipped": [r.to_dict() for r in skipped]}
+        )
         return fail("every budget was skipped: nothing to choose from", 1)
-    wrong = sum(r["wrong"] for r in result["rows"])
+    wrong = sum(r.wrong for r in result["rows"])
     if wrong:
         return fail(f"{wrong} wrong rows during the sweep: not saving a profile", 1)
     choice = choose(comm_time_by_budget(result["rows"]), spec.objective, compute_ms, spec.tolerance)
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         [k, t * 1e3, "<- chosen" if k == choice.num_sms else ""] for k, t in sorted(choice.comm_s.items())
     ]
-    rows += [[r["num_sms"], "", f"skipped: {r['skipped']}"] for r in skipped]
+    rows += [[r.num_sms, "", f"skipped: {r.skipped}"] for r in skipped]
     report.print_table(
         f"commkit tune ({result['backend']} backend, {profile.signature.key})",
         ["num_sms", "dispatch+combine ms", ""],

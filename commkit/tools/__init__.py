@@ -1,5 +1,5 @@
 """Measuring and tuning tools behind ``python -m commkit {bench,overlap,tune,monitor,info}``.
 
-Hardware access sits in two small modules (``sysfs_ib`` for InfiniBand port counters, ``nvml`` for
-NVLink/PCIe counters through nvidia-ml-py) so that tests replace only those boundaries.
+Hardware access is not here but one layer below, in ``commkit.hw`` (``sysfs_ib``, ``nvml``), which the
+runtime reads as well; the tools stand above the runtime and nothing of it imports them.
 """

@@ -19,8 +19,8 @@ def _version(dist_name: str) -> str | None:
 
 def collect(sysfs_root: str | Path = "/sys", nvml_module: Any = None) -> dict[str, Any]:
     """A JSON-able description; every unreadable item carries the reason instead of a value."""
-    from commkit.tools import sysfs_ib
-    from commkit.tools.nvml import Nvml, NvmlUnavailable
+    from commkit.hw import sysfs_ib
+    from commkit.hw.nvml import Nvml, NvmlUnavailable
 
     info: dict[str, Any] = {"versions": {}, "devices": [], "ib_ports": [], "backends": {}, "problems": []}
     versions = info["versions"]

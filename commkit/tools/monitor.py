@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from commkit.tools import sysfs_ib
-from commkit.tools.nvml import Nvml, NvmlUnavailable
+from commkit.hw import sysfs_ib
+from commkit.hw.nvml import Nvml, NvmlUnavailable
 from commkit.tools.report import MATPLOTLIB_MISSING, load_pyplot
 
 

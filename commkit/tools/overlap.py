@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from commkit.tools.bench import bytes_per_rank, expert_output, make_input_set
+from commkit.tools.payload import expert_output, make_input_set
+from commkit.tools.rows import bytes_per_rank
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import gbps, tflops
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from commkit.backends.internode import DEFAULT_FORWARDER_WARPS
 from commkit.profiles import ClusterSignature, Profile
-from commkit.tools.bench import BenchSpec, bench_ranks, split_skipped
+from commkit.tools.bench import BenchSpec, bench_ranks
+from commkit.tools.rows import BenchRow, split_skipped
 
 if TYPE_CHECKING:
     from commkit.tools.ranks import RankContext
@@ -102,18 +103,18 @@ ROLE_KNOBS = {
 }
 
 
-def choose_roles(role_rows: list[dict[str, Any]]) -> tuple[dict[str, int], str]:
+def choose_roles(role_rows: list[BenchRow]) -> tuple[dict[str, int], str]:
     """Per op, the forwarder warps with the shortest median time summed over shapes (and dtypes).
     A split with a wrong row, or not measured on every (shape, dtype) that another was, is out."""
     knobs, reasons = {}, []
     for op, name in ROLE_KNOBS.items():
-        rows = [r for r in role_rows if r["op"] == op]
-        cases = {(r["shape"], r["dtype"]) for r in rows}
+        rows = [r for r in role_rows if r.op == op]
+        cases = {(r.shape, r.dtype) for r in rows}
         times: dict[int, float] = {}
-        for warps in sorted({r["knobs"][name] for r in rows}):
-            mine = [r for r in rows if r["knobs"][name] == warps]
-            if all(r["wrong"] == 0 for r in mine) and {(r["shape"], r["dtype"]) for r in mine} == cases:
-                times[warps] = sum(r["time_median_s"] for r in mine)
+        for warps in sorted({r.knobs[name] for r in rows}):
+            mine = [r for r in rows if r.knobs[name] == warps]
+            if all(r.wrong == 0 for r in mine) and {(r.shape, r.dtype) for r in mine} == cases:
+                times[warps] = sum(r.time.median_s for r in mine)
         if times:
             best = min(times, key=lambda w: times[w])
             knobs[name] = best
@@ -129,12 +130,12 @@ class Choice:
     comm_s: dict[int, float]  # budget -> summed median dispatch + combine seconds over shapes
 
 
-def comm_time_by_budget(rows: list[dict[str, Any]]) -> dict[int, float]:
+def comm_time_by_budget(rows: list[BenchRow]) -> dict[int, float]:
     """Sum over shapes and ops of the median time per SM budget."""
     out: dict[int, float] = {}
     for r in rows:
-        k = r["num_sms_requested"]
-        out[k] = out.get(k, 0.0) + r["time_median_s"]
+        k = r.num_sms_requested
+        out[k] = out.get(k, 0.0) + r.time.median_s
     return out
 
 
@@ -172,14 +173,14 @@ def choose(comm_s: dict[int, float], objective: str, compute_ms: float | None, t
     )
 
 
-def per_sm_gbps(rows: list[dict[str, Any]], backend: str) -> dict[str, float | None]:
+def per_sm_gbps(rows: list[BenchRow], backend: str) -> dict[str, float | None]:
     """GB/s per SM per op: the best over budgets of GB/s / num_sms (the linear, latency-free regime).
 
     None for a backend that does not run on a given number of SMs (the torch backend).
     """
     out: dict[str, float | None] = {}
     for op in ("dispatch", "combine"):
-        vals = [r["gbps"] / r["num_sms_requested"] for r in rows if r["op"] == op]
+        vals = [r.gbps / r.num_sms_requested for r in rows if r.op == op]
         out[op] = None if backend == "torch" or not vals else max(vals)
     return out
 
@@ -210,10 +211,10 @@ def make_profile(result: dict[str, Any], spec: TuneSpec, choice: Choice) -> Prof
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         extra={
             "chunk_sizes_note": "not swept: Buffer exposes no chunk-size parameter yet",
-            "shapes": sorted({r["shape"] for r in result["rows"]}),
+            "shapes": sorted({r.shape for r in result["rows"]}),
             "comm_ms_by_num_sms": {str(k): v * 1e3 for k, v in sorted(choice.comm_s.items())},
-            "sweep": result["rows"],
-            "skipped": result.get("skipped", []),
-            "role_sweep": result.get("role_rows", []),
+            "sweep": [r.to_dict() for r in result["rows"]],
+            "skipped": [r.to_dict() for r in result.get("skipped", [])],
+            "role_sweep": [r.to_dict() for r in result.get("role_rows", [])],
         },
     )
