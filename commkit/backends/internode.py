@@ -332,8 +332,9 @@ class InternodeEngine(KernelEngine):
             outs[3].zero_()
         agreement = status = None
         # NOTE: virtual nodes run every rank in one launch: the device agreement cannot differ there
-        call = CallArgs(kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH, num_experts, hidden, num_topk,
-                        dtype_code, num_sms, None if state is None else state.status)  # fmt: skip
+        op = kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH
+        handle_status = None if state is None else state.status
+        call = CallArgs(op, num_experts, hidden, num_topk, dtype_code, num_sms, handle_status)
         if state is None:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
                 topk_idx, token_counts, num_experts, with_in_rank=False

@@ -198,6 +198,7 @@ class KernelEngine:
         self.poison_outputs = False
         # Agreements whose verdict has not been seen on the host yet (CUDA: see check_agreement)
         self._pending: list[_PendingAgreement] = []
+        self._spare: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # checked ones, for reuse
         self._failed: BaseException | None = None  # an earlier call that left the buffers unusable
         self._loaded_anew = False  # this call loaded (maybe compiled) a kernel: see _first_wait_ns
 
@@ -415,15 +416,18 @@ class KernelEngine:
             return
         if torch.cuda.is_current_stream_capturing():
             return  # NOTE: a graph replays the copy into one host buffer: the outputs' poison tells
-        host = torch.empty(status.shape, dtype=status.dtype, pin_memory=True)
+        # NOTE: the pinned buffers and events of checked calls are reused (no allocation per call)
+        host, event = self._spare.pop() if self._spare else (
+            torch.empty(status.shape, dtype=status.dtype, pin_memory=True), torch.cuda.Event())  # fmt: skip
         host.copy_(status, non_blocking=True)
-        event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         self._pending.append(_PendingAgreement(host, event, call, phase))
         if len(self._pending) > 256:  # bounded: wait for the oldest
             self.check_agreement(wait=True)
 
-    def _grow_or_settle(self, status: torch.Tensor, call: CallArgs, phase: str, num_sms: int, slot_bytes: int) -> None:
+    def _grow_or_settle(
+        self, status: torch.Tensor, call: CallArgs, phase: str, num_sms: int, slot_bytes: int
+    ) -> None:
         """After the notify: grow the buffers if the call needs it, else ``_settle``. The growth is a
         collective of the ranks sized by the call, so the verdict is read first (the growth syncs the
         host anyway): ranks that disagree raise instead of entering a collective their peers skip."""
@@ -444,8 +448,11 @@ class KernelEngine:
             elif not pending.event.query():
                 return
             self._pending.pop(0)
+            self._spare.append((pending.host, pending.event))
             self._raise_disagreement(
-                pending.host.tolist(), pending.call, f"{pending.phase} (an earlier call: its outputs are poisoned)"
+                pending.host.tolist(),
+                pending.call,
+                f"{pending.phase} (an earlier call: its outputs are poisoned)",
             )
 
     # ------------------------------------------------------------------ layout
@@ -534,8 +541,9 @@ class KernelEngine:
         self._check_usable()
         kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
-        call = CallArgs(kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH, num_experts, hidden, num_topk,
-                        dtype_code, num_sms, None if state is None else state.status)  # fmt: skip
+        op = kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH
+        handle_status = None if state is None else state.status
+        call = CallArgs(op, num_experts, hidden, num_topk, dtype_code, num_sms, handle_status)
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
         self.buffers.ensure_header()
         out_fp8 = dtype_code != kl.DTYPE_BF16
