@@ -128,8 +128,8 @@ class FakeKernels:
             meta[dst, 2 * num_ranks + 1 :] = (counts + int(align) - 1) // int(align) * int(align)
 
     def cached_notify_kernel(
-        self, targs, blocks, peers, rank_base, op, num_experts, hidden, num_topk, dtype, num_sms, handle, status,
-        timeout,
+        self, targs, blocks, peers, rank_base, op, num_experts, hidden, num_topk, dtype, num_sms, handle,
+        status, timeout,
     ):  # fmt: skip
         self._agreed(status)
 

@@ -5,7 +5,6 @@ backward of a call made before the close raises it too; a second close does noth
 from __future__ import annotations
 
 import pytest
-import torch
 from cases import Case, expert_output, make_inputs
 
 import commkit
@@ -14,12 +13,13 @@ from commkit.launch import spawn_gloo
 
 WORLD = 2
 CASE = Case("closed", (12, 7), hidden=128, num_experts=4, seed=5)
+HOST_REASON = host_unavailable_reason()
 BACKENDS = [
     pytest.param("torch", WORLD, id="torch"),
     pytest.param("torch", 1, id="torch-two-level"),
     pytest.param(
         "kernels", WORLD, id="kernels-host",
-        marks=pytest.mark.skipif(host_unavailable_reason() is not None, reason=str(host_unavailable_reason())),
+        marks=pytest.mark.skipif(HOST_REASON is not None, reason=str(HOST_REASON)),
     ),
 ]  # fmt: skip
 

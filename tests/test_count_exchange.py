@@ -209,8 +209,8 @@ def test_agreement_values_single_process() -> None:
     assert agreement.error(agreement.host_values()) == (
         "expected every rank to pass the same call (op=dispatch, num_experts=32, hidden=7168, top-k=8, "
         "dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes, call=0, handle=none), got (op=dispatch, "
-        "num_experts=32, hidden=4096, top-k=8, dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes, call=0, "
-        "handle=none) from rank 2"
+        "num_experts=32, hidden=4096, top-k=8, dtype=0, num_sms=24, num_worst_tokens=512, rows fit=yes, "
+        "call=0, handle=none) from rank 2"
     )
     same = exchange_agreement(torch.stack(rows[:2]), own, own_t)
     assert bool(same.agree) and same.error(same.host_values()) is None

@@ -312,7 +312,8 @@ def test_a_barrier_left_by_a_timeout_never_lets_a_later_one_pass_early() -> None
         launch(0, 1, 0.2)  # rank 0 alone: rank 1 never arrives
     status = launch(0, 2, 30)  # both ranks: the barrier rank 0 began again
     assert status[:, kl.STATUS_VERDICT].tolist() == [0, 0]
-    with pytest.raises(CommTimeoutError, match="rank 1 channel -1 role barrier peer 0: expected 2, observed 1"):
+    alone = "rank 1 channel -1 role barrier peer 0: expected 2, observed 1"
+    with pytest.raises(CommTimeoutError, match=alone):
         launch(1, 1, 0.2)  # rank 1 alone must wait for rank 0
 
 

@@ -17,14 +17,15 @@ d's L experts, zeros after them. ``meta`` of rank d (int32 [2R + 1 + L], ``kerne
 sources' token counts, ``[2R + 1, +L)`` rows received per local expert.
 
 Agreement: ranks that disagree on a call's format (op, num_experts, hidden, top-k, dtype, num_sms,
-num_worst_tokens, the call sequence number, the sequence number of the handle's dispatch) would size buffers, grow the GIN window (a collective) and read slots differently.
-The fixed-size message keeps the all-to-all well formed whatever the ranks pass, and carries the
-format; the barrier's all-reduce (MAX of ``[v, -v]``) gives every rank the largest and smallest value
-of each field. Every rank then checks the same facts: on CPU tensors at once, on CUDA tensors from the
-``Agreement`` the engine reads back with the counts (a ``ValueError`` on every rank, before anything
-collective that depends on the format) or, where nothing is read back, by a device-side assert.
-NOTE: a fresh dispatch (all-to-all) on one rank and a cached dispatch or combine (all-reduce) on
-another are different collectives: the ``op`` field tells the latter two apart only.
+num_worst_tokens, the call sequence number, the sequence number of the handle's dispatch) would size
+buffers, grow the GIN window (a collective) and read slots differently. The fixed-size message keeps
+the all-to-all well formed whatever the ranks pass, and carries the format; the barrier's all-reduce
+(MAX of ``[v, -v]``) gives every rank the largest and smallest value of each field. Every rank then
+checks the same facts: on CPU tensors at once, on CUDA tensors from the ``Agreement`` the engine
+reads back with the counts (a ``ValueError`` on every rank, before anything collective that depends
+on the format) or, where nothing is read back, by a device-side assert. NOTE: a fresh dispatch
+(all-to-all) on one rank and a cached dispatch or combine (all-reduce) on another are different
+collectives: the ``op`` field tells the latter two apart only.
 
 Every wait is bounded by ``timeout_s`` (``CommTimeoutError`` names the phase); with NCCL the host does
 not wait (the stream does), and NCCL's watchdog bounds the collective.
@@ -42,8 +43,8 @@ from commkit.backends import kernels_layout as kl
 from commkit.errors import CommError, CommTimeoutError
 
 OPS = ("dispatch", "cached dispatch", "combine")
-FORMAT_NAMES = ("op", "num_experts", "hidden", "top-k", "dtype", "num_sms", "num_worst_tokens", "rows fit", "call",
-                "handle")  # fmt: skip
+FORMAT_NAMES = ("op", "num_experts", "hidden", "top-k", "dtype", "num_sms", "num_worst_tokens", "rows fit",
+                "call", "handle")  # fmt: skip
 NUM_FORMAT = len(FORMAT_NAMES)
 COUNTS_OFFSET = NUM_FORMAT  # where the counts start in a message
 MESSAGE_INTS = NUM_FORMAT + 2 + kl.MAX_LOCAL_EXPERTS

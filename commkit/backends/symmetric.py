@@ -29,7 +29,8 @@ class SymmetricBuffers:
 
     def fits(self, num_channels: int, slot_bytes: int) -> bool:
         """Whether ``ensure(num_channels, slot_bytes)`` would not grow the buffers."""
-        return self.peer_bases is not None and num_channels <= self.max_channels and slot_bytes <= self.max_slot_bytes
+        allocated = self.peer_bases is not None
+        return allocated and num_channels <= self.max_channels and slot_bytes <= self.max_slot_bytes
 
     def ensure_header(self) -> None:
         """Buffers of the same size on every rank whatever its call (the agreement of a call runs in

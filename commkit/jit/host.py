@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from commkit.errors import CommTimeoutError, ConfigError, KernelFault
 from commkit.jit.compiler import (
     HEADER_SUFFIXES,
