@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from commkit.model.topology import Topology
 
@@ -33,69 +33,51 @@ class Preset:
     default_ep_size: int | None = None
 
 
+def _hopper_nodes(name: str, num_nodes: int, nvlink_gbps: float, hbm_gbps: float) -> Topology:
+    """Nodes of 8 Hopper GPUs (132 SMs each) with a ConnectX-7 NIC per GPU: every preset's hardware."""
+    return Topology(
+        name, num_nodes, gpus_per_node=8, sms_per_gpu=132, nvlink_gbps=nvlink_gbps, hbm_gbps=hbm_gbps,
+        nic_gbps=CX7_GBPS, nic_efficiency=CX7_EFFICIENCY,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, Preset] = {
-    "h800-dsv3": Preset(
-        name="h800-dsv3",
-        description="DeepSeek-V3's cluster: 256 nodes x 8 H800, NVLink 160 GB/s, one CX7 400 Gb/s NIC per "
-        "GPU, 20 of 132 SMs for communication, EP64 (8 nodes) per expert group as in training",
-        topology=Topology(
-            name="H800",
-            num_nodes=256,
-            gpus_per_node=8,
-            sms_per_gpu=132,
-            nvlink_gbps=160.0,
-            nic_gbps=CX7_GBPS,
-            nic_efficiency=CX7_EFFICIENCY,
-            hbm_gbps=3000.0,
+    preset.name: preset
+    for preset in (
+        Preset(
+            "h800-dsv3",
+            "DeepSeek-V3's cluster: 256 nodes x 8 H800, NVLink 160 GB/s, one CX7 400 Gb/s NIC per GPU, 20 of "
+            "132 SMs for communication, EP64 (8 nodes) per expert group as in training",
+            _hopper_nodes("H800", 256, nvlink_gbps=160.0, hbm_gbps=3000.0),
+            default_num_sms=20,
+            default_ep_size=64,
         ),
-        default_num_sms=20,
-        default_ep_size=64,
-    ),
-    "h100-cx7": Preset(
-        name="h100-cx7",
-        description="H100 SXM nodes of 8, NVLink4 (360 GB/s achievable per direction), one CX7 NIC per GPU",
-        topology=Topology(
-            name="H100",
-            num_nodes=1,
-            gpus_per_node=8,
-            sms_per_gpu=132,
-            nvlink_gbps=H100_NVLINK_GBPS,
-            nic_gbps=CX7_GBPS,
-            nic_efficiency=CX7_EFFICIENCY,
-            hbm_gbps=3000.0,  # 3.35 TB/s HBM3 spec, about 3.0 measured by a copy
+        Preset(
+            "h100-cx7",
+            "H100 SXM nodes of 8, NVLink4 (360 GB/s achievable per direction), one CX7 NIC per GPU",
+            # 3.35 TB/s HBM3 spec, about 3.0 measured by a copy
+            _hopper_nodes("H100", 1, nvlink_gbps=H100_NVLINK_GBPS, hbm_gbps=3000.0),
+            default_num_sms=24,
         ),
-        default_num_sms=24,
-    ),
-    "h200-cx7": Preset(
-        name="h200-cx7",
-        description="H200 SXM nodes of 8, NVLink4 (360 GB/s achievable per direction), one CX7 NIC per GPU",
-        topology=Topology(
-            name="H200",
-            num_nodes=1,
-            gpus_per_node=8,
-            sms_per_gpu=132,
-            nvlink_gbps=H100_NVLINK_GBPS,
-            nic_gbps=CX7_GBPS,
-            nic_efficiency=CX7_EFFICIENCY,
-            hbm_gbps=4300.0,  # 4.8 TB/s HBM3e spec, scaled by the H100's measured/spec ratio (0.9)
+        Preset(
+            "h200-cx7",
+            "H200 SXM nodes of 8, NVLink4 (360 GB/s achievable per direction), one CX7 NIC per GPU",
+            # 4.8 TB/s HBM3e spec, scaled by the H100's measured/spec ratio (0.9)
+            _hopper_nodes("H200", 1, nvlink_gbps=H100_NVLINK_GBPS, hbm_gbps=4300.0),
+            default_num_sms=24,
         ),
-        default_num_sms=24,
-    ),
-    "h100-emulated": Preset(
-        name="h100-emulated",
-        description="virtual ranks on one H100 (commkit's emulated runs): HBM carries every link",
-        topology=Topology(
-            name="H100 (emulated)",
-            num_nodes=1,
-            gpus_per_node=8,
-            sms_per_gpu=132,
-            nvlink_gbps=3000.0,
-            nic_gbps=0.0,
-            hbm_gbps=3000.0,
-            emulated=True,
+        Preset(
+            "h100-emulated",
+            "virtual ranks on one H100 (commkit's emulated runs): HBM carries every link",
+            replace(
+                _hopper_nodes("H100 (emulated)", 1, nvlink_gbps=3000.0, hbm_gbps=3000.0),
+                nic_gbps=0.0,
+                nic_efficiency=1.0,
+                emulated=True,
+            ),
+            default_num_sms=24,
         ),
-        default_num_sms=24,
-    ),
+    )
 }
 
 
