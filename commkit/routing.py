@@ -13,7 +13,7 @@ module level, so that ``commkit.model`` can use the numpy generator without load
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def node_limited_topk(
              topk_weights [T, K] float32 = the unbiased scores of the chosen experts, divided by their
              sum when ``normalize``
     """
-    import torch
+    import torch  # NOTE: torch is imported on use (module docstring: commkit.model loads no torch)
 
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
@@ -165,32 +165,15 @@ def synthetic_topk_np(
 
 
 def synthetic_topk(
-    num_tokens: int,
-    num_experts: int,
-    num_topk: int,
-    *,
-    skew: float = 0.0,
-    num_groups: int = 1,
-    max_groups: int | None = None,
-    seed: int = 0,
-    popularity_seed: int = 0,
-    device: str | torch.device = "cpu",
+    num_tokens: int, num_experts: int, num_topk: int, *, device: str | torch.device = "cpu", **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``synthetic_topk_np`` as torch tensors on ``device``: topk_idx [T, K] int64, weights [T, K] f32.
 
-    Uniform (``skew=0``), Zipf-like skew (``skew>0``) and node-limited (``num_groups`` = nodes,
-    ``max_groups`` = M) routings for benchmarks and tests; the same seeds give the same routing.
+    ``options``: the keyword arguments of ``synthetic_topk_np`` (skew, num_groups, max_groups, seed,
+    popularity_seed). Uniform (``skew=0``), Zipf-like skew (``skew>0``) and node-limited (``num_groups``
+    = nodes, ``max_groups`` = M) routings for benchmarks and tests; the same seeds give the same routing.
     """
-    import torch
+    import torch  # NOTE: torch is imported on use (module docstring: commkit.model loads no torch)
 
-    topk_idx, weights = synthetic_topk_np(
-        num_tokens,
-        num_experts,
-        num_topk,
-        skew=skew,
-        num_groups=num_groups,
-        max_groups=max_groups,
-        seed=seed,
-        popularity_seed=popularity_seed,
-    )
+    topk_idx, weights = synthetic_topk_np(num_tokens, num_experts, num_topk, **options)
     return torch.from_numpy(topk_idx).to(device), torch.from_numpy(weights).to(device)

@@ -33,6 +33,7 @@ from commkit.backends import kernels_layout as kl
 from commkit.backends.agree import describe_failed, run_agreed
 from commkit.backends.symmetric import GroupBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
+from commkit.hw import nvml as nvml_mod
 
 TRANSPORT_ENV = "COMMKIT_INTERNODE_TRANSPORT"
 TRANSPORTS = ("auto", "gin", "nvlink-domain")
@@ -132,15 +133,11 @@ class FabricBuffers(GroupBuffers):
     rank raises ``CommError`` naming the ranks that failed and none is left waiting."""
 
     def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        device: torch.device,
-        *,
-        max_num_sms: int | None = None,
-        timeout_s: float = 60.0,
-        driver: Any = None,
+        self, group: dist.ProcessGroup | None, device: torch.device, *, driver: Any = None, **sizing: Any
     ) -> None:
-        super().__init__(group, device, max_num_sms=max_num_sms, timeout_s=timeout_s)
+        """``sizing``: ``GroupBuffers``' keywords (max_num_sms, timeout_s); ``driver``: the CUDA driver
+        calls (a fake in the tests)."""
+        super().__init__(group, device, **sizing)
         self.driver = driver if driver is not None else CudaDriver()
         self.device_index = device.index if device.index is not None else 0
         self._own_handle: Any = None
@@ -259,8 +256,6 @@ class FabricBuffers(GroupBuffers):
 def local_fabric_domain(device_index: int, *, nvml: Any = None, driver: Any = None) -> tuple[str | None, str]:
     """(this GPU's NVLink domain as "cluster-uuid/clique", or None; why not). Needs NVML's fabric info
     with registration completed and CUDA fabric-handle support."""
-    from commkit.hw import nvml as nvml_mod
-
     nv = None
     try:
         nv = nvml if nvml is not None else nvml_mod.Nvml()

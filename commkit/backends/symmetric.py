@@ -68,22 +68,13 @@ class IpcBuffers(GroupBuffers):
     synchronizes the device and re-exchanges the IPC handles (all ranks together).
     """
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        device: torch.device,
-        *,
-        max_num_sms: int | None = None,
-        timeout_s: float = 60.0,
-    ) -> None:
-        super().__init__(group, device, max_num_sms=max_num_sms, timeout_s=timeout_s)
-        self._own_ptr = 0
-        self._peer_ptrs: list[int] = []
+    _own_ptr = 0  # this rank's buffer (0: none allocated)
+    _peer_ptrs: list[int] | tuple[()] = ()  # every rank's buffer as opened in this process
 
     def ensure(self, num_channels: int, slot_bytes: int) -> None:
         if self._own_ptr and num_channels <= self.max_channels and slot_bytes <= self.max_slot_bytes:
             return
-        from cupy_backends.cuda.api import runtime
+        from cupy_backends.cuda.api import runtime  # NOTE: CuPy is optional (the kernels' extra)
 
         max_channels = max(num_channels, self.max_channels, self.reserve_channels)
         max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
@@ -135,12 +126,12 @@ class IpcBuffers(GroupBuffers):
     def _release(self, *, free_own: bool = True) -> None:
         if not self._own_ptr:
             return
-        from cupy_backends.cuda.api import runtime
+        from cupy_backends.cuda.api import runtime  # NOTE: CuPy is optional (the kernels' extra)
 
         for r, p in enumerate(self._peer_ptrs):
             if r != self.rank:
                 runtime.ipcCloseMemHandle(p)
         if free_own:
             runtime.free(self._own_ptr)
-        self._own_ptr, self._peer_ptrs, self.peer_bases = 0, [], None
+        self._own_ptr, self._peer_ptrs, self.peer_bases = 0, (), None
         self.max_channels = self.max_slot_bytes = 0
