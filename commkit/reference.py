@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from commkit.fp8 import cast_to_fp8  # noqa: F401 - the FP8 cast of ``dispatch(cast_to_fp8=True)``
+from commkit.nodes import Nodes
 
 
 @dataclass
@@ -79,14 +80,8 @@ class RankLayout:
 
 
 def ranks_per_node(num_ranks: int, num_ranks_per_node: int | None) -> int:
-    """G for R ranks: ``num_ranks_per_node``, or R (one node) when None; G must divide R."""
-    if num_ranks_per_node is None:
-        return num_ranks
-    if num_ranks_per_node < 1 or num_ranks % num_ranks_per_node:
-        raise ValueError(
-            f"num_ranks_per_node: expected a divisor of the {num_ranks} ranks, got {num_ranks_per_node}"
-        )
-    return num_ranks_per_node
+    """G for R ranks (``Nodes.of``)."""
+    return Nodes.of(num_ranks, num_ranks_per_node).num_ranks_per_node
 
 
 def layout_reference(
@@ -95,18 +90,17 @@ def layout_reference(
     """Layout of one rank's routing. topk_idx: [T, K] int64 in [-1, E)."""
     num_tokens = topk_idx.shape[0]
     experts_per_rank = num_experts // num_ranks
-    per_node = ranks_per_node(num_ranks, num_ranks_per_node)
-    num_nodes = num_ranks // per_node
+    nodes = Nodes.of(num_ranks, num_ranks_per_node)
     uses_expert = torch.zeros(num_tokens, num_experts, dtype=torch.bool)  # [T, E]
     is_token_in_rank = torch.zeros(num_tokens, num_ranks, dtype=torch.bool)
-    is_token_in_node = torch.zeros(num_tokens, num_nodes, dtype=torch.bool)
+    is_token_in_node = torch.zeros(num_tokens, nodes.num_nodes, dtype=torch.bool)
     for t in range(num_tokens):
         for e in topk_idx[t].tolist():
             if e >= 0:
                 uses_expert[t, e] = True
                 rank = e // experts_per_rank
                 is_token_in_rank[t, rank] = True
-                is_token_in_node[t, rank // per_node] = True
+                is_token_in_node[t, nodes.node(rank)] = True
     return RankLayout(
         num_tokens_per_rank=is_token_in_rank.sum(dim=0).to(torch.int64),
         num_tokens_per_expert=uses_expert.sum(dim=0).to(torch.int64),
@@ -182,15 +176,14 @@ def combine_reference(
     """
     num_ranks = len(x_experts)
     hidden = x_experts[0].shape[1]
-    per_node = ranks_per_node(num_ranks, num_ranks_per_node)
-    num_nodes = num_ranks // per_node
+    nodes = Nodes.of(num_ranks, num_ranks_per_node)
     sums = [torch.zeros(n, hidden, dtype=torch.float32) for n in num_tokens]
-    for node in range(num_nodes):
+    for node in range(nodes.num_nodes):
         # Level 1: node ``node``'s partial of every token, its ranks in ascending order (a token
         # gets at most one row per rank), rounded to bf16; only tokens that reached the node have one.
         partials = [torch.zeros(n, hidden, dtype=torch.float32) for n in num_tokens]
         reached = [[False] * n for n in num_tokens]
-        for r in range(node * per_node, (node + 1) * per_node):
+        for r in nodes.ranks(node):
             got = dispatched[r]
             for i in range(got.src_rank.shape[0]):
                 src, t = int(got.src_rank[i]), int(got.src_token[i])

@@ -9,7 +9,6 @@ the inter-node hop. Broken variants show that the scheduler reports deadlocks.
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 import torch
@@ -321,10 +320,9 @@ def test_rotating_source_order_deadlocks(seed: int) -> None:
     one_round(Machine(2, 2), prob, rng, (1, 1), POLICIES[seed])
 
 
-def test_runs_are_quick() -> None:
-    start = time.perf_counter()
+def test_four_nodes() -> None:
+    # its speed: bench/cpu_speed.py
     two_rounds(4, 2, 77)
-    assert time.perf_counter() - start < 10.0
 
 
 @pytest.mark.parametrize("seed", range(3))

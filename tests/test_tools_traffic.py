@@ -1,9 +1,8 @@
 """commkit.tools.traffic: hierarchical against flat inter-node rows and bytes, by hand, against a slow
-per-token count on random routings, against the reference layout's per-node counts, and its speed."""
+per-token count on random routings, against the reference layout's per-node counts (its speed:
+bench/cpu_speed.py)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -165,19 +164,11 @@ def test_agrees_with_the_reference_layout(case) -> None:
     assert list(t.recv_rows) == recv
 
 
-def test_deepseek_size_is_fast() -> None:
-    # 64 ranks (8 nodes of 8) x 8192 tokens x top-8 of 256 experts, on one core.
+def test_deepseek_size() -> None:
+    # 64 ranks (8 nodes of 8) x 8192 tokens x top-8 of 256 experts (its speed: bench/cpu_speed.py)
     gen = torch.Generator().manual_seed(0)
     routing = [torch.rand(8192, 256, generator=gen).topk(8, dim=1).indices for _ in range(64)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        t = count_traffic(routing, 256, 8, 7168, "fp8")
-        elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-    assert elapsed < 1.0, elapsed
+    t = count_traffic(routing, 256, 8, 7168, "fp8")
     # every (token, rank) pair of a flat all-to-all crosses the network, NVLink, or stays on its source
     own_rank = sum(int((r // 4 == src).any(dim=1).sum()) for src, r in enumerate(routing))
     assert sum(t.recv_rows) == sum(t.ib_rows_flat) + sum(t.nvl_rows_flat) + own_rank

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from commkit.errors import ConfigError
+from commkit.nodes import Nodes
 from commkit.tools.measure import (
     KERNEL_TIME_NOTE,
     Measured,
@@ -186,7 +187,7 @@ def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[BenchRow | SkippedRow
             base = measure_backend(ctx, baseline, sets, shape, dtype, None, spec)
         elif ctx.virtual and spec.baseline:
             base = ctx.once(lambda: measure_torch_ops(sets, shape, dtype, spec, device))  # noqa: B023
-        num_nodes = num_ranks // num_ranks_per_node
+        num_nodes = Nodes(num_ranks, num_ranks_per_node).num_nodes
         case = {
             "shape": shape.name, "backend": buf.backend, "ranks": num_ranks, "nodes": num_nodes,
             "virtual": ctx.virtual, "tokens": shape.num_tokens, "hidden": shape.hidden,

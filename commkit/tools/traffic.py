@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from commkit.model.workload import row_bytes
+from commkit.nodes import Nodes
 
 __all__ = ["COUNTS", "Traffic", "count_traffic", "reached_ranks", "row_bytes"]
 
@@ -97,7 +98,7 @@ class Traffic:
 
     @property
     def num_nodes(self) -> int:
-        return self.num_ranks // self.num_ranks_per_node
+        return Nodes(self.num_ranks, self.num_ranks_per_node).num_nodes
 
     def row_bytes(self, op: str) -> int:
         """Bytes of one row of ``op``: the dispatch dtype's for "dispatch", bf16 for "combine"."""
@@ -175,15 +176,13 @@ def count_traffic(
     num_ranks = len(topk_idx)
     if num_ranks == 0:
         raise ValueError("topk_idx: need one routing per rank, got none")
-    per_node = num_ranks if num_ranks_per_node is None else num_ranks_per_node
-    if per_node < 1 or num_ranks % per_node:
-        raise ValueError(f"num_ranks_per_node: expected a divisor of the {num_ranks} ranks, got {per_node}")
+    nodes = Nodes.of(num_ranks, num_ranks_per_node)
+    per_node, num_nodes = nodes.num_ranks_per_node, nodes.num_nodes
     if num_experts < 1 or num_experts % num_ranks:
         raise ValueError(
             f"num_experts: expected a positive multiple of the {num_ranks} ranks, got {num_experts}"
         )
     row_bytes(hidden, dtype)  # NOTE: validates the dtype
-    num_nodes = num_ranks // per_node
     to_rank, to_node = [], []
     for src, idx in enumerate(topk_idx):
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
@@ -194,12 +193,12 @@ def count_traffic(
             raise ValueError(f"topk_idx[{src}]: values must be in [-1, {num_experts})")
         in_rank = reached_ranks(idx, num_experts, num_ranks)  # [T, R]
         to_rank.append(in_rank.sum(dim=0))
-        to_node.append(in_rank.view(in_rank.shape[0], num_nodes, per_node).any(dim=2).sum(dim=0))
+        to_node.append(nodes.any_in_node(in_rank).sum(dim=0))
     rows_to_rank = torch.stack(to_rank).cpu()  # [R (source), R (destination)]
     rows_to_node = torch.stack(to_node).cpu()  # [R (source), N]
     ranks = torch.arange(num_ranks)
-    own_node, in_node = ranks // per_node, ranks % per_node
-    by_node = rows_to_rank.view(num_ranks, num_nodes, per_node)  # [s, n, j]
+    own_node, in_node = nodes.node(ranks), nodes.index(ranks)
+    by_node = nodes.by_node(rows_to_rank)  # [s, n, j]
     own_node_rows = by_node[ranks, own_node].sum(dim=1)  # [s] (token, rank of the own node) pairs
     # [s] (token, forwarder (n, i)) pairs over every node n: rows that stay on their forwarder
     to_forwarder = by_node.gather(2, in_node.view(-1, 1, 1).expand(num_ranks, num_nodes, 1)).sum(dim=(1, 2))
