@@ -24,7 +24,7 @@ from commkit.model import (
     row_bytes,
     smallest_budget,
 )
-from commkit.model.traffic import count_matrices, traffic_from_counts
+from commkit.model.traffic import count_link_rows, count_matrices
 from commkit.routing import synthetic_topk_np
 
 H800 = get_preset("h800-dsv3").topology
@@ -65,7 +65,7 @@ def test_traffic_matches_token_walk(num_nodes: int, gpus_per_node: int) -> None:
     rows_to_rank, rows_to_node = count_matrices(
         RecordedRouting(topk_idx), 57, num_experts, 3, num_ranks, num_nodes
     )
-    traffic = traffic_from_counts(rows_to_rank, rows_to_node, gpus_per_node)
+    traffic = count_link_rows(rows_to_rank, rows_to_node, gpus_per_node)
     want = walk_tokens(topk_idx, num_experts, num_nodes, gpus_per_node)
     np.testing.assert_array_equal(traffic.recv_rows, want["recv"])
     np.testing.assert_array_equal(traffic.nvl_send_rows, want["nvl_send"])

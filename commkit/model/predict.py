@@ -29,7 +29,7 @@ import numpy as np
 
 from commkit.model.throughput import per_sm_gbps
 from commkit.model.topology import Topology
-from commkit.model.traffic import Routing, SyntheticRouting, Traffic, count_matrices, traffic_from_counts
+from commkit.model.traffic import LinkRows, Routing, SyntheticRouting, count_link_rows, count_matrices
 from commkit.model.workload import Workload
 
 PHASES = ("dispatch", "combine")
@@ -106,7 +106,7 @@ class Model:
             num_ranks,
             topology.num_nodes,
         )
-        self.traffic: Traffic = traffic_from_counts(rows_to_rank, rows_to_node, topology.gpus_per_node)
+        self.traffic: LinkRows = count_link_rows(rows_to_rank, rows_to_node, topology.gpus_per_node)
 
     @property
     def family(self) -> str:

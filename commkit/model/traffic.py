@@ -97,8 +97,10 @@ def routing_from_layouts(layouts: Sequence[Any], gpus_per_node: int) -> CountedR
 
 
 @dataclass(frozen=True)
-class Traffic:
-    """Rows per GPU on each path of the dispatch, all [R] float64 (expected or exact counts).
+class LinkRows:
+    """Rows per GPU on each path of the dispatch, all [R] float64 (expected or exact counts): the load
+    of each GPU's links, what the model times (``commkit.tools.traffic.Traffic`` counts the same rows
+    per SOURCE rank instead, hierarchical against flat, for the tools' byte figures).
 
     recv_rows:     rows a rank receives, own rows included: the dispatch "logical" rows
     send_rows:     rows a rank sends, own rows included
@@ -267,7 +269,7 @@ def count_matrices(
     return rows_to_rank, rows_to_node
 
 
-def traffic_from_counts(rows_to_rank: np.ndarray, rows_to_node: np.ndarray, gpus_per_node: int) -> Traffic:
+def count_link_rows(rows_to_rank: np.ndarray, rows_to_node: np.ndarray, gpus_per_node: int) -> LinkRows:
     """Per-GPU rows on each path from the count matrices (shapes in the module docstring)."""
     num_ranks, num_nodes = rows_to_node.shape
     g = gpus_per_node
@@ -278,7 +280,7 @@ def traffic_from_counts(rows_to_rank: np.ndarray, rows_to_node: np.ndarray, gpus
     node_rows = rows_to_node.sum(1)
     if num_nodes == 1:
         zeros = np.zeros(num_ranks)
-        return Traffic(
+        return LinkRows(
             recv_rows=recv_rows,
             send_rows=send_rows,
             nvl_send_rows=send_rows - own_rows,
@@ -296,7 +298,7 @@ def traffic_from_counts(rows_to_rank: np.ndarray, rows_to_node: np.ndarray, gpus
     to_node = rows_to_node.reshape(num_nodes, g, num_nodes)  # [m, i, n]
     own_node = to_node[np.arange(num_nodes), :, np.arange(num_nodes)].reshape(-1)  # [R] source's own node
     fwd_in = to_node.sum(0).T.reshape(-1)  # forwarder (n, i): from the GPUs (m, i) of every node m
-    return Traffic(
+    return LinkRows(
         recv_rows=recv_rows,
         send_rows=send_rows,
         nvl_send_rows=fwd_rows - fwd_self,

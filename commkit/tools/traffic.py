@@ -75,7 +75,9 @@ def reached_ranks(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> t
 
 @dataclass(frozen=True)
 class Traffic:
-    """Per-rank row counts of one routing (module docstring) and their bytes.
+    """Per-rank row counts of one routing (module docstring) and their bytes: per SOURCE rank, the
+    hierarchical path against a flat all-to-all (``commkit.model.traffic.LinkRows`` counts the same
+    rows per GPU link instead, for the performance model).
 
     recv_rows:                per destination rank: rows received, own rows included
     ib_rows_hier:             per source rank: (token, remote node) pairs
