@@ -331,8 +331,8 @@ def test_run_metadata_says_what_produced_it() -> None:
     assert meta["commit"] == report.git_commit()
     if (REPO / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", meta["commit"] or "")
-    assert _common.command_line(["bench", "--shape", "a b"]) == "python -m commkit bench --shape 'a b'"
-    assert _common.command_line(SimpleNamespace(argv=["tune"])) == "python -m commkit tune"
+    assert report.command_line(["bench", "--shape", "a b"]) == "python -m commkit bench --shape 'a b'"
+    assert report.command_line(SimpleNamespace(argv=["tune"])) == "python -m commkit tune"
 
 
 def test_installed_commit_comes_from_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

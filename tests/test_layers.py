@@ -1,5 +1,6 @@
 """Layers point one way: the runtime (every module of ``commkit/`` outside ``tools/`` and ``cli/``) never
-imports ``commkit.tools`` or ``commkit.cli``; the tools and the CLI stand above it.
+imports ``commkit.tools`` or ``commkit.cli``; the tools and the CLI stand above it, and the tools never
+import the CLI (the CLI parses arguments and calls the tools).
 
 Read from the source (the AST of each file), so imports inside functions, under ``TYPE_CHECKING`` and
 relative ones count as much as those at the top.
@@ -64,3 +65,13 @@ def test_runtime_does_not_import_the_layers_above(above: str) -> None:
     }
     lines = [f"{where} imports {what}" for where, what in wrong.items()]
     assert not wrong, f"the runtime reaches up into {above}:\n" + "\n".join(lines)
+
+
+def test_tools_do_not_import_the_cli() -> None:
+    wrong = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}"
+        for path in sorted((PACKAGE / "tools").rglob("*.py"))
+        for line, target in imported_modules(path)
+        if target == "commkit.cli" or target.startswith("commkit.cli.")
+    ]
+    assert not wrong, "the tools reach up into commkit.cli:\n" + "\n".join(wrong)

@@ -64,9 +64,9 @@ def add_shape_args(parser: argparse.ArgumentParser, default: str | None = None) 
         "--shape",
         action="append",
         choices=sorted(SHAPES),
-        help="model-named MoE shape, repeatable (default: deepseek-v3 on a GPU, ci-tiny on CPU)"
+        help="MoE layer shape, repeatable (default: deepseek-v3 on a GPU, ci-tiny on CPU)"
         if default is None
-        else f"model-named MoE shape, repeatable (default: {default})",
+        else f"MoE layer shape, repeatable (default: {default})",
     )
     parser.add_argument(
         "--tokens",
@@ -299,17 +299,3 @@ def tokens_sweep(begin: int, end: int, factor: float) -> list[int]:
             sizes.append(round(size))
         size *= factor
     return sizes
-
-
-def command_line(args: argparse.Namespace | list[str] | None = None) -> str:
-    """The command as a user would type it: ``python -m commkit`` and the arguments ``main`` parsed
-    (``args.argv``, or a list of them); without either, this process's ``sys.argv``."""
-    import shlex
-
-    argv = getattr(args, "argv", args)
-    if isinstance(argv, list):
-        return shlex.join(["python", "-m", "commkit", *argv])
-    words = list(sys.argv)
-    if words and words[0].endswith(("__main__.py", "/commkit")):
-        words = ["python", "-m", "commkit", *words[1:]]
-    return shlex.join(words)

@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--shape", default="deepseek-v3", choices=sorted(SHAPES), help="model-named MoE shape"
+        "--shape", default="deepseek-v3", choices=sorted(SHAPES), help="MoE layer shape"
     )
     parser.add_argument(
         "--tokens", type=int, metavar="T", help="tokens per rank (default: the shape's, 4096 for the models)"

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+import commkit.launch
+from commkit.emulate import DEFAULT_NUM_SMS
 from commkit.errors import ConfigError
 from commkit.nodes import Nodes
 from commkit.tools.measure import (
@@ -30,6 +32,8 @@ from commkit.tools.measure import (
     roofline_times,
 )
 from commkit.tools.payload import make_input_set
+from commkit.tools.ranks import DistRanks, run_virtual
+from commkit.tools.roofline import roofline_unavailable_reason
 from commkit.tools.rows import BenchRow, SkippedRow, link_fields
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import TimeStats, gbps
@@ -65,7 +69,6 @@ class BenchSpec:
 
 def bench_rank(rank: int, num_ranks: int, spec: BenchSpec) -> list[BenchRow | SkippedRow]:
     """Run on every rank (inside an initialised process group); returns the rows (same on every rank)."""
-    from commkit.tools.ranks import DistRanks
 
     ctx = DistRanks.current(timeout_s=spec.comm_timeout_s, num_ranks_per_node=spec.num_ranks_per_node)
     assert (ctx.rank, ctx.num_ranks) == (rank, num_ranks), ((ctx.rank, ctx.num_ranks), (rank, num_ranks))
@@ -78,7 +81,6 @@ def with_ranks_per_node(ctx: RankContext, num_ranks_per_node: int | None) -> Ran
     A ``DistRanks`` made without one (e.g. by a caller that did not pass the spec's) takes it; one made
     with another raises, as its Buffers and the byte accounting would disagree. Virtual ranks get their
     nodes from their group (``run_virtual(num_ranks_per_node=...)``) and are returned as they are."""
-    from commkit.tools.ranks import DistRanks
 
     if num_ranks_per_node is None or not isinstance(ctx, DistRanks):
         return ctx
@@ -99,8 +101,6 @@ def bench_virtual(
 ) -> list:  # fmt: skip
     """``bench_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's rows. ``timeout_s``: the
     communication timeout (default ``spec.comm_timeout_s``); ``host_timeout_s``: see ``run_virtual``."""
-    from commkit.emulate import DEFAULT_NUM_SMS
-    from commkit.tools.ranks import run_virtual
 
     # NOTE: the group's default budget must fit (residency); a Buffer passes its own on every call.
     budgets = [k for k in spec.num_sms if k is not None]
@@ -123,7 +123,6 @@ VIRTUAL_ROOFLINE_NOTE = (
 
 def bench_ranks(ctx: RankContext, spec: BenchSpec) -> list[BenchRow | SkippedRow]:
     """Run on every rank of ``ctx``; returns the rows (same on every rank)."""
-    from commkit.tools.roofline import roofline_unavailable_reason
 
     rank, num_ranks, device = ctx.rank, ctx.num_ranks, ctx.device
     ctx = with_ranks_per_node(ctx, spec.num_ranks_per_node)
@@ -337,9 +336,8 @@ def launch(fn: Callable[..., Any], num_ranks: int, *args: Any, timeout_s: float 
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return fn(dist.get_rank(), dist.get_world_size(), *args)
-    from commkit.launch import spawn_gloo
 
-    return spawn_gloo(fn, num_ranks, *args, timeout_s=timeout_s)[0]
+    return commkit.launch.spawn_gloo(fn, num_ranks, *args, timeout_s=timeout_s)[0]
 
 
 def spec_to_dict(spec: BenchSpec) -> dict[str, Any]:

@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from commkit.backends.fabric import local_fabric_domain
+from commkit.hw import sysfs_ib
+from commkit.hw.nvml import Nvml, NvmlUnavailable
+from commkit.jit import nccl as nccl_headers
 
 
 def _version(dist_name: str) -> str | None:
@@ -19,8 +25,6 @@ def _version(dist_name: str) -> str | None:
 
 def collect(sysfs_root: str | Path = "/sys", nvml_module: Any = None) -> dict[str, Any]:
     """A JSON-able description; every unreadable item carries the reason instead of a value."""
-    from commkit.hw import sysfs_ib
-    from commkit.hw.nvml import Nvml, NvmlUnavailable
 
     info: dict[str, Any] = {"versions": {}, "devices": [], "ib_ports": [], "backends": {}, "problems": []}
     versions = info["versions"]
@@ -96,7 +100,6 @@ def collect(sysfs_root: str | Path = "/sys", nvml_module: Any = None) -> dict[st
 
 def internode_status(kernels_reason: str | None) -> str:
     """Whether a group of several nodes can run the internode kernels (GIN) here, or why not."""
-    from commkit.jit import nccl as nccl_headers
 
     try:
         headers = nccl_headers.find_headers()
@@ -113,7 +116,6 @@ def nvlink_domain_status(kernels_reason: str | None) -> str:
     transport; whether every rank of a group shares it is checked when a Buffer is made)."""
     if kernels_reason is not None:
         return f"not usable: {kernels_reason}"
-    from commkit.backends.fabric import local_fabric_domain
 
     domain, why = local_fabric_domain(torch.cuda.current_device())
     return f"usable: this GPU is in NVLink domain {domain}" if domain else f"not usable here: {why}"
@@ -121,7 +123,6 @@ def nvlink_domain_status(kernels_reason: str | None) -> str:
 
 def backends_status() -> dict[str, str]:
     """Backend name -> 'usable' or why not."""
-    import torch.distributed as dist
 
     out: dict[str, str] = {}
     if not dist.is_available():

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from commkit.tools import torch_ops
 from commkit.tools.payload import (
     InputSet,
     count_wrong_combine,
@@ -26,6 +27,7 @@ from commkit.tools.payload import (
     payload_scales,
     token_in_rank,
 )
+from commkit.tools.roofline import CopyRoofline
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import L2Flusher, time_collective
 
@@ -169,7 +171,6 @@ def measure_torch_ops(
 ) -> tuple[Measured, Measured]:
     """The torch-ops baseline of virtual ranks (``commkit.tools.torch_ops``), on one thread: dispatch
     and combine of all ranks' tokens with torch ops on the same device, checked like the kernels."""
-    from commkit.tools import torch_ops
 
     cuda = device.type == "cuda"
     flush = L2Flusher(device) if cuda else None
@@ -238,7 +239,6 @@ def roofline_times(
 ) -> list[float]:
     """Copy of ``nbytes`` on ``num_sms`` blocks: on every real rank at once (its own GPU), or for
     virtual ranks on rank 0 alone (the caller passes all ranks' bytes and SMs; one GPU)."""
-    from commkit.tools.roofline import CopyRoofline
 
     def run() -> list[float]:
         copy = CopyRoofline(int(nbytes), device)

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from commkit.emulate import DEFAULT_NUM_SMS
+from commkit.errors import ConfigError
 from commkit.tools.payload import expert_output, make_input_set
+from commkit.tools.ranks import DistRanks, run_virtual
+from commkit.tools.report import MATPLOTLIB_MISSING, load_pyplot
 from commkit.tools.rows import bytes_per_rank
 from commkit.tools.shapes import MoEShape
 from commkit.tools.timing import gbps, tflops
@@ -68,7 +72,6 @@ def overlap_point(
 
 def overlap_rank(rank: int, num_ranks: int, spec: OverlapSpec) -> dict[str, Any]:
     """On every rank of an NCCL group (one GPU per rank): the sweep; rank 0's numbers are returned."""
-    from commkit.tools.ranks import DistRanks
 
     return overlap_ranks(DistRanks.current(timeout_s=spec.comm_timeout_s), spec)
 
@@ -78,8 +81,6 @@ def overlap_virtual(
 ) -> dict[str, Any]:
     """``overlap_ranks`` on ``num_ranks`` virtual ranks of one GPU; rank 0's result. ``timeout_s``: the
     communication timeout (default ``spec.comm_timeout_s``)."""
-    from commkit.emulate import DEFAULT_NUM_SMS
-    from commkit.tools.ranks import run_virtual
 
     reason = overlap_unavailable_reason()
     if reason:
@@ -116,7 +117,6 @@ def overlap_ranks(ctx: RankContext, spec: OverlapSpec) -> dict[str, Any]:
     stream, while every virtual rank's dispatch/combine runs on one shared communication stream; the
     communication time is then the kernels' device time where ``EmulatedGroup.kernel_events`` exists.
     """
-    from commkit.errors import ConfigError
 
     reason = overlap_unavailable_reason()
     if reason:
@@ -286,7 +286,6 @@ def overlap_ranks(ctx: RankContext, spec: OverlapSpec) -> dict[str, Any]:
 
 def plot_overlap(result: dict[str, Any], path: Any) -> str | None:
     """Trade-off curve: GEMM TFLOP/s alongside and communication GB/s alongside against ``num_sms``."""
-    from commkit.tools.report import MATPLOTLIB_MISSING, load_pyplot
 
     plt = load_pyplot()
     if plt is None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from commkit.routing import synthetic_topk
 from commkit.tools.shapes import MoEShape
 
 FP8_BLOCK = 128
@@ -61,7 +62,6 @@ class InputSet:
 def make_input_set(
     shape: MoEShape, dtype: str, rank: int, num_ranks: int, salt: int, skew: float, device: torch.device
 ) -> InputSet:
-    from commkit.routing import synthetic_topk
 
     groups = shape.num_expert_groups if shape.num_experts % shape.num_expert_groups == 0 else 1
     idxs, weights = [], []

@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from commkit import Buffer, emulate
 from commkit.errors import CommTimeoutError, ConfigError
+from commkit.profiles import cluster_signature
 
 
 @dataclass
@@ -89,7 +92,6 @@ class DistRanks(RankContext):
     ) -> DistRanks:
         """The initialised group; CUDA devices on NCCL, else CPU. ``timeout_s`` and
         ``num_ranks_per_node``: the Buffers' ones (see ``commkit.Buffer``)."""
-        import torch.distributed as dist
 
         device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -107,41 +109,34 @@ class DistRanks(RankContext):
         )
 
     def barrier(self) -> None:
-        import torch.distributed as dist
 
         dist.barrier(group=self.group)
 
     def _reduce(self, value: float, op: Any, dtype: torch.dtype) -> Any:
-        import torch.distributed as dist
 
         t = torch.tensor([value], dtype=dtype, device=self.device)
         dist.all_reduce(t, op=op, group=self.group)
         return t.item()
 
     def max_across(self, value: float) -> float:
-        import torch.distributed as dist
 
         return float(self._reduce(value, dist.ReduceOp.MAX, torch.float64))
 
     def min_across(self, value: float) -> float:
-        import torch.distributed as dist
 
         return float(self._reduce(value, dist.ReduceOp.MIN, torch.float64))
 
     def sum_across(self, value: int) -> int:
-        import torch.distributed as dist
 
         return int(self._reduce(value, dist.ReduceOp.SUM, torch.int64))
 
     def once(self, fn: Callable[[], Any]) -> Any:
-        import torch.distributed as dist
 
         box = [fn() if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
-        from commkit import Buffer
 
         return Buffer(
             self.group,
@@ -154,7 +149,6 @@ class DistRanks(RankContext):
     def signature(self) -> Any:
         """``cluster_signature(group)``, with this context's ``num_ranks_per_node`` where it has one (the
         nodes its Buffers run on)."""
-        from commkit.profiles import cluster_signature
 
         sig = cluster_signature(self.group)
         if self.num_ranks_per_node is None:
@@ -229,7 +223,6 @@ class VirtualRanks(RankContext):
         return self._gather(result, "once")[0]
 
     def make_buffer(self, backend: str = "auto", num_sms: int | None = None) -> Any:
-        from commkit import Buffer
 
         if backend not in ("auto", "kernels"):
             raise ConfigError(
@@ -240,7 +233,6 @@ class VirtualRanks(RankContext):
 
     def signature(self) -> Any:
         """As ``Buffer.from_backend`` matches profiles: N ranks, in the group's (virtual) nodes."""
-        from commkit.profiles import cluster_signature
 
         per_node = getattr(self.group, "num_ranks_per_node", self.num_ranks)
         return dataclasses.replace(cluster_signature(), num_ranks=self.num_ranks, num_ranks_per_node=per_node)
@@ -263,13 +255,12 @@ def run_virtual(
     spin budget and the wait for the other ranks' calls); ``host_timeout_s``: how long a rank waits for
     the others at the tools' own barriers and reductions (rank 0 alone may run a baseline meanwhile;
     default: ``max(timeout_s, 1800)``)."""
-    from commkit.emulate import DEFAULT_NUM_SMS, EmulatedGroup
 
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
         raise ValueError(f"num_ranks: expected a positive number of virtual ranks, got {num_ranks!r}")
-    group = EmulatedGroup(
+    group = emulate.EmulatedGroup(
         num_ranks,
-        num_sms=num_sms or DEFAULT_NUM_SMS,
+        num_sms=num_sms or emulate.DEFAULT_NUM_SMS,
         timeout_s=timeout_s,
         device=device,
         num_ranks_per_node=num_ranks_per_node,

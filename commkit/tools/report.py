@@ -3,10 +3,12 @@ a result (``run_metadata``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -174,12 +176,22 @@ def device_description() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def command_line(args: argparse.Namespace | list[str] | None = None) -> str:
+    """The command as a user would type it: ``python -m commkit`` and the arguments ``main`` parsed
+    (``args.argv``, or a list of them); without either, this process's ``sys.argv``."""
+    argv = getattr(args, "argv", args)
+    if isinstance(argv, list):
+        return shlex.join(["python", "-m", "commkit", *argv])
+    words = list(sys.argv)
+    if words and words[0].endswith(("__main__.py", "/commkit")):
+        words = ["python", "-m", "commkit", *words[1:]]
+    return shlex.join(words)
+
+
 def run_metadata(started: float, command: Any = None) -> dict[str, Any]:
     """What produced a result: commkit version and commit, device, host, torch, the command line (a
-    string, or the parsed arguments / argument list for ``commkit.cli._common.command_line``), when."""
-    import torch
-
-    from commkit.cli._common import command_line
+    string, or the parsed arguments / argument list for ``command_line``), when."""
+    import torch  # NOTE: on use: the CLI imports this module to parse, which must not load torch
 
     return {
         "commkit": commkit_version(),

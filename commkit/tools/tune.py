@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from commkit.backends.internode import DEFAULT_FORWARDER_WARPS
+from commkit.emulate import DEFAULT_NUM_SMS
 from commkit.profiles import ClusterSignature, Profile
 from commkit.tools.bench import BenchSpec, bench_ranks
+from commkit.tools.ranks import DistRanks, run_virtual
 from commkit.tools.rows import BenchRow, split_skipped
 
 if TYPE_CHECKING:
@@ -37,7 +39,6 @@ class TuneSpec:
 
 def tune_rank(rank: int, num_ranks: int, spec: TuneSpec) -> dict[str, Any]:
     """On every rank of the process group: the sweep rows, this cluster's signature and the backend name."""
-    from commkit.tools.ranks import DistRanks
 
     ranks = DistRanks.current(
         timeout_s=spec.bench.comm_timeout_s, num_ranks_per_node=spec.bench.num_ranks_per_node
@@ -53,8 +54,6 @@ def tune_virtual(
     ``num_ranks = N`` and the virtual nodes' ranks per node (``spec.bench.num_ranks_per_node``, None:
     N), as ``Buffer.from_backend`` looks profiles up.
     ``timeout_s``: the communication timeout (default ``spec.bench.comm_timeout_s``)."""
-    from commkit.emulate import DEFAULT_NUM_SMS
-    from commkit.tools.ranks import run_virtual
 
     return run_virtual(
         num_ranks, lambda ctx: tune_ranks(ctx, spec), num_sms=min(spec.candidates, default=DEFAULT_NUM_SMS),
