@@ -66,7 +66,7 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FAKE_NVCC_LOG", str(log))
     monkeypatch.setenv("COMMKIT_NVCC", str(nvcc))
     monkeypatch.setenv("COMMKIT_CACHE_DIR", str(tmp_path / "cache"))
-    compiler._nvcc_version.cache_clear()
+    compiler.tool_version.cache_clear()
     return log
 
 

@@ -150,19 +150,23 @@ def nvcc_path() -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _nvcc_version(nvcc: str) -> str:
-    return subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+def tool_version(tool: str) -> str:
+    """``tool --version`` (a compiler's: part of every cache key that it builds)."""
+    return subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+def digest_files(digest: Any, directory: Path, relative_to: Path, suffixes: tuple[str, ...]) -> None:
+    """Feeds ``digest`` every file under ``directory`` whose suffix is in ``suffixes``, in sorted path
+    order: its path relative to ``relative_to``, NUL, its bytes, NUL."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.suffix in suffixes:
+            digest.update(str(path.relative_to(relative_to)).encode() + b"\0" + path.read_bytes() + b"\0")
 
 
 def _headers_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for sub in HEADER_DIRS:
-        for path in sorted((root / sub).rglob("*")):
-            if path.is_file() and path.suffix in HEADER_SUFFIXES:
-                digest.update(str(path.relative_to(root)).encode())
-                digest.update(b"\0")
-                digest.update(path.read_bytes())
-                digest.update(b"\0")
+        digest_files(digest, root / sub, root, HEADER_SUFFIXES)
     return digest.hexdigest()
 
 
@@ -171,12 +175,7 @@ def include_dirs_digest(include_dirs: tuple[Path, ...]) -> str:
     digest = hashlib.sha256()
     for index, directory in enumerate(include_dirs):
         digest.update(f"-I#{index}\0".encode())
-        for path in sorted(Path(directory).rglob("*")):
-            if path.is_file() and path.suffix in HEADER_SUFFIXES:
-                digest.update(str(path.relative_to(directory)).encode())
-                digest.update(b"\0")
-                digest.update(path.read_bytes())
-                digest.update(b"\0")
+        digest_files(digest, Path(directory), Path(directory), HEADER_SUFFIXES)
     return digest.hexdigest()
 
 
@@ -184,7 +183,7 @@ def cache_key(
     source: str, options: tuple[str, ...], root: Path, nvcc: str, include_dirs: tuple[Path, ...] = ()
 ) -> str:
     digest = hashlib.sha256()
-    parts = [source, "\0".join(options), _headers_digest(root), _nvcc_version(nvcc), ARCH]
+    parts = [source, "\0".join(options), _headers_digest(root), tool_version(nvcc), ARCH]
     if include_dirs:  # NOTE: no extra part without them, so the keys of existing entries stay valid
         parts.append(include_dirs_digest(include_dirs))
     for part in parts:
@@ -339,7 +338,7 @@ def compile_source(
             f"nvcc not found and no cached build of this kernel in {cache}: install the CUDA toolkit, or set "
             "COMMKIT_NVCC or CUDA_HOME (or warm the cache: python -m commkit jit warm)"
         )
-    version = _nvcc_version(nvcc)
+    version = tool_version(nvcc)
     key = cache_key(source, options, root, nvcc, include_dirs)
     skey = source_key(source, options, root, include_dirs)
     entry_dir = cache / key[:2] / key

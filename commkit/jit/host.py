@@ -41,9 +41,11 @@ from commkit.jit.compiler import (
     KernelSpec,
     cache_dir,
     compile_lock,
+    digest_files,
     include_dirs_digest,
     include_root,
     run_compiler,
+    tool_version,
 )
 
 HOST_DIRS = ("ptx", "csrc", "host")
@@ -100,17 +102,10 @@ def host_unavailable_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4)
-def _compiler_version(cxx: str) -> str:
-    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-
-
 def _sources_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for sub in HOST_DIRS:
-        for path in sorted((root / sub).rglob("*")):
-            if path.is_file() and path.suffix in SOURCE_SUFFIXES:
-                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        digest_files(digest, root / sub, root, SOURCE_SUFFIXES)
     return digest.hexdigest()
 
 
@@ -182,7 +177,7 @@ def _runtime_object(variant: str, cxx: str, root: Path) -> Path:
             ]
         )
 
-    parts = ["runtime", variant, "\0".join(options), _sources_digest(root), _compiler_version(cxx)]
+    parts = ["runtime", variant, "\0".join(options), _sources_digest(root), tool_version(cxx)]
     return _cached_build("runtime", parts, build, "runtime.o")
 
 
@@ -236,7 +231,7 @@ def compile_host(spec: KernelSpec, variant: str = "plain", defines: tuple[str, .
             ]  # fmt: skip
         )
 
-    parts = ["kernel", variant, source, "\0".join(options), _sources_digest(root), _compiler_version(cxx)]
+    parts = ["kernel", variant, source, "\0".join(options), _sources_digest(root), tool_version(cxx)]
     # NOTE: the runtime object's path holds its own key (its options), and the link options count too
     parts += [str(runtime), "\0".join(VARIANTS[variant]["link"])]
     if include_dirs:  # e.g. the kernels of the host runtime's own tests

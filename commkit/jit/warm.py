@@ -233,7 +233,7 @@ def nvcc_version_text() -> str | None:
     if nvcc is None:
         return None
     try:
-        return compiler._nvcc_version(nvcc)
+        return compiler.tool_version(nvcc)
     except (OSError, subprocess.CalledProcessError):
         return None
 
