@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from commkit.errors import ConfigError
+from commkit.hw import sysfs_ib
+from commkit.hw.nvml import Nvml, NvmlUnavailable, nvlink_gbps
+from commkit.user_dirs import user_cache_dir
+
 # NOTE: DeepSeek-V3 gives 20 of 132 SMs of an H800 to communication (shared/peers.md); without a
 # profile for this cluster that is the starting point.
 DEFAULT_NUM_SMS = 20
@@ -177,17 +185,6 @@ class BufferConfig:
 
 
 # --------------------------------------------------------------------------------------- store
-def user_cache_dir() -> Path:
-    """commkit's user cache directory: ``platformdirs.user_cache_path("commkit")`` (XDG on Linux:
-    ``$XDG_CACHE_HOME/commkit``, by default ``~/.cache/commkit``)."""
-    try:
-        import platformdirs
-    except ImportError:  # NOTE: an install that predates the dependency: the same path on Linux
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return Path(base) / "commkit"
-    return Path(platformdirs.user_cache_path("commkit", appauthor=False))
-
-
 def profile_dir(directory: str | Path | None = None) -> Path:
     """``directory``, else ``$COMMKIT_PROFILE_DIR``, else ``profiles`` in ``user_cache_dir()``."""
     if directory is not None:
@@ -282,11 +279,7 @@ def cluster_signature(
     device: the CUDA device (``device`` or the current one), ``cpu`` without CUDA; NVLink from NVML and
     the NIC from sysfs, 0.0 where unreadable.
     """
-    import torch
-    import torch.distributed as dist
 
-    from commkit.hw import sysfs_ib
-    from commkit.hw.nvml import Nvml, NvmlUnavailable, nvlink_gbps
 
     num_ranks = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     num_ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", num_ranks))
@@ -328,7 +321,6 @@ def resolve_config(
     """
     if num_sms is not None:
         if int(num_sms) < 1:
-            from commkit.errors import ConfigError
 
             raise ConfigError(f"num_sms must be >= 1, got {num_sms}")
         return BufferConfig(num_sms=int(num_sms), source="argument", reason="num_sms given by the caller")

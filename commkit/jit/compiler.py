@@ -54,6 +54,7 @@ import filelock
 from filelock import FileLock
 
 import commkit
+from commkit.user_dirs import user_cache_dir
 
 ARCH = "sm_90"
 DEFAULT_OPTIONS = ("-std=c++17", "-O3", "-lineinfo", "--diag-suppress=177")
@@ -129,11 +130,7 @@ def cache_dir() -> Path:
     env = os.environ.get("COMMKIT_CACHE_DIR")
     if env:
         return Path(env)
-    try:
-        import platformdirs
-    except ImportError:  # NOTE: an install that predates the dependency: the same path on Linux
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "commkit"
-    return Path(platformdirs.user_cache_path("commkit", appauthor=False))
+    return user_cache_dir()
 
 
 def nvcc_path() -> str | None:
