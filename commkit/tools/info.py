@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from commkit.backends.fabric import local_fabric_domain
+from commkit.backends import fabric
 from commkit.hw import sysfs_ib
 from commkit.hw.nvml import Nvml, NvmlUnavailable
 from commkit.jit import nccl as nccl_headers
@@ -117,7 +117,7 @@ def nvlink_domain_status(kernels_reason: str | None) -> str:
     if kernels_reason is not None:
         return f"not usable: {kernels_reason}"
 
-    domain, why = local_fabric_domain(torch.cuda.current_device())
+    domain, why = fabric.local_fabric_domain(torch.cuda.current_device())
     return f"usable: this GPU is in NVLink domain {domain}" if domain else f"not usable here: {why}"
 
 
