@@ -55,6 +55,19 @@ def test_top_level_help_imports_no_command() -> None:
     assert "dispatch/combine bandwidth, nccl-tests style" in out.stdout
 
 
+@pytest.mark.parametrize("command", ["bench", "tune", "overlap", "monitor", "jit", "info", "model"])
+def test_command_help_does_not_import_torch(command: str) -> None:
+    """A command's parser is built without torch (commkit/cli/__init__.py)."""
+    out = _run(
+        "-c",
+        "import sys\nfrom commkit.__main__ import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "TORCH False" in out.stdout, out.stdout[-300:]
+
+
 def test_help_does_not_import_torch() -> None:
     out = _run("-X", "importtime", "-m", "commkit", "--help")
     assert out.returncode == 0

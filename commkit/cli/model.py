@@ -9,6 +9,16 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from commkit.model import budget, report
+from commkit.model.predict import Model
+from commkit.model.presets import PRESETS, get_preset, preset_topology
+from commkit.model.throughput import load_profile
+from commkit.model.topology import Topology
+from commkit.model.traffic import RecordedRouting, SyntheticRouting
+from commkit.model.workload import Workload
+
 EXAMPLES = """\
 examples:
   python -m commkit model --preset h800-dsv3 --tokens 4096 --hidden 7168 --topk 8 --experts 256 --num-sms 20
@@ -88,7 +98,6 @@ def _description(presets: dict[str, Any]) -> str:
 
 
 def register(subparsers: Any) -> None:
-    from commkit.model.presets import PRESETS
 
     parser = subparsers.add_parser(
         "model",
@@ -197,7 +206,6 @@ def register(subparsers: Any) -> None:
 
 def _load_layout(path: Path) -> list[Any]:
     """topk_idx arrays from a recorded layout file: one [T, K] or [R, T, K], or a list of [T, K]."""
-    import numpy as np
 
     if not path.exists():
         raise ValueError(f"--layout: no such file {path}")
@@ -208,7 +216,7 @@ def _load_layout(path: Path) -> list[Any]:
                 raise ValueError(f"--layout: {path} has no 'topk_idx' array (has {sorted(data.files)})")
             data = data["topk_idx"]
     else:
-        import torch
+        import torch  # NOTE: only for a torch-saved layout: the model and its CLI load no torch
 
         data = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(data, dict):
@@ -248,15 +256,7 @@ def _name_flag(message: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
 
-    from commkit.model import budget, report
-    from commkit.model.predict import Model
-    from commkit.model.presets import get_preset, preset_topology
-    from commkit.model.throughput import load_profile
-    from commkit.model.topology import Topology
-    from commkit.model.traffic import RecordedRouting, SyntheticRouting
-    from commkit.model.workload import Workload
 
     try:
         preset = get_preset(args.preset)

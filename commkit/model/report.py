@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 from commkit.model.budget import BudgetAnswer
 from commkit.model.predict import LOGICAL_DEFINITION, PHASES, Model, PhasePrediction
 
@@ -50,9 +54,6 @@ def print_table(
     model: Model, predictions: dict[str, PhasePrediction], budgets: dict[str, BudgetAnswer]
 ) -> None:
     """A rich table, one row per phase, and the byte definition under it."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
 
     topo, work = model.topology, model.workload
     title = (
