@@ -3,17 +3,18 @@
 R ranks are grouped contiguously into N = R // G nodes of G ranks (``num_ranks_per_node``): node n
 holds ranks ``[n*G, (n+1)*G)``, and rank r is in-node index ``r % G`` of node ``r // G``. Every
 layer (the reference, the backends, the tools) asks a ``Nodes`` value instead of redoing the
-arithmetic, and validates G one way (``Nodes.of``).
+arithmetic, and validates G one way (``Nodes.of``). Loads no torch (the CLI checks its flags with it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-Rank = TypeVar("Rank", int, torch.Tensor)  # a rank, or a tensor of ranks
+Rank = TypeVar("Rank", int, "torch.Tensor")  # a rank, or a tensor of ranks
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,10 @@ class Nodes:
         if isinstance(num_ranks_per_node, bool) or not isinstance(num_ranks_per_node, int):
             raise TypeError(f"{name}: expected an int or None, got {type(num_ranks_per_node).__name__}")
         if num_ranks_per_node < 1 or num_ranks % num_ranks_per_node:
-            raise ValueError(f"{name}: expected a divisor of the {num_ranks} ranks, got {num_ranks_per_node}")
+            raise ValueError(
+                f"{name}: expected a divisor of the {num_ranks} ranks (nodes hold contiguous ranks), "
+                f"got {num_ranks_per_node}"
+            )
         return cls(num_ranks, num_ranks_per_node)
 
     @property

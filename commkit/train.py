@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import commkit
 from commkit.nn import MoE
+from commkit.nodes import Nodes
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--topk: expected at most --experts ({cfg.experts}), got {cfg.topk}")
     if cfg.experts % cfg.ranks:
         raise ValueError(f"--experts: expected a multiple of --ranks ({cfg.ranks}), got {cfg.experts}")
-    if cfg.ranks_per_node is not None and (cfg.ranks_per_node < 1 or cfg.ranks % cfg.ranks_per_node):
-        raise ValueError(
-            f"--ranks-per-node: expected a divisor of --ranks ({cfg.ranks}), got {cfg.ranks_per_node}"
-        )
+    Nodes.of(cfg.ranks, cfg.ranks_per_node, name="--ranks-per-node")
     if not cfg.lr > 0 or not cfg.tolerance > 0 or cfg.bias_rate < 0:
         raise ValueError(
             f"--lr, --tolerance, --bias-rate: expected > 0, > 0, >= 0, got {cfg.lr}, {cfg.tolerance}, "

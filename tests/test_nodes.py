@@ -32,7 +32,10 @@ def test_any_in_node() -> None:
 
 @pytest.mark.parametrize("bad", [0, -2, 3, 5])
 def test_not_a_divisor(bad: int) -> None:
-    message = rf"^num_ranks_per_node: expected a divisor of the 4 ranks, got {bad}$"
+    message = (
+        rf"^num_ranks_per_node: expected a divisor of the 4 ranks \(nodes hold contiguous ranks\), "
+        rf"got {bad}$"
+    )
     with pytest.raises(ValueError, match=message):
         Nodes.of(4, bad)
 

@@ -52,7 +52,7 @@ def test_disagreeing_curves_exit_non_zero(monkeypatch: pytest.MonkeyPatch) -> No
         (["--hidden", "60"], "--hidden: expected a multiple of 8, got 60"),
         (["--fp8", "--hidden", "64"], "--hidden: expected a multiple of 128, got 64"),
         (["--topk", "20"], "--topk: expected at most --experts (16), got 20"),
-        (["--ranks-per-node", "3"], "--ranks-per-node: expected a divisor of --ranks (4), got 3"),
+        (["--ranks-per-node", "3"], "--ranks-per-node: expected a divisor of the 4 ranks"),
     ],
 )
 def test_bad_options_are_named(args: list[str], message: str) -> None:

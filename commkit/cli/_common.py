@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from commkit.nodes import Nodes
 from commkit.tools.shapes import SHAPES, MoEShape, get_shape
 
 
@@ -176,8 +177,10 @@ def run_args_problem(args: argparse.Namespace, shapes: list[MoEShape] | None = N
     else:
         return None
     per_node = getattr(args, "ranks_per_node", None)
-    if per_node is not None and (per_node < 1 or num_ranks % per_node):
-        return f"--ranks-per-node: expected a divisor of the {num_ranks} ranks ({what}), got {per_node}"
+    try:
+        Nodes.of(num_ranks, per_node, name="--ranks-per-node")
+    except (TypeError, ValueError) as exc:
+        return str(exc)
     for shape in shapes or []:
         if shape.num_experts % num_ranks:
             divisors = [r for r in range(1, shape.num_experts + 1) if shape.num_experts % r == 0][:8]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from commkit.nodes import Nodes
 from commkit.routing import synthetic_topk
 from commkit.tools.shapes import MoEShape
 
@@ -168,13 +169,13 @@ def expected_combine(
     node, float32 from +0.0 in ascending rank order, rounded to bf16; the node partials added in float32
     from +0.0 in ascending node order (one node: a single rounding)."""
     num_ranks = len(inputs.topk_idx)
-    per_node = num_ranks_per_node or num_ranks
+    nodes = Nodes.of(num_ranks, num_ranks_per_node)
     in_rank = token_in_rank(inputs.topk_idx[rank], num_experts, num_ranks)  # [T, R]
     row = inputs.x.to(torch.bfloat16).to(torch.float32)
     total = torch.zeros_like(row)
-    for first in range(0, num_ranks, per_node):
+    for node in range(nodes.num_nodes):
         partial = torch.zeros_like(row)
-        for r in range(first, first + per_node):  # NOTE: ascending rank order, as the reference sums
+        for r in nodes.ranks(node):  # NOTE: ascending rank order, as the reference sums
             partial = partial + torch.where(in_rank[:, r : r + 1], row, torch.zeros_like(row))
         # NOTE: a node the token did not reach adds +0.0, which changes no sum that starts from +0.0
         total = total + partial.to(torch.bfloat16).to(torch.float32)
