@@ -17,6 +17,7 @@ import torch
 
 from commkit import reference
 from commkit.backends import internode_layout as il
+from commkit.backends import kernel_args as ka
 from commkit.backends import kernels_layout as kl
 from commkit.backends import launcher
 from commkit.fp8 import cast_to_fp8
@@ -25,26 +26,15 @@ from commkit.jit.compiler import KernelSpec
 
 class FakeKernels:
     """A launcher (``commkit.backends.launcher.Launcher``) that runs 'launches' with torch stand-ins on
-    CPU tensors; the stand-ins find the tensors through keys that stand for their pointers."""
+    CPU tensors; each stand-in gets the launch's ``commkit.backends.kernel_args`` instance and reads
+    the arguments by name (tensors as they are, None for a null pointer)."""
 
     device_type = "cpu"
     num_sms = 132
 
     def __init__(self) -> None:
-        self.tensors: dict[int, torch.Tensor] = {}
         self.launches: list[str] = []
         self.compiled: list[tuple[str, str, tuple, dict]] = []  # (header, kernel, targs, options) per lookup
-
-    def u64(self, t: torch.Tensor | None) -> Any:
-        if t is None:
-            return 0
-        # NOTE: empty tensors have data_ptr 0 (a null argument): they get a key of their own
-        key = t.data_ptr() or (1 << 62) + id(t)
-        self.tensors[key] = t
-        return key
-
-    def t(self, ptr: Any) -> torch.Tensor:
-        return self.tensors[int(ptr)]
 
     # ---------------------------------------------------------------- the Launcher protocol
     def kernel(self, spec: KernelSpec) -> tuple:
@@ -59,20 +49,18 @@ class FakeKernels:
     def blocks_per_sm(self, kernel: tuple, num_threads: int) -> int:
         return 1
 
-    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
+    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: ka.KernelArgs) -> None:
         name, targs = kernel
+        assert name == args.KERNEL, (args, name)
         self.launches.append(name)
-        keys = tuple(self.u64(a) if a is None or isinstance(a, torch.Tensor) else a for a in args)
-        getattr(self, name)(targs, num_blocks, *keys)
+        getattr(self, name)(targs, num_blocks, args)
 
     # ---------------------------------------------------------------- kernel contracts
-    def layout_kernel(
-        self, targs, blocks, topk, offsets, num_experts, per_rank, per_expert, in_rank, send_pos
-    ):
+    def layout_kernel(self, targs, blocks, a: ka.LayoutArgs):
         num_ranks, _ = targs
-        topk, offsets = self.t(topk), self.t(offsets).tolist()
-        per_rank, per_expert, send_pos = map(self.t, (per_rank, per_expert, send_pos))
-        in_rank = self.t(in_rank) if int(in_rank) else None  # null: dispatch does not read it
+        topk, offsets, num_experts = a.topk_idx, a.token_offsets.tolist(), a.num_experts
+        per_rank, per_expert, send_pos = a.num_tokens_per_rank, a.num_tokens_per_expert, a.send_pos
+        in_rank = a.is_token_in_rank  # None: dispatch does not read it
         for lr in range(blocks):
             rows = topk[offsets[lr] : offsets[lr + 1]]
             lay = reference.layout_reference(rows, int(num_experts), num_ranks)
@@ -85,36 +73,18 @@ class FakeKernels:
                 torch.int32
             )
 
-    def notify_kernel(
-        self,
-        targs,
-        blocks,
-        peers,
-        rank_base,
-        num_experts,
-        hidden,
-        num_topk,
-        dtype,
-        num_sms,
-        status,
-        offsets,
-        per_rank,
-        per_expert,
-        align,
-        max_rows,
-        meta,
-        timeout,
-    ):
+    def notify_kernel(self, targs, blocks, a: ka.NotifyArgs):
         (num_ranks,) = targs
-        assert blocks == num_ranks and int(rank_base) == 0  # virtual ranks: every rank in the launch
-        self._agreed(status)
-        num_local_experts = int(num_experts) // num_ranks
+        assert blocks == num_ranks and int(a.rank_base) == 0  # virtual ranks: every rank in the launch
+        self._agreed(a.status)
+        num_local_experts = int(a.num_experts) // num_ranks
         offsets, per_rank, per_expert, meta = (
-            self.t(offsets).tolist(),
-            self.t(per_rank),
-            self.t(per_expert),
-            self.t(meta),
+            a.token_offsets.tolist(),
+            a.num_tokens_per_rank,
+            a.num_tokens_per_expert,
+            a.meta,
         )
+        align, max_rows = a.expert_alignment, a.num_max_recv_rows
         for dst in range(num_ranks):
             acc = 0
             for src in range(num_ranks):
@@ -127,64 +97,33 @@ class FakeKernels:
             counts = per_expert[:, lo : lo + num_local_experts].sum(0)
             meta[dst, 2 * num_ranks + 1 :] = (counts + int(align) - 1) // int(align) * int(align)
 
-    def cached_notify_kernel(
-        self, targs, blocks, peers, rank_base, op, num_experts, hidden, num_topk, dtype, num_sms, handle,
-        status, timeout,
-    ):  # fmt: skip
-        self._agreed(status)
+    def cached_notify_kernel(self, targs, blocks, a: ka.CachedNotifyArgs):
+        self._agreed(a.status)
 
-    def _agreed(self, status) -> None:
+    def _agreed(self, status: torch.Tensor) -> None:
         """Every rank is in the launch: they agree (csrc/notify.cuh agree_on_call's status)."""
-        status = self.t(status)
         status.zero_()
         status[:, kl.STATUS_PEER] = -1
         status[:, kl.STATUS_SEQ] = self.call_seq = getattr(self, "call_seq", -1) + 1
 
-    def dispatch_kernel(
-        self,
-        targs,
-        blocks,
-        peers,
-        rank_base,
-        num_channels,
-        max_channels,
-        num_experts,
-        offsets,
-        x,
-        scales,
-        topk,
-        weights,
-        send_pos,
-        meta,
-        status,
-        recv_rows,
-        out_x,
-        out_scales,
-        out_idx,
-        out_w,
-        out_src,
-        timeout,
-    ):
+    def dispatch_kernel(self, targs, blocks, a: ka.DispatchArgs):
         num_ranks, hidden, num_topk, dtype = targs
-        assert blocks == num_ranks * int(num_channels) and int(num_channels) <= int(max_channels)
-        offsets, x, topk, weights = self.t(offsets).tolist(), self.t(x), self.t(topk), self.t(weights)
-        send_pos, meta, recv_rows = self.t(send_pos), self.t(meta), self.t(recv_rows).tolist()
-        out_x, out_idx, out_w, out_src = self.t(out_x), self.t(out_idx), self.t(out_w), self.t(out_src)
-        scales = self.t(scales) if dtype == kl.DTYPE_FP8 else None
-        out_scales = self.t(out_scales) if dtype != kl.DTYPE_BF16 else None
-        outs = (out_x, out_scales, out_idx, out_w, out_src)
+        assert blocks == num_ranks * int(a.num_channels) and int(a.num_channels) <= int(a.max_channels)
+        scales = a.x_scales if dtype == kl.DTYPE_FP8 else None
+        out_scales = a.out_x_scales if dtype != kl.DTYPE_BF16 else None
+        outs = (a.out_x, out_scales, a.out_topk_idx, a.out_topk_weights, a.out_src_token)
         self._place_rows(
             num_ranks,
-            int(num_experts),
+            int(a.num_experts),
             dtype,
-            offsets,
-            x,
+            a.token_offsets.tolist(),
+            a.x,
             scales,
-            topk,
-            weights,
-            send_pos,
-            meta,
-            recv_rows,
+            a.topk_idx,
+            a.topk_weights,
+            a.send_pos,
+            a.meta,
+            a.recv_row_offsets.tolist(),
             outs,
         )
 
@@ -214,54 +153,27 @@ class FakeKernels:
                     out_w[row] = weights[t]
                     out_src[row] = t - offsets[src]
 
-    def _net_layout(self, net) -> tuple[int, int]:
+    def _net_layout(self, net: torch.Tensor) -> tuple[int, int]:
         """(num_nodes, gpus_per_node) decoded from the packed NvlinkDomainNet argument."""
-        raw = bytes(self.t(net).tolist())
+        raw = bytes(net.tolist())
         assert len(raw) == il.NVLINK_DOMAIN_NET_BYTES
         num_nodes, gpus_per_node = il.InterLayout.STRUCT.unpack(raw[8:])[:2]
         return num_nodes, gpus_per_node
 
-    def internode_dispatch_kernel(
-        self,
-        targs,
-        blocks,
-        net,
-        peers,
-        rank_base,
-        num_channels,
-        num_experts,
-        offsets,
-        x,
-        scales,
-        topk,
-        weights,
-        send_pos,
-        node_pos,
-        meta,
-        recv_rows,
-        fwd_offsets,
-        fwd_mask,
-        fwd_token,
-        out_x,
-        out_scales,
-        out_idx,
-        out_w,
-        out_src,
-        timeout,
-    ):
+    def internode_dispatch_kernel(self, targs, blocks, a: ka.InternodeDispatchArgs):
         _, gpus, nodes, hidden, num_topk, dtype, _fwd_warps = targs
-        assert self._net_layout(net) == (nodes, gpus)
+        assert self._net_layout(a.net_ptr) == (nodes, gpus)
         num_ranks = nodes * gpus
-        assert blocks == num_ranks * int(num_channels)
-        offsets, x, topk, weights = self.t(offsets).tolist(), self.t(x), self.t(topk), self.t(weights)
-        send_pos, meta, recv_rows = self.t(send_pos), self.t(meta), self.t(recv_rows).tolist()
-        node_pos, fwd_offsets = self.t(node_pos), self.t(fwd_offsets).view(num_ranks, nodes + 1)
-        fwd_mask, fwd_token = self.t(fwd_mask), self.t(fwd_token)
-        outs = tuple(self.t(o) if int(o) else None for o in (out_x, out_scales, out_idx, out_w, out_src))
-        scales = self.t(scales) if dtype == kl.DTYPE_FP8 else None
+        assert blocks == num_ranks * int(a.num_channels)
+        offsets, x, topk, weights = a.token_offsets.tolist(), a.x, a.topk_idx, a.topk_weights
+        send_pos, meta, recv_rows = a.send_pos, a.meta, a.recv_row_offsets.tolist()
+        node_pos, fwd_offsets = a.node_send_pos, a.fwd_offsets.view(num_ranks, nodes + 1)
+        fwd_mask, fwd_token = a.fwd_mask, a.fwd_token
+        outs = (a.out_x, a.out_x_scales, a.out_topk_idx, a.out_topk_weights, a.out_src_token)
+        scales = a.x_scales if dtype == kl.DTYPE_FP8 else None
         self._place_rows(
             num_ranks,
-            int(num_experts),
+            int(a.num_experts),
             dtype,
             offsets,
             x,
@@ -288,34 +200,14 @@ class FakeKernels:
                     mask = sum(1 << j for j in range(gpus) if int(send_pos[t, n * gpus + j]) >= 0)
                     fwd_mask[idx], fwd_token[idx] = mask, t - offsets[src]
 
-    def internode_combine_kernel(
-        self,
-        targs,
-        blocks,
-        net,
-        peers,
-        rank_base,
-        num_channels,
-        num_experts,
-        offsets,
-        x,
-        recv_rows,
-        recv_src,
-        meta,
-        node_pos,
-        fwd_offsets,
-        fwd_mask,
-        fwd_token,
-        out,
-        timeout,
-    ):
+    def internode_combine_kernel(self, targs, blocks, a: ka.InternodeCombineArgs):
         _, gpus, nodes, hidden, _fwd_warps = targs
-        assert self._net_layout(net) == (nodes, gpus)
+        assert self._net_layout(a.net_ptr) == (nodes, gpus)
         num_ranks = nodes * gpus
-        offsets, x, recv_rows = self.t(offsets).tolist(), self.t(x), self.t(recv_rows).tolist()
-        recv_src, meta, node_pos, out = self.t(recv_src), self.t(meta), self.t(node_pos), self.t(out)
-        fwd_offsets = self.t(fwd_offsets).view(num_ranks, nodes + 1)
-        fwd_mask, fwd_token = self.t(fwd_mask), self.t(fwd_token)
+        offsets, x, recv_rows = a.token_offsets.tolist(), a.x, a.recv_row_offsets.tolist()
+        recv_src, meta, node_pos, out = a.recv_src_token, a.meta, a.node_send_pos, a.out
+        fwd_offsets = a.fwd_offsets.view(num_ranks, nodes + 1)
+        fwd_mask, fwd_token = a.fwd_mask, a.fwd_token
         partials = {}  # (source rank, token, node) -> bf16 partial, from the forwarders' records
         for fwd in range(num_ranks):
             n, g = divmod(fwd, gpus)
@@ -348,28 +240,10 @@ class FakeKernels:
                 out[t] = acc.to(torch.bfloat16)
         assert not partials  # every partial was summed once
 
-    def combine_kernel(
-        self,
-        targs,
-        blocks,
-        peers,
-        rank_base,
-        num_channels,
-        max_channels,
-        num_experts,
-        offsets,
-        x,
-        recv_rows,
-        recv_src,
-        meta,
-        status,
-        send_pos,
-        out,
-        timeout,
-    ):
+    def combine_kernel(self, targs, blocks, a: ka.CombineArgs):
         num_ranks, _ = targs
-        offsets, x, recv_rows = self.t(offsets).tolist(), self.t(x), self.t(recv_rows).tolist()
-        recv_src, meta, send_pos, out = self.t(recv_src), self.t(meta), self.t(send_pos), self.t(out)
+        offsets, x, recv_rows = a.token_offsets.tolist(), a.x, a.recv_row_offsets.tolist()
+        recv_src, meta, send_pos, out = a.recv_src_token, a.meta, a.send_pos, a.out
         for src in range(num_ranks):
             for t in range(offsets[src], offsets[src + 1]):
                 acc = torch.zeros(x.shape[1], dtype=torch.float32)

@@ -10,6 +10,7 @@ that, and keeps this rank's part of the outputs. So what the host side of one ra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -19,6 +20,7 @@ from fake_kernels import FakeKernels, install_fakes
 
 from commkit.backends import internode_backend as ib
 from commkit.backends import internode_net, launcher
+from commkit.backends import kernel_args as ka
 from commkit.backends import kernels as kmod
 from commkit.types import EventHandle
 
@@ -43,72 +45,75 @@ class GroupFakeKernels(FakeKernels):
         # (kernel, GIN transports made and windows grown so far) per launch
         self.transports_at: list[tuple[str, int]] = []
 
-    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: tuple) -> None:
+    def launch(self, kernel: tuple, num_blocks: int, num_threads: int, args: ka.KernelArgs) -> None:
         self.transports_at.append((kernel[0], len(FakeGinTransport.made) + len(FakeGinTransport.grown)))
         super().launch(kernel, num_blocks, num_threads, args)
 
-    def _pack(self, tensors: list[torch.Tensor | None]) -> Any:
+    @staticmethod
+    def _pack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
         if tensors[0] is None:
-            return 0
-        return self.u64(torch.cat([t for t in tensors if t is not None]))
+            return None
+        return torch.cat([t for t in tensors if t is not None])
 
-    def _packed_offsets(self, counts: list[int]) -> Any:
-        return self.u64(torch.tensor([sum(counts[:r]) for r in range(len(counts) + 1)], dtype=torch.int32))
+    @staticmethod
+    def _packed_offsets(counts: list[int]) -> torch.Tensor:
+        return torch.tensor([sum(counts[:r]) for r in range(len(counts) + 1)], dtype=torch.int32)
 
-    def _packed_records(self, fwd_offsets: Any) -> tuple[list[int], Any]:
-        rows = _gather(self.t(fwd_offsets))
+    @staticmethod
+    def _packed_records(fwd_offsets: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        rows = _gather(fwd_offsets)
         sizes = [int(r[-1]) for r in rows]  # type: ignore[index]
         base = [sum(sizes[:r]) for r in range(len(rows))]
         packed = torch.stack([r + b for r, b in zip(rows, base, strict=True)])  # type: ignore[operator]
-        return base, self.u64(packed.to(torch.int32))
+        return base, packed.to(torch.int32)
 
-    def internode_dispatch_kernel(self, targs, blocks, net, peers, rank_base, num_channels, num_experts,
-                                  offsets, x, scales, topk, weights, send_pos, node_pos, meta, recv_rows,
-                                  fwd_offsets, fwd_mask, fwd_token, *outs_and_timeout):  # fmt: skip
-        *outs, timeout = outs_and_timeout
+    def _gathered(self, a: ka.KernelArgs, *names: str) -> dict[str, torch.Tensor | None]:
+        """Every rank's ``a.<name>`` packed over the ranks, by name."""
+        return {name: self._pack(_gather(getattr(a, name))) for name in names}
+
+    _OUTS = ("out_x", "out_x_scales", "out_topk_idx", "out_topk_weights", "out_src_token")
+
+    def internode_dispatch_kernel(self, targs, blocks, a: ka.InternodeDispatchArgs):
         rank, world = dist.get_rank(), dist.get_world_size()
-        assert int(rank_base) == rank and blocks == int(num_channels)  # this rank alone
-        token_counts = [int(t.shape[0]) for t in _gather(self.t(topk))]  # type: ignore[union-attr]
-        own_outs = [self.t(o) if int(o) else None for o in outs]
-        out_rows = [int(t.shape[0]) for t in _gather(own_outs[0])]  # type: ignore[union-attr]
-        base, packed_fwd = self._packed_records(fwd_offsets)
-        packed_outs = [self._pack(_gather(o)) for o in own_outs]
-        mask, token = self._pack(_gather(self.t(fwd_mask))), self._pack(_gather(self.t(fwd_token)))
-        args = [self._pack(_gather(self.t(p) if int(p) else None))
-                for p in (x, scales, topk, weights, send_pos, node_pos, meta)]  # fmt: skip
-        super().internode_dispatch_kernel(
-            targs, blocks * world, net, peers, 0, num_channels, num_experts,
-            self._packed_offsets(token_counts), *args, self._packed_offsets(out_rows),
-            packed_fwd, mask, token, *packed_outs, timeout,
+        assert int(a.rank_base) == rank and blocks == int(a.num_channels)  # this rank alone
+        token_counts = [int(t.shape[0]) for t in _gather(a.topk_idx)]  # type: ignore[union-attr]
+        out_rows = [int(t.shape[0]) for t in _gather(a.out_x)]  # type: ignore[union-attr]
+        base, packed_fwd = self._packed_records(a.fwd_offsets)
+        packed_outs = self._gathered(a, *self._OUTS)
+        records = self._gathered(a, "fwd_mask", "fwd_token")
+        inputs = self._gathered(
+            a, "x", "x_scales", "topk_idx", "topk_weights", "send_pos", "node_send_pos", "meta"
+        )
+        packed = dataclasses.replace(
+            a, rank_base=0, token_offsets=self._packed_offsets(token_counts),
+            recv_row_offsets=self._packed_offsets(out_rows), fwd_offsets=packed_fwd,
+            **inputs, **records, **packed_outs,
         )  # fmt: skip
+        super().internode_dispatch_kernel(targs, blocks * world, packed)
         lo = sum(out_rows[:rank])
-        for own, packed in zip(own_outs, packed_outs, strict=True):
+        for name in self._OUTS:
+            own = getattr(a, name)
             if own is not None:
-                own.copy_(self.t(packed)[lo : lo + own.shape[0]])
-        for own, packed in ((fwd_mask, mask), (fwd_token, token)):
-            t = self.t(own)
-            t.copy_(self.t(packed)[base[rank] : base[rank] + t.numel()])
+                own.copy_(getattr(packed, name)[lo : lo + own.shape[0]])
+        for name in ("fwd_mask", "fwd_token"):
+            own = getattr(a, name)
+            own.copy_(getattr(packed, name)[base[rank] : base[rank] + own.numel()])
 
-    def internode_combine_kernel(self, targs, blocks, net, peers, rank_base, num_channels, num_experts,
-                                 offsets, x, recv_rows, recv_src, meta, node_pos, fwd_offsets, fwd_mask,
-                                 fwd_token, out, timeout):  # fmt: skip
+    def internode_combine_kernel(self, targs, blocks, a: ka.InternodeCombineArgs):
         rank, world = dist.get_rank(), dist.get_world_size()
-        assert int(rank_base) == rank and blocks == int(num_channels)
-        own_out = self.t(out)
-        token_counts = [int(t.shape[0]) for t in _gather(own_out)]  # type: ignore[union-attr]
-        rows = [int(t.shape[0]) for t in _gather(self.t(recv_src))]  # type: ignore[union-attr]
-        _, packed_fwd = self._packed_records(fwd_offsets)
-        args = [self._pack(_gather(self.t(p))) for p in (x,)]
-        rest = [self._pack(_gather(self.t(p))) for p in (recv_src, meta, node_pos)]
-        records = [self._pack(_gather(self.t(p))) for p in (fwd_mask, fwd_token)]
-        packed_out = self._pack(_gather(own_out))
-        super().internode_combine_kernel(
-            targs, blocks * world, net, peers, 0, num_channels, num_experts,
-            self._packed_offsets(token_counts), *args, self._packed_offsets(rows), *rest, packed_fwd,
-            *records, packed_out, timeout,
+        assert int(a.rank_base) == rank and blocks == int(a.num_channels)
+        token_counts = [int(t.shape[0]) for t in _gather(a.out)]  # type: ignore[union-attr]
+        rows = [int(t.shape[0]) for t in _gather(a.recv_src_token)]  # type: ignore[union-attr]
+        _, packed_fwd = self._packed_records(a.fwd_offsets)
+        packed = dataclasses.replace(
+            a, rank_base=0, token_offsets=self._packed_offsets(token_counts),
+            recv_row_offsets=self._packed_offsets(rows), fwd_offsets=packed_fwd,
+            **self._gathered(a, "x", "recv_src_token", "meta", "node_send_pos", "fwd_mask", "fwd_token",
+                             "out"),
         )  # fmt: skip
+        super().internode_combine_kernel(targs, blocks * world, packed)
         lo = sum(token_counts[:rank])
-        own_out.copy_(self.t(packed_out)[lo : lo + own_out.shape[0]])
+        a.out.copy_(packed.out[lo : lo + a.out.shape[0]])
 
 
 class FakeGinTransport:

@@ -22,14 +22,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from commkit.backends import internode_layout as il
 from commkit.backends import kernels_layout as kl
 from commkit.backends.count_exchange import Agreement, CallFormat, GroupCountExchange
 from commkit.backends.internode_net import NetProvider, NvlinkDomain
-from commkit.backends.kernels import CallArgs, DispatchResult, KernelEngine, KernelState, _i32, _offsets
+from commkit.backends.kernel_args import InternodeCombineArgs, InternodeDispatchArgs
+from commkit.backends.kernels import CallArgs, DispatchResult, KernelEngine, KernelState, _offsets
 from commkit.backends.launcher import Launcher
 from commkit.backends.symmetric import SymmetricBuffers
 from commkit.errors import ConfigError
@@ -312,7 +312,7 @@ class InternodeEngine(KernelEngine):
                 f"got {list(token_counts)}"
             )
         g = self.gpus_per_node
-        header, name = "csrc/internode_dispatch.cuh", "internode_dispatch_kernel"
+        header, name = InternodeDispatchArgs.HEADER, InternodeDispatchArgs.KERNEL
         grouped = self.exchange is not None
         if grouped:  # the buffers grow after the count exchange has shown that every rank agrees
             kernel, defines = self._kernel_first(num_sms, hidden, num_topk, dtype_code, header, name)
@@ -410,30 +410,30 @@ class InternodeEngine(KernelEngine):
             self._poison(*outs)
         out_x, out_scales, out_idx, out_weights, out_src_token = outs
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
-        args: tuple[Any, ...] = (
-            net,
-            self.buffers.peer_bases,
-            _i32(self.rank_base),
-            _i32(num_sms),
-            _i32(num_experts),
-            token_offsets,
-            x,
-            x_scales,
-            topk_idx,
-            topk_weights,
-            send_pos,
-            node_pos,
-            meta,
-            recv_row_offsets,
-            fwd_offsets,
-            fwd_mask,
-            fwd_token,
-            out_x,
-            out_scales,
-            out_idx,
-            out_weights,
-            out_src_token,
-            np.int64(self._timeout_ns),
+        args = InternodeDispatchArgs(
+            net_ptr=net,
+            peer_bases=self.buffers.peer_bases,
+            rank_base=self.rank_base,
+            num_channels=num_sms,
+            num_experts=num_experts,
+            token_offsets=token_offsets,
+            x=x,
+            x_scales=x_scales,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            send_pos=send_pos,
+            node_send_pos=node_pos,
+            meta=meta,
+            recv_row_offsets=recv_row_offsets,
+            fwd_offsets=fwd_offsets,
+            fwd_mask=fwd_mask,
+            fwd_token=fwd_token,
+            out_x=out_x,
+            out_x_scales=out_scales,
+            out_topk_idx=out_idx,
+            out_topk_weights=out_weights,
+            out_src_token=out_src_token,
+            timeout_ns=self._timeout_ns,
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         self._timing_end("dispatch")
@@ -465,7 +465,7 @@ class InternodeEngine(KernelEngine):
         hidden = x.shape[1]
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
-        header, name = "csrc/internode_combine.cuh", "internode_combine_kernel"
+        header, name = InternodeCombineArgs.HEADER, InternodeCombineArgs.KERNEL
         if self.exchange is None:
             kernel, net = self._kernel_and_net(num_sms, hidden, None, None, header, name)
         else:  # the buffers grow (if at all) after the barrier has shown that every rank agrees
@@ -481,23 +481,23 @@ class InternodeEngine(KernelEngine):
             agreement = self.exchange.barrier(fmt)
             self._agree(agreement, not self._net_cached(num_sms, hidden, None, None), "combine: barrier")
             kernel, net = self._net_then_kernel(kernel, defines, num_sms, hidden, None, None, header, name)
-        args = (
-            net,
-            self.buffers.peer_bases,
-            _i32(self.rank_base),
-            _i32(num_sms),
-            _i32(num_experts),
-            state.token_offsets,
-            x,
-            state.recv_row_offsets,
-            state.recv_src_token,
-            state.meta,
-            state.node_send_pos,
-            state.fwd_offsets,
-            state.fwd_mask,
-            state.fwd_token,
-            out,
-            np.int64(self._timeout_ns),
+        args = InternodeCombineArgs(
+            net_ptr=net,
+            peer_bases=self.buffers.peer_bases,
+            rank_base=self.rank_base,
+            num_channels=num_sms,
+            num_experts=num_experts,
+            token_offsets=state.token_offsets,
+            x=x,
+            recv_row_offsets=state.recv_row_offsets,
+            recv_src_token=state.recv_src_token,
+            meta=state.meta,
+            node_send_pos=state.node_send_pos,
+            fwd_offsets=state.fwd_offsets,
+            fwd_mask=state.fwd_mask,
+            fwd_token=state.fwd_token,
+            out=out,
+            timeout_ns=self._timeout_ns,
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         self._timing_end("combine")

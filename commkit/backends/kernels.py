@@ -46,23 +46,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
 from commkit.backends.count_exchange import OPS, status_error
+from commkit.backends.kernel_args import (
+    CachedNotifyArgs,
+    CombineArgs,
+    DispatchArgs,
+    KernelArgs,
+    LayoutArgs,
+    NotifyArgs,
+)
 from commkit.backends.launcher import Launcher, for_device, stream_context
 from commkit.backends.shared_memory import SharedMemoryBuffers, check_one_host
 from commkit.backends.symmetric import IpcBuffers, SymmetricBuffers
 from commkit.errors import CommError, CommTimeoutError, ConfigError
 from commkit.jit.compiler import JIT_TIMEOUT_S, KernelSpec
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
-
-
-def _i32(v: int) -> np.int32:
-    return np.int32(v)
-
 
 SPIN_S = 200e-6  # host waits poll without sleeping this long first
 
@@ -116,10 +118,6 @@ class CallArgs:
     dtype: int
     num_sms: int
     handle_status: torch.Tensor | None = None
-
-    def kernel_args(self) -> tuple[Any, ...]:
-        return (_i32(self.num_experts), _i32(self.hidden), _i32(self.num_topk), _i32(self.dtype),
-                _i32(self.num_sms))  # fmt: skip
 
     def own(self, status_row: list[int], local_idx: int) -> tuple[int, ...]:
         """This rank's whole descriptor (``count_exchange.KERNEL_FORMAT_NAMES``); reads the handle's
@@ -219,7 +217,7 @@ class KernelEngine:
             self._loaded_anew = True
         return kernel
 
-    def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
+    def _launch(self, kernel: Any, num_blocks: int, num_threads: int, args: KernelArgs) -> None:
         if num_blocks == 0:
             return
         if self._timing is not None and self._segment_start is None:
@@ -482,15 +480,15 @@ class KernelEngine:
             else None  # dispatch does not read it: the kernel skips the writes
         )
         send_pos = torch.empty(num_tokens, self.num_ranks, dtype=torch.int32, device=self.device)
-        kernel = self._kernel("csrc/layout.cuh", "layout_kernel", self.num_ranks, num_topk)
-        args = (
-            topk_idx,
-            token_offsets,
-            _i32(num_experts),
-            per_rank,
-            per_expert,
-            in_rank,
-            send_pos,
+        kernel = self._kernel(LayoutArgs.HEADER, LayoutArgs.KERNEL, self.num_ranks, num_topk)
+        args = LayoutArgs(
+            topk_idx=topk_idx,
+            token_offsets=token_offsets,
+            num_experts=num_experts,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_expert=per_expert,
+            is_token_in_rank=in_rank,
+            send_pos=send_pos,
         )
         self._launch(kernel, self.num_local, 512, args)
         return per_rank, per_expert, in_rank, send_pos, token_offsets
@@ -539,7 +537,9 @@ class KernelEngine:
                 f"got {list(token_counts)}"
             )
         self._check_usable()
-        kernel = self._kernel("csrc/dispatch.cuh", "dispatch_kernel", num_ranks, hidden, num_topk, dtype_code)
+        kernel = self._kernel(
+            DispatchArgs.HEADER, DispatchArgs.KERNEL, num_ranks, hidden, num_topk, dtype_code
+        )
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
         op = kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH
         handle_status = None if state is None else state.status
@@ -596,27 +596,27 @@ class KernelEngine:
             self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
 
-        args = (
-            self.buffers.peer_bases,
-            _i32(self.rank_base),
-            _i32(num_sms),
-            _i32(self.buffers.max_channels),
-            _i32(num_experts),
-            token_offsets,
-            x,
-            x_scales,
-            topk_idx,
-            topk_weights,
-            send_pos,
-            meta,
-            status,
-            recv_row_offsets,
-            out_x,
-            out_scales,
-            out_idx,
-            out_weights,
-            out_src_token,
-            np.int64(self._timeout_ns),
+        args = DispatchArgs(
+            peer_bases=self.buffers.peer_bases,
+            rank_base=self.rank_base,
+            num_channels=num_sms,
+            max_channels=self.buffers.max_channels,
+            num_experts=num_experts,
+            token_offsets=token_offsets,
+            x=x,
+            x_scales=x_scales,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            send_pos=send_pos,
+            meta=meta,
+            status=status,
+            recv_row_offsets=recv_row_offsets,
+            out_x=out_x,
+            out_x_scales=out_scales,
+            out_topk_idx=out_idx,
+            out_topk_weights=out_weights,
+            out_src_token=out_src_token,
+            timeout_ns=self._timeout_ns,
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         self._timing_end("dispatch")
@@ -651,19 +651,23 @@ class KernelEngine:
         stride = kl.meta_stride(self.num_ranks, call.num_experts)
         meta = torch.empty(self.num_local, stride, dtype=torch.int32, device=self.device)
         status = self._status()
-        notify = self._kernel("csrc/notify.cuh", "notify_kernel", self.num_ranks)
-        args: tuple[Any, ...] = (
-            self.buffers.peer_bases,
-            _i32(self.rank_base),
-            *call.kernel_args(),
-            status,
-            token_offsets,
-            per_rank,
-            per_expert,
-            _i32(1),
-            _i32(-1 if num_worst_tokens is None else num_worst_tokens),
-            meta,
-            np.int64(self._first_wait_ns()),
+        notify = self._kernel(NotifyArgs.HEADER, NotifyArgs.KERNEL, self.num_ranks)
+        args = NotifyArgs(
+            peer_bases=self.buffers.peer_bases,
+            rank_base=self.rank_base,
+            num_experts=call.num_experts,
+            hidden=call.hidden,
+            num_topk=call.num_topk,
+            dtype=call.dtype,
+            num_sms=call.num_sms,
+            status=status,
+            token_offsets=token_offsets,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_expert=per_expert,
+            expert_alignment=1,
+            num_max_recv_rows=-1 if num_worst_tokens is None else num_worst_tokens,
+            meta=meta,
+            timeout_ns=self._first_wait_ns(),
         )
         self._launch(notify, self.num_local, 128, args)
         return meta, status
@@ -689,10 +693,21 @@ class KernelEngine:
 
     def _cached_notify(self, call: CallArgs) -> torch.Tensor:
         """Agreement and barrier (csrc/cached.cuh); returns ``status`` [num_local, STATUS_INTS]."""
-        kernel = self._kernel("csrc/cached.cuh", "cached_notify_kernel", self.num_ranks)
+        kernel = self._kernel(CachedNotifyArgs.HEADER, CachedNotifyArgs.KERNEL, self.num_ranks)
         status = self._status()
-        args = (self.buffers.peer_bases, _i32(self.rank_base), _i32(call.op), *call.kernel_args(),
-                call.handle_status, status, np.int64(self._first_wait_ns()))  # fmt: skip
+        args = CachedNotifyArgs(
+            peer_bases=self.buffers.peer_bases,
+            rank_base=self.rank_base,
+            op=call.op,
+            num_experts=call.num_experts,
+            hidden=call.hidden,
+            num_topk=call.num_topk,
+            dtype=call.dtype,
+            num_sms=call.num_sms,
+            handle_status=call.handle_status,
+            status=status,
+            timeout_ns=self._first_wait_ns(),
+        )
         self._launch(kernel, self.num_local, 128, args)
         return status
 
@@ -703,7 +718,7 @@ class KernelEngine:
         self._check_usable()
         self._check_shapes(num_experts, hidden, 1, False)
         self._check_aligned("x", x)
-        kernel = self._kernel("csrc/combine.cuh", "combine_kernel", self.num_ranks, hidden)
+        kernel = self._kernel(CombineArgs.HEADER, CombineArgs.KERNEL, self.num_ranks, hidden)
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
         self.buffers.ensure_header()
         out = torch.empty(sum(state.token_counts), hidden, dtype=torch.bfloat16, device=self.device)
@@ -712,21 +727,21 @@ class KernelEngine:
         call = CallArgs(kl.OP_COMBINE, num_experts, hidden, 0, 0, num_sms, state.status)
         status = self._cached_notify(call)
         self._grow_or_settle(status, call, "combine: agreement", num_sms, kl.combine_slot_bytes(hidden))
-        args = (
-            self.buffers.peer_bases,
-            _i32(self.rank_base),
-            _i32(num_sms),
-            _i32(self.buffers.max_channels),
-            _i32(num_experts),
-            state.token_offsets,
-            x,
-            state.recv_row_offsets,
-            state.recv_src_token,
-            state.meta,
-            status,
-            state.send_pos,
-            out,
-            np.int64(self._timeout_ns),
+        args = CombineArgs(
+            peer_bases=self.buffers.peer_bases,
+            rank_base=self.rank_base,
+            num_channels=num_sms,
+            max_channels=self.buffers.max_channels,
+            num_experts=num_experts,
+            token_offsets=state.token_offsets,
+            x=x,
+            recv_row_offsets=state.recv_row_offsets,
+            recv_src_token=state.recv_src_token,
+            meta=state.meta,
+            status=status,
+            send_pos=state.send_pos,
+            out=out,
+            timeout_ns=self._timeout_ns,
         )
         self._launch(kernel, self.num_local * num_sms, kl.NUM_THREADS, args)
         self._timing_end("combine")

@@ -8,10 +8,12 @@ its blocks fit on one SM (``blocks_per_sm``), and run it (``launch``). Implement
   synchronous; its ``num_sms`` is an H100's, so that the SM budget checks are the GPU's;
 - the host-logic tests' stand-ins (``tests/fake_kernels.py``).
 
-Arguments: an engine passes the kernel's parameters in order, each a tensor (its data pointer; None
-for a null pointer) or a numpy ``int32``/``int64`` scalar of the parameter's C type; a launcher turns
-tensors into what its device takes. ``for_device(device)`` picks the launcher of an engine that was
-given none; ``use(launcher)`` (or ``set_default``) makes it another one: the tests' stand-ins.
+Arguments: an engine passes the kernel's parameters as its ``commkit.backends.kernel_args`` instance
+(named as in C++; ``values()`` in order, each a tensor (its data pointer; None for a null pointer) or
+a numpy ``int32``/``int64`` scalar of the parameter's C type); a launcher turns them into what its
+device takes (``raw_args``), the tests' stand-ins read them by name. ``for_device(device)`` picks the
+launcher of an engine that was given none; ``use(launcher)`` (or ``set_default``) makes it another
+one: the tests' stand-ins.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from commkit.backends.kernel_args import KernelArgs
 from commkit.jit.compiler import KernelSpec
 from commkit.jit.host import HostBuild, load_host_kernel
 
@@ -43,7 +46,7 @@ class Launcher(Protocol):
         """How many blocks of ``num_threads`` threads of ``kernel`` one SM holds at once."""
         ...
 
-    def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
+    def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: KernelArgs) -> None:
         """Runs ``kernel`` on ``num_blocks`` blocks of ``num_threads`` threads with ``args``."""
         ...
 
@@ -53,9 +56,11 @@ def pointer(arg: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if arg is None else arg.data_ptr())
 
 
-def raw_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``args`` with every tensor (or None) turned into its pointer."""
-    return tuple(pointer(a) if a is None or isinstance(a, torch.Tensor) else a for a in args)
+def raw_args(args: KernelArgs | tuple[Any, ...]) -> tuple[Any, ...]:
+    """The launch tuple of ``args`` (a ``KernelArgs`` or its ``values()``) with every tensor (or None)
+    turned into its pointer."""
+    values = args.values() if isinstance(args, KernelArgs) else args
+    return tuple(pointer(a) if a is None or isinstance(a, torch.Tensor) else a for a in values)
 
 
 def _cupy_stream(stream: torch.cuda.Stream, device_index: int) -> Any:
@@ -95,7 +100,7 @@ class CupyLauncher:
             regs = max(1, int(kernel.attributes.get("num_regs", 128)))
             return max(0, min(2048 // num_threads, 65536 // (regs * num_threads)))
 
-    def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
+    def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: KernelArgs) -> None:
         torch_stream = torch.cuda.current_stream(self.device)
         handle = torch_stream.cuda_stream
         stream = self._streams.get(handle)
@@ -134,7 +139,7 @@ class HostLauncher:
     def blocks_per_sm(self, kernel: Any, num_threads: int) -> int:
         return 1  # one 512-thread block per SM, as the kernels' __launch_bounds__ ask of a GPU
 
-    def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: tuple[Any, ...]) -> None:
+    def launch(self, kernel: Any, num_blocks: int, num_threads: int, args: KernelArgs) -> None:
         kernel.launch(num_blocks, num_threads, raw_args(args), seed=self.seed, watchdog_s=self.watchdog_s)
 
 
