@@ -299,18 +299,10 @@ class InternodeEngine(KernelEngine):
     ) -> DispatchResult:
         """As ``KernelEngine.dispatch`` (same outputs, bit for bit), through the internode kernels."""
         self._check_usable()
-        hidden, num_topk = x.shape[1], topk_idx.shape[1]
-        fp8_in = x.dtype == torch.float8_e4m3fn
-        dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
-        self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
-        self._check_aligned("x", x)
+        hidden, num_topk, dtype_code = self._dispatch_format(x, topk_idx, num_experts, cast_to_fp8)
         if state is not None and not isinstance(state, InterState):
             raise ValueError("handle: expected a handle of an internode dispatch of this group")
-        if state is not None and list(token_counts) != state.token_counts:
-            raise ValueError(
-                f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
-                f"got {list(token_counts)}"
-            )
+        self._check_handle_tokens(state, token_counts)
         g = self.gpus_per_node
         header, name = InternodeDispatchArgs.HEADER, InternodeDispatchArgs.KERNEL
         grouped = self.exchange is not None
@@ -326,15 +318,10 @@ class InternodeEngine(KernelEngine):
 
         self._timing_begin()
         if num_worst_tokens is not None:
-            row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
-            outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
-            outs[2].fill_(-1)
-            outs[3].zero_()
+            row_offsets, outs = self._worst_outputs(num_worst_tokens, hidden, num_topk, out_fp8)
         agreement = status = None
         # NOTE: virtual nodes run every rank in one launch: the device agreement cannot differ there
-        op = kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH
-        handle_status = None if state is None else state.status
-        call = CallArgs(op, num_experts, hidden, num_topk, dtype_code, num_sms, handle_status)
+        call = self._dispatch_call(state, num_experts, hidden, num_topk, dtype_code, num_sms)
         if state is None:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
                 topk_idx, token_counts, num_experts, with_in_rank=False
@@ -383,8 +370,7 @@ class InternodeEngine(KernelEngine):
                 row = self._read_counts(both, "dispatch: count exchange")[0]
                 agreement.check_host(row[meta.shape[1] :])
                 meta_host = [row[: meta.shape[1]]]
-            recv_counts = [row[self.num_ranks] for row in meta_host]
-            expert_counts = [row[2 * self.num_ranks + 1 :] for row in meta_host]
+            recv_counts, expert_counts = self._host_counts(meta_host)
         elif agreement is not None:
             grows = not self._net_cached(num_sms, hidden, num_topk, dtype_code)
             self._agree(
@@ -405,9 +391,7 @@ class InternodeEngine(KernelEngine):
 
         if num_worst_tokens is None:
             assert recv_counts is not None
-            row_offsets = _offsets(recv_counts)
-            outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
-            self._poison(*outs)
+            row_offsets, outs = self._counted_outputs(recv_counts, hidden, num_topk, out_fp8)
         out_x, out_scales, out_idx, out_weights, out_src_token = outs
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
         args = InternodeDispatchArgs(

@@ -511,6 +511,65 @@ class KernelEngine:
         out_src_token = torch.empty(num_rows, dtype=torch.int32, device=self.device)
         return out_x, out_scales, out_idx, out_weights, out_src_token
 
+    # Steps shared with InternodeEngine.dispatch (same checks, same outputs)
+    def _dispatch_format(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, cast_to_fp8: bool
+    ) -> tuple[int, int, int]:
+        """(hidden, num_topk, dtype code) of a dispatch, its shapes and alignment checked."""
+        hidden, num_topk = x.shape[1], topk_idx.shape[1]
+        fp8_in = x.dtype == torch.float8_e4m3fn
+        dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
+        self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
+        self._check_aligned("x", x)
+        return hidden, num_topk, dtype_code
+
+    @staticmethod
+    def _check_handle_tokens(state: KernelState | None, token_counts: list[int]) -> None:
+        """A dispatch through a handle sends the token counts of the handle's dispatch."""
+        if state is not None and list(token_counts) != state.token_counts:
+            raise ValueError(
+                f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
+                f"got {list(token_counts)}"
+            )
+
+    @staticmethod
+    def _dispatch_call(
+        state: KernelState | None, num_experts: int, hidden: int, num_topk: int, dtype_code: int, num_sms: int
+    ) -> CallArgs:
+        """The descriptor of a dispatch (cached with a handle)."""
+        op = kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH
+        handle_status = None if state is None else state.status
+        return CallArgs(op, num_experts, hidden, num_topk, dtype_code, num_sms, handle_status)
+
+    def _worst_outputs(
+        self, num_worst_tokens: int, hidden: int, num_topk: int, out_fp8: bool
+    ) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(row offsets, outputs) of num_worst_tokens rows per rank, sized before the first launch
+        (nothing is read back), so that only kernels run between the timing events. The kernel writes
+        the first N_recv rows of each rank; the padding rows must not look like routed rows to the
+        expert code: topk_idx -1, weight 0."""
+        # NOTE: x and x_scales padding rows are left unwritten (as in DeepEP): zeroing them would
+        # cost a memset of num_worst_tokens rows per call.
+        row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
+        outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
+        outs[2].fill_(-1)
+        outs[3].zero_()
+        return row_offsets, outs
+
+    def _counted_outputs(
+        self, recv_counts: list[int], hidden: int, num_topk: int, out_fp8: bool
+    ) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(row offsets, outputs) of the read-back receive counts (poisoned where the tests ask)."""
+        row_offsets = _offsets(recv_counts)
+        outs = self._dispatch_outputs(row_offsets[-1], hidden, num_topk, out_fp8)
+        self._poison(*outs)
+        return row_offsets, outs
+
+    def _host_counts(self, meta_host: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """(receive counts, unaligned rows per local expert) per rank from the read-back ``meta``."""
+        num_ranks = self.num_ranks
+        return [row[num_ranks] for row in meta_host], [row[2 * num_ranks + 1 :] for row in meta_host]
+
     def dispatch(
         self,
         x: torch.Tensor,
@@ -526,41 +585,22 @@ class KernelEngine:
         num_worst_tokens: int | None = None,
     ) -> DispatchResult:
         """x: [sum T, H] packed over the launch's ranks (token_counts[l] rows each)."""
-        hidden, num_topk, num_ranks = x.shape[1], topk_idx.shape[1], self.num_ranks
-        fp8_in = x.dtype == torch.float8_e4m3fn
-        dtype_code = kl.DTYPE_FP8 if fp8_in else (kl.DTYPE_BF16_CAST_FP8 if cast_to_fp8 else kl.DTYPE_BF16)
-        self._check_shapes(num_experts, hidden, num_topk, dtype_code != kl.DTYPE_BF16)
-        self._check_aligned("x", x)
-        if state is not None and list(token_counts) != state.token_counts:
-            raise ValueError(
-                f"x: expected the token counts {state.token_counts} (by rank) of the handle's dispatch, "
-                f"got {list(token_counts)}"
-            )
+        hidden, num_topk, dtype_code = self._dispatch_format(x, topk_idx, num_experts, cast_to_fp8)
+        num_ranks = self.num_ranks
+        self._check_handle_tokens(state, token_counts)
         self._check_usable()
         kernel = self._kernel(
             DispatchArgs.HEADER, DispatchArgs.KERNEL, num_ranks, hidden, num_topk, dtype_code
         )
         self._check_budget(kernel, num_sms)  # before growing the buffers for a budget that cannot run
-        op = kl.OP_DISPATCH if state is None else kl.OP_CACHED_DISPATCH
-        handle_status = None if state is None else state.status
-        call = CallArgs(op, num_experts, hidden, num_topk, dtype_code, num_sms, handle_status)
+        call = self._dispatch_call(state, num_experts, hidden, num_topk, dtype_code, num_sms)
         slot_bytes = max(kl.dispatch_slot_bytes(hidden, num_topk, dtype_code), kl.combine_slot_bytes(hidden))
         self.buffers.ensure_header()
         out_fp8 = dtype_code != kl.DTYPE_BF16
 
         self._timing_begin()
         if num_worst_tokens is not None:
-            # Sized before the first launch (nothing is read back), so that only kernels run between
-            # the timing events. The kernel writes the first N_recv rows of each rank; the padding
-            # rows must not look like routed rows to the expert code: topk_idx -1, weight 0.
-            # NOTE: x and x_scales padding rows are left unwritten (as in DeepEP): zeroing them would
-            # cost a memset of num_worst_tokens rows per call.
-            row_offsets = [lr * num_worst_tokens for lr in range(self.num_local + 1)]
-            out_x, out_scales, out_idx, out_weights, out_src_token = self._dispatch_outputs(
-                row_offsets[-1], hidden, num_topk, out_fp8
-            )
-            out_idx.fill_(-1)
-            out_weights.zero_()
+            row_offsets, outs = self._worst_outputs(num_worst_tokens, hidden, num_topk, out_fp8)
 
         if state is None:
             per_rank, per_expert, _, send_pos, token_offsets = self._layout(
@@ -586,14 +626,9 @@ class KernelEngine:
                 rows = self._read_counts(both, "dispatch: count exchange (notify)")
                 self._raise_disagreement([row[stride:] for row in rows], call, phase)
                 self.buffers.ensure(num_sms, slot_bytes)  # every rank agrees: grows on all or none
-                meta_host = [row[:stride] for row in rows]
-                recv_counts = [row[num_ranks] for row in meta_host]
-                expert_counts = [row[2 * num_ranks + 1 :] for row in meta_host]
-            row_offsets = _offsets(recv_counts)
-            out_x, out_scales, out_idx, out_weights, out_src_token = self._dispatch_outputs(
-                row_offsets[-1], hidden, num_topk, out_fp8
-            )
-            self._poison(out_x, out_scales, out_idx, out_weights, out_src_token)
+                recv_counts, expert_counts = self._host_counts([row[:stride] for row in rows])
+            row_offsets, outs = self._counted_outputs(recv_counts, hidden, num_topk, out_fp8)
+        out_x, out_scales, out_idx, out_weights, out_src_token = outs
         recv_row_offsets = self._device_offsets(row_offsets[:-1])
 
         args = DispatchArgs(
