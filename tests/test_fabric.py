@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from cases import Case, bits, expert_output, make_inputs
-from test_torch_backend import check_dispatch
+from dispatch_checks import check_dispatch
 
 import commkit
 from commkit.launch import spawn_gloo
