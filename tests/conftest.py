@@ -1,4 +1,5 @@
-"""Test configuration: ``gpu`` tests run only where CUDA and CuPy are usable."""
+"""Test configuration: ``gpu`` tests run only where CUDA and CuPy are usable; the fixtures that tests
+in several files share."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty profile directory ($COMMKIT_PROFILE_DIR) for tests that tune or look profiles up."""
+    directory = tmp_path / "profiles"
+    monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(directory))
+    return directory
 
 
 @pytest.fixture(scope="module")
