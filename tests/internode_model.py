@@ -279,6 +279,36 @@ def wait_for(read: Callable[[], int], done: Callable[[int], bool], what: str, ke
         yield Wait(what, (key,))
 
 
+class BlockRoles:
+    """The roles of each block (rank, channel c) of one launch: each says when it is done, and the
+    block's end (__syncthreads, then the owner resets the block) waits for all of them."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.done: dict[tuple, int] = defaultdict(int)
+
+    def role_done(self, rank: int, c: int) -> None:
+        self.done[(rank, c)] += 1
+        self.machine.written.append(("done", rank, c))
+
+    def block_end(
+        self, rank: int, c: int, num_roles: int, kinds: tuple[int, int], own_node_signals: bool
+    ) -> Step:
+        """__syncthreads, then the owner resets its counters of kinds and its signals (own_node_signals:
+        its own node's too)."""
+        yield from wait_for(
+            lambda: self.done[(rank, c)], lambda v: v == num_roles, "the block's roles", ("done", rank, c)
+        )
+        self.machine.reset_block(rank, c, kinds, own_node_signals=own_node_signals)
+
+
+def run_launch(machine: Machine, actors: dict[str, Step], rng: random.Random, policy: str) -> None:
+    """schedule the launch's roles; after the launch every counter and signal is 0 again."""
+    schedule(machine, actors, rng, policy)
+    if not machine.all_zero():
+        raise ProtocolError(f"{machine.kernel} leaves nonzero counters/signals")
+
+
 def schedule(machine: Machine, actors: dict[str, Step], rng: random.Random, policy: str = "uniform") -> None:
     """Runs the actors to completion under a random interleaving.
 
@@ -516,11 +546,7 @@ def run_dispatch(
     fwd_mask: list[list[int]] = [[0] * offsets[-1] for offsets in prob.fwd_offsets]
     fwd_token: list[list[int]] = [[INT32_MAX] * offsets[-1] for offsets in prob.fwd_offsets]
     fwd_written: set[tuple[int, int]] = set()
-    roles_done: dict[tuple, int] = defaultdict(int)
-
-    def role_done(rank: int, c: int) -> None:
-        roles_done[(rank, c)] += 1
-        machine.written.append(("done", rank, c))
+    roles = BlockRoles(machine)
 
     def net_sender(rank: int, c: int, warp: int) -> Step:
         """Warps 0-3 (kernel lines 104-168): remote nodes i = warp, warp + 4, ... one after the other."""
@@ -574,7 +600,7 @@ def run_dispatch(
                 f"net head of node {m} >= {sent} (end)",
                 ("s", rank, DISPATCH_HEAD, c, m),
             )
-        role_done(rank, c)
+        roles.role_done(rank, c)
 
     def forwarder(rank: int, c: int) -> Step:
         """Warps 4-7 (kernel lines 169-348): source nodes' rows -> NVLink queues of this node's GPUs."""
@@ -701,7 +727,7 @@ def run_dispatch(
                 f"NVLink head of local {j} >= {nvl_sent[j]} (end)",
                 ("c", rank, DISPATCH_HEAD, c, j),
             )
-        role_done(rank, c)
+        roles.role_done(rank, c)
 
     def receiver(rank: int, c: int, peer: int) -> Step:
         """Warps 8-15, group `peer` (kernel lines 349-412): queue (c, peer) -> outputs."""
@@ -738,14 +764,7 @@ def run_dispatch(
                 yield
         if consumed % p.nvl_chunk:  # lines 407-411
             mc.store_counter(head_owner, DISPATCH_HEAD, c, local, consumed)
-        role_done(rank, c)
-
-    def block_end(rank: int, c: int, num_roles: int) -> Step:
-        """Lines 415-424: __syncthreads, then the owner resets its counters and signals."""
-        yield from wait_for(
-            lambda: roles_done[(rank, c)], lambda v: v == num_roles, "the block's roles", ("done", rank, c)
-        )
-        mc.reset_block(rank, c, (DISPATCH_TAIL, DISPATCH_HEAD), own_node_signals=False)
+        roles.role_done(rank, c)
 
     actors: dict[str, Step] = {}
     for rank in range(num_ranks):
@@ -757,10 +776,10 @@ def run_dispatch(
             actors[f"{name} forwarder"] = forwarder(rank, c)
             for peer in range(gpus):
                 actors[f"{name} receiver of local {peer}"] = receiver(rank, c, peer)
-            actors[f"{name} end"] = block_end(rank, c, len(senders) + 1 + gpus)
-    schedule(machine, actors, rng, policy)
-    if not machine.all_zero():
-        raise ProtocolError("dispatch leaves nonzero counters/signals")
+            # Lines 415-424: the owner resets its counters and signals (not its own node's)
+            end = roles.block_end(rank, c, len(senders) + 1 + gpus, (DISPATCH_TAIL, DISPATCH_HEAD), False)
+            actors[f"{name} end"] = end
+    run_launch(machine, actors, rng, policy)
     for rank in range(num_ranks):
         if -1 in out_src_token[rank]:
             raise ProtocolError(f"rank {rank}: output row {out_src_token[rank].index(-1)} never written")
@@ -803,11 +822,7 @@ def run_combine(
     machine.begin("combine")
     out = [torch.zeros(n, hidden, dtype=torch.bfloat16) for n in prob.num_tokens]
     out_written = [[False] * n for n in prob.num_tokens]
-    roles_done: dict[tuple, int] = defaultdict(int)
-
-    def role_done(rank: int, c: int) -> None:
-        roles_done[(rank, c)] += 1
-        machine.written.append(("done", rank, c))
+    roles = BlockRoles(machine)
 
     def nvl_sender(rank: int, c: int, peer: int) -> Step:
         """Warps 0-7, group `peer` (kernel lines 96-144): rows of sources (m, peer) -> forwarder (n, peer)."""
@@ -847,7 +862,7 @@ def run_combine(
             f"NVLink head of local {peer} >= {sent} (end)",
             ("c", rank, COMBINE_HEAD, c, peer),
         )
-        role_done(rank, c)
+        roles.role_done(rank, c)
 
     def forwarder(rank: int, c: int) -> Step:
         """Warps 8-11 (kernel lines 145-247): node partials of the sources (m, local) -> their net queues."""
@@ -919,7 +934,7 @@ def run_combine(
                 f"net head of node {m} >= {net_total[m]} (end)",
                 ("s", rank, COMBINE_HEAD, c, m),
             )
-        role_done(rank, c)
+        roles.role_done(rank, c)
 
     def final_reducer(rank: int, c: int) -> Step:
         """Warps 12-15 (kernel lines 248-311): node partials of this rank's channel tokens -> out."""
@@ -961,14 +976,7 @@ def run_combine(
         for m in range(num_nodes):  # lines 309-310
             if net_consumed[m] % p.net_chunk:
                 mc.signal_add(rank, m, COMBINE_HEAD, c, net_consumed[m] % p.net_chunk)
-        role_done(rank, c)
-
-    def block_end(rank: int, c: int, num_roles: int) -> Step:
-        """Lines 313-322: __syncthreads, then the owner resets its counters and signals (own node too)."""
-        yield from wait_for(
-            lambda: roles_done[(rank, c)], lambda v: v == num_roles, "the block's roles", ("done", rank, c)
-        )
-        mc.reset_block(rank, c, (COMBINE_TAIL, COMBINE_HEAD), own_node_signals=True)
+        roles.role_done(rank, c)
 
     actors: dict[str, Step] = {}
     for rank in range(num_ranks):
@@ -978,10 +986,9 @@ def run_combine(
                 actors[f"{name} NVLink sender to local {peer}"] = nvl_sender(rank, c, peer)
             actors[f"{name} forwarder"] = forwarder(rank, c)
             actors[f"{name} final reducer"] = final_reducer(rank, c)
-            actors[f"{name} end"] = block_end(rank, c, gpus + 2)
-    schedule(machine, actors, rng, policy)
-    if not machine.all_zero():
-        raise ProtocolError("combine leaves nonzero counters/signals")
+            # Lines 313-322: the owner resets its counters and signals, its own node's too
+            actors[f"{name} end"] = roles.block_end(rank, c, gpus + 2, (COMBINE_TAIL, COMBINE_HEAD), True)
+    run_launch(machine, actors, rng, policy)
     for rank in range(num_ranks):
         if not all(out_written[rank]):
             raise ProtocolError(f"combine rank {rank}: token {out_written[rank].index(False)} never written")
