@@ -229,14 +229,9 @@ class Machine:
     def recv_slot(self, rank: int, channel: int, src_node: int, seq: int, tail_kind: int) -> object:
         """`view.recv_slot(channel, src_node, seq % kNetSlots)`, checked: published, and row `seq`."""
         tail = self.signal(rank, tail_kind, channel, src_node) & COUNT_MASK
-        if seq >= tail:
-            raise ProtocolError(f"rank {rank} reads net row {seq} from node {src_node}, published {tail}")
-        got = self.net_ring.get((rank, channel, src_node, seq % self.params.net_slots))
-        if got is None or got[:2] != (self.launch, seq):
-            raise ProtocolError(
-                f"rank {rank} net slot of row {seq} from node {src_node} holds {got and got[:2]}"
-            )
-        return got[2]
+        key = (rank, channel, src_node, seq % self.params.net_slots)
+        where = f"row {seq} from node {src_node}"
+        return self._checked_read(self.net_ring, key, rank, seq, tail, f"net {where}", f"net slot of {where}")
 
     # -- NVLink rings: queue (channel, src local) of rank `dst`
     def nvl_write(
@@ -250,13 +245,20 @@ class Machine:
 
     def nvl_read(self, rank: int, channel: int, src_local: int, seq: int, tail_kind: int) -> object:
         tail = self.counter(rank, tail_kind, channel, src_local) & COUNT_MASK
+        key = (rank, channel, src_local, seq % self.params.nvl_slots)
+        row, slot = f"NVLink row {seq} of local {src_local}", f"NVLink slot of row {seq} from {src_local}"
+        return self._checked_read(self.nvl_ring, key, rank, seq, tail, row, slot)
+
+    def _checked_read(
+        self, ring: dict, key: tuple, rank: int, seq: int, tail: int, row: str, slot: str
+    ) -> object:
+        """The row in ring[key], checked: row seq is published (below tail) and the slot holds it, from
+        this launch (row, slot: how the errors name them)."""
         if seq >= tail:
-            raise ProtocolError(f"rank {rank} reads NVLink row {seq} of local {src_local}, published {tail}")
-        got = self.nvl_ring.get((rank, channel, src_local, seq % self.params.nvl_slots))
+            raise ProtocolError(f"rank {rank} reads {row}, published {tail}")
+        got = ring.get(key)
         if got is None or got[:2] != (self.launch, seq):
-            raise ProtocolError(
-                f"rank {rank} NVLink slot of row {seq} from {src_local} holds {got and got[:2]}"
-            )
+            raise ProtocolError(f"rank {rank} {slot} holds {got and got[:2]}")
         return got[2]
 
     # -- block end (`__syncthreads(); reset`), kernel lines: dispatch 415-424, combine 313-322
