@@ -281,6 +281,29 @@ def wait_for(read: Callable[[], int], done: Callable[[int], bool], what: str, ke
         yield Wait(what, (key,))
 
 
+def wait_head(
+    mc: Machine, rank: int, kind: int, c: int, peer: int, done: Callable[[int], bool], what: str, *, net: bool
+) -> Generator:
+    """wait_until the head counter of rank's NVLink queue to local GPU `peer` (net: wait_signal, the head
+    signal of node `peer`) until done(head); returns the head. what: the condition, for deadlock reports."""
+    if net:
+        read, name, key = (lambda: mc.signal(rank, kind, c, peer)), f"net head of node {peer}", "s"
+    else:
+        read, name, key = (lambda: mc.counter(rank, kind, c, peer)), f"NVLink head of local {peer}", "c"
+    return wait_for(read, done, f"{name} {what}", (key, rank, kind, c, peer))
+
+
+def wait_slot(mc: Machine, rank: int, kind: int, c: int, peer: int, sent: int, *, net: bool) -> Generator:
+    """Before row `sent` of a queue: the head leaves a slot of its ring free; returns the head."""
+    slots = mc.params.net_slots if net else mc.params.nvl_slots
+    return wait_head(mc, rank, kind, c, peer, lambda v: sent - v < slots, f"> {sent - slots}", net=net)
+
+
+def wait_drained(mc: Machine, rank: int, kind: int, c: int, peer: int, sent: int, *, net: bool) -> Generator:
+    """The end of a sender: the head of its queue reaches `sent` (every row consumed)."""
+    return wait_head(mc, rank, kind, c, peer, lambda v: v >= sent, f">= {sent} (end)", net=net)
+
+
 class BlockRoles:
     """The roles of each block (rank, channel c) of one launch: each says when it is done, and the
     block's end (__syncthreads, then the owner resets the block) waits for all of them."""
@@ -562,12 +585,7 @@ def run_dispatch(
                 if node_pos < 0:
                     continue
                 if sent - cached_head >= p.net_slots:  # lines 116-123
-                    cached_head = yield from wait_for(
-                        lambda m=m: mc.signal(rank, DISPATCH_HEAD, c, m),
-                        lambda v, sent=sent: sent - v < p.net_slots,
-                        f"net head of node {m} > {sent - p.net_slots}",
-                        ("s", rank, DISPATCH_HEAD, c, m),
-                    )
+                    cached_head = yield from wait_slot(mc, rank, DISPATCH_HEAD, c, m, sent, net=True)
                 row = NetDispatchRow(  # lines 124-146
                     x=prob.xs[rank][t],
                     experts=tuple(prob.experts[rank][t]),
@@ -596,12 +614,7 @@ def run_dispatch(
             else:
                 mc.signal_add(rank, m, DISPATCH_TAIL, c, FINISHED)
             yield
-            yield from wait_for(
-                lambda m=m: mc.signal(rank, DISPATCH_HEAD, c, m),
-                lambda v, sent=sent: v >= sent,
-                f"net head of node {m} >= {sent} (end)",
-                ("s", rank, DISPATCH_HEAD, c, m),
-            )
+            yield from wait_drained(mc, rank, DISPATCH_HEAD, c, m, sent, net=True)
         roles.role_done(rank, c)
 
     def forwarder(rank: int, c: int) -> Step:
@@ -634,12 +647,7 @@ def run_dispatch(
             for j in bits_of(mask):  # line 199
                 if nvl_sent[j] - nvl_head[j] >= p.nvl_slots:  # lines 202-209
                     sent_j = nvl_sent[j]
-                    nvl_head[j] = yield from wait_for(
-                        lambda j=j: mc.counter(rank, DISPATCH_HEAD, c, j),
-                        lambda v, sent_j=sent_j: sent_j - v < p.nvl_slots,
-                        f"NVLink head of local {j} > {sent_j - p.nvl_slots}",
-                        ("c", rank, DISPATCH_HEAD, c, j),
-                    )
+                    nvl_head[j] = yield from wait_slot(mc, rank, DISPATCH_HEAD, c, j, sent_j, net=False)
                 row = load()  # lines 211-253: copy the row and write the metadata
                 first = (node * gpus + j) * per_rank
                 mc.nvl_write(
@@ -723,12 +731,7 @@ def run_dispatch(
             mc.store_counter(mc.rank_of(node, j), DISPATCH_TAIL, c, local, nvl_sent[j] | FINISHED)
             yield
         for j in range(gpus):
-            yield from wait_for(
-                lambda j=j: mc.counter(rank, DISPATCH_HEAD, c, j),
-                lambda v, j=j: v >= nvl_sent[j],
-                f"NVLink head of local {j} >= {nvl_sent[j]} (end)",
-                ("c", rank, DISPATCH_HEAD, c, j),
-            )
+            yield from wait_drained(mc, rank, DISPATCH_HEAD, c, j, nvl_sent[j], net=False)
         roles.role_done(rank, c)
 
     def receiver(rank: int, c: int, peer: int) -> Step:
@@ -841,12 +844,7 @@ def run_combine(
             row_end = bisect.bisect_left(src_tokens, tokens.stop, row_begin, offsets[src + 1])
             for row in range(row_begin, row_end):
                 if sent - cached_head >= p.nvl_slots:  # lines 117-119
-                    cached_head = yield from wait_for(
-                        lambda: mc.counter(rank, COMBINE_HEAD, c, peer),
-                        lambda v, sent=sent: sent - v < p.nvl_slots,
-                        f"NVLink head of local {peer} > {sent - p.nvl_slots}",
-                        ("c", rank, COMBINE_HEAD, c, peer),
-                    )
+                    cached_head = yield from wait_slot(mc, rank, COMBINE_HEAD, c, peer, sent, net=False)
                 mc.nvl_write(
                     dst, c, local, sent, CombineRow(x_experts[rank][row], src_tokens[row], src), COMBINE_HEAD
                 )
@@ -858,12 +856,7 @@ def run_combine(
         if sent % p.nvl_chunk:  # lines 138-143
             mc.store_counter(dst, COMBINE_TAIL, c, local, sent)
             yield
-        yield from wait_for(
-            lambda: mc.counter(rank, COMBINE_HEAD, c, peer),
-            lambda v: v >= sent,
-            f"NVLink head of local {peer} >= {sent} (end)",
-            ("c", rank, COMBINE_HEAD, c, peer),
-        )
+        yield from wait_drained(mc, rank, COMBINE_HEAD, c, peer, sent, net=False)
         roles.role_done(rank, c)
 
     def forwarder(rank: int, c: int) -> Step:
@@ -891,12 +884,7 @@ def run_combine(
                             ("c", rank, COMBINE_TAIL, c, jj),
                         )
                 if sent - cached_head >= p.net_slots:  # lines 180-183
-                    cached_head = yield from wait_for(
-                        lambda m=m: mc.signal(rank, COMBINE_HEAD, c, m),
-                        lambda v, sent=sent: sent - v < p.net_slots,
-                        f"net head of node {m} > {sent - p.net_slots}",
-                        ("s", rank, COMBINE_HEAD, c, m),
-                    )
+                    cached_head = yield from wait_slot(mc, rank, COMBINE_HEAD, c, m, sent, net=True)
                 acc = torch.zeros(hidden, dtype=torch.float32)  # lines 186-198: acc = +0.0f, += rows
                 for jj in bits_of(mask):
                     row = mc.nvl_read(rank, c, jj, nvl_consumed[jj], COMBINE_TAIL)
@@ -930,12 +918,7 @@ def run_combine(
                 mc.store_counter(mc.rank_of(node, jj), COMBINE_HEAD, c, local, nvl_consumed[jj])
         yield
         for m in range(num_nodes):  # lines 240-246
-            yield from wait_for(
-                lambda m=m: mc.signal(rank, COMBINE_HEAD, c, m),
-                lambda v, m=m: v >= net_total[m],
-                f"net head of node {m} >= {net_total[m]} (end)",
-                ("s", rank, COMBINE_HEAD, c, m),
-            )
+            yield from wait_drained(mc, rank, COMBINE_HEAD, c, m, net_total[m], net=True)
         roles.role_done(rank, c)
 
     def final_reducer(rank: int, c: int) -> Step:
