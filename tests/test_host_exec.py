@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
 from kernel_cases import (
@@ -24,12 +25,14 @@ from kernel_cases import (
     make_inputs,
 )
 
+import commkit
 from commkit import reference
 from commkit.backends import kernels_layout as kl
-from commkit.backends.launcher import HostLauncher
+from commkit.backends.launcher import HostLauncher, pointer
 from commkit.emulate import EmulatedGroup
 from commkit.errors import CommTimeoutError
 from commkit.fp8 import cast_to_fp8
+from commkit.jit.compiler import KernelSpec
 from commkit.jit.host import host_unavailable_reason
 
 pytestmark = pytest.mark.skipif(host_unavailable_reason() is not None, reason=str(host_unavailable_reason()))
@@ -213,8 +216,6 @@ def test_virtual_nodes_fiber_orders(seed: int) -> None:
 
 
 def test_per_rank_code_through_buffer_from_backend() -> None:
-    import commkit
-
     case = KCase((21, 34), hidden=256, num_topk=8, num_experts=16, num_sms=2, seed=21)
     xs, _, idxs, weights = make_inputs(case)
     want = expected_dispatch(case, xs, None, idxs, weights)
@@ -234,11 +235,6 @@ def test_per_rank_code_through_buffer_from_backend() -> None:
 
 
 def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
-    import numpy as np
-
-    from commkit.backends.launcher import pointer
-    from commkit.jit.compiler import KernelSpec
-
     group = _group(2, 1)
     group.buffers.ensure(1, 64)
     status = torch.empty(1, kl.STATUS_INTS, dtype=torch.int32)
@@ -252,11 +248,6 @@ def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
 
 def _barrier_launcher(group: EmulatedGroup):  # noqa: ANN202
     """Launches of the cached notify (agreement and barrier) for ranks [rank_base, rank_base + n)."""
-    import numpy as np
-
-    from commkit.backends.launcher import pointer
-    from commkit.jit.compiler import KernelSpec
-
     group.buffers.ensure(1, 64)
     barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
     call = tuple(np.int32(v) for v in (kl.OP_COMBINE, 8, 64, 0, 0, 1))
