@@ -1,13 +1,40 @@
-"""Shared helpers for the CPU compile tests (nvcc present, representative kernel matrix, NCCL headers)."""
+"""Shared helpers for the CPU compile tests (nvcc present, host programs built against commkit's
+headers, representative kernel matrix, NCCL headers)."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from commkit.jit import nccl
-from commkit.jit.compiler import KernelSpec, nvcc_path
+from commkit.jit.compiler import KernelSpec, include_root, nvcc_path
 
 requires_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not found (CUDA toolkit not installed)")
+
+
+def found_nvcc() -> str:
+    """The nvcc the compile tests run (they are marked requires_nvcc: there is one)."""
+    nvcc = nvcc_path()
+    assert nvcc is not None
+    return nvcc
+
+
+def build_host_program(tmp_path: Path, name: str, source: str, *options: str) -> Path:
+    """source (a host main() that includes csrc/ headers) written to tmp_path/name.cu and built for sm_90
+    into tmp_path/name, the executable returned; options: more nvcc options (include dirs, diagnostics)."""
+    src, exe = tmp_path / f"{name}.cu", tmp_path / name
+    src.write_text(source)
+    cmd = [found_nvcc(), "-std=c++17", "-arch=sm_90", "-I", str(include_root()), *options]
+    subprocess.run([*cmd, "-o", str(exe), str(src)], check=True, capture_output=True)
+    return exe
+
+
+def printed_values(exe: Path) -> dict[str, int]:
+    """What a host program prints as lines "NAME value": the host mirror tests compare it with Python."""
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
 
 
 def cached_wheel_headers(requirement: str, with_library: bool = False) -> nccl.NcclHeaders:
@@ -17,6 +44,27 @@ def cached_wheel_headers(requirement: str, with_library: bool = False) -> nccl.N
         return nccl.wheel_headers(requirement, with_library=with_library, offline=True)
     except nccl.NcclHeadersError as exc:
         pytest.skip(f"needs the real NCCL headers: {exc}")
+
+
+# The header sets the GIN tests run against (the params of their `headers` fixtures): the installed
+# nvidia.nccl package when it has the GIN device API, else the latest nvidia-nccl-cu12 wheel; and the
+# oldest series with GIN.
+GIN_HEADER_SETS = ("installed-or-latest", "2.28.9")
+OLDEST_GIN_WHEEL = "nvidia-nccl-cu12==2.28.9"
+
+
+def gin_headers(which: str, with_library: bool = False) -> nccl.NcclHeaders:
+    """The NCCL headers of one of GIN_HEADER_SETS (with_library: and the libnccl next to them)."""
+    if which != "installed-or-latest":
+        return cached_wheel_headers(OLDEST_GIN_WHEEL, with_library=with_library)
+    include = nccl.package_include_dir()
+    if include is not None:
+        try:
+            return nccl.check_headers(include, f"package nvidia.nccl at {include.parent}")
+        except nccl.NcclHeadersError as exc:
+            print(f"installed NCCL not usable for GIN ({exc}); using the latest nvidia-nccl-cu12 wheel")
+    return cached_wheel_headers("nvidia-nccl-cu12", with_library=with_library)
+
 
 RANKS = (2, 4, 8)
 HIDDEN_TOPK = ((2048, 1), (4096, 4), (7168, 8))  # hidden 2048 to 7168, top-k 1 to 8

@@ -1,4 +1,5 @@
-"""Test configuration: ``gpu`` tests run only where CUDA and CuPy are usable."""
+"""Test configuration: ``gpu`` tests run only where CUDA and CuPy are usable; the fixtures that tests
+in several files share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from fake_kernels import fake  # noqa: F401 - shared fixture of the host tests (tests/fake_kernels.py)
 
 # The kernel cases (tests/gpu/kernel_cases.py) serve the GPU tests and the host execution alike
@@ -32,11 +34,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty profile directory ($COMMKIT_PROFILE_DIR) for tests that tune or look profiles up."""
+    directory = tmp_path / "profiles"
+    monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def nccl_world_of_one(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """GPU tests: a world-size-1 NCCL process group on GPU 0 for the module's tests."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     torch.cuda.set_device(0)

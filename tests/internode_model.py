@@ -229,14 +229,9 @@ class Machine:
     def recv_slot(self, rank: int, channel: int, src_node: int, seq: int, tail_kind: int) -> object:
         """`view.recv_slot(channel, src_node, seq % kNetSlots)`, checked: published, and row `seq`."""
         tail = self.signal(rank, tail_kind, channel, src_node) & COUNT_MASK
-        if seq >= tail:
-            raise ProtocolError(f"rank {rank} reads net row {seq} from node {src_node}, published {tail}")
-        got = self.net_ring.get((rank, channel, src_node, seq % self.params.net_slots))
-        if got is None or got[:2] != (self.launch, seq):
-            raise ProtocolError(
-                f"rank {rank} net slot of row {seq} from node {src_node} holds {got and got[:2]}"
-            )
-        return got[2]
+        key = (rank, channel, src_node, seq % self.params.net_slots)
+        where = f"row {seq} from node {src_node}"
+        return self._checked_read(self.net_ring, key, rank, seq, tail, f"net {where}", f"net slot of {where}")
 
     # -- NVLink rings: queue (channel, src local) of rank `dst`
     def nvl_write(
@@ -250,13 +245,20 @@ class Machine:
 
     def nvl_read(self, rank: int, channel: int, src_local: int, seq: int, tail_kind: int) -> object:
         tail = self.counter(rank, tail_kind, channel, src_local) & COUNT_MASK
+        key = (rank, channel, src_local, seq % self.params.nvl_slots)
+        row, slot = f"NVLink row {seq} of local {src_local}", f"NVLink slot of row {seq} from {src_local}"
+        return self._checked_read(self.nvl_ring, key, rank, seq, tail, row, slot)
+
+    def _checked_read(
+        self, ring: dict, key: tuple, rank: int, seq: int, tail: int, row: str, slot: str
+    ) -> object:
+        """The row in ring[key], checked: row seq is published (below tail) and the slot holds it, from
+        this launch (row, slot: how the errors name them)."""
         if seq >= tail:
-            raise ProtocolError(f"rank {rank} reads NVLink row {seq} of local {src_local}, published {tail}")
-        got = self.nvl_ring.get((rank, channel, src_local, seq % self.params.nvl_slots))
+            raise ProtocolError(f"rank {rank} reads {row}, published {tail}")
+        got = ring.get(key)
         if got is None or got[:2] != (self.launch, seq):
-            raise ProtocolError(
-                f"rank {rank} NVLink slot of row {seq} from {src_local} holds {got and got[:2]}"
-            )
+            raise ProtocolError(f"rank {rank} {slot} holds {got and got[:2]}")
         return got[2]
 
     # -- block end (`__syncthreads(); reset`), kernel lines: dispatch 415-424, combine 313-322
@@ -277,6 +279,59 @@ def wait_for(read: Callable[[], int], done: Callable[[int], bool], what: str, ke
         if done(value):
             return value
         yield Wait(what, (key,))
+
+
+def wait_head(
+    mc: Machine, rank: int, kind: int, c: int, peer: int, done: Callable[[int], bool], what: str, *, net: bool
+) -> Generator:
+    """wait_until the head counter of rank's NVLink queue to local GPU `peer` (net: wait_signal, the head
+    signal of node `peer`) until done(head); returns the head. what: the condition, for deadlock reports."""
+    if net:
+        read, name, key = (lambda: mc.signal(rank, kind, c, peer)), f"net head of node {peer}", "s"
+    else:
+        read, name, key = (lambda: mc.counter(rank, kind, c, peer)), f"NVLink head of local {peer}", "c"
+    return wait_for(read, done, f"{name} {what}", (key, rank, kind, c, peer))
+
+
+def wait_slot(mc: Machine, rank: int, kind: int, c: int, peer: int, sent: int, *, net: bool) -> Generator:
+    """Before row `sent` of a queue: the head leaves a slot of its ring free; returns the head."""
+    slots = mc.params.net_slots if net else mc.params.nvl_slots
+    return wait_head(mc, rank, kind, c, peer, lambda v: sent - v < slots, f"> {sent - slots}", net=net)
+
+
+def wait_drained(mc: Machine, rank: int, kind: int, c: int, peer: int, sent: int, *, net: bool) -> Generator:
+    """The end of a sender: the head of its queue reaches `sent` (every row consumed)."""
+    return wait_head(mc, rank, kind, c, peer, lambda v: v >= sent, f">= {sent} (end)", net=net)
+
+
+class BlockRoles:
+    """The roles of each block (rank, channel c) of one launch: each says when it is done, and the
+    block's end (__syncthreads, then the owner resets the block) waits for all of them."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.done: dict[tuple, int] = defaultdict(int)
+
+    def role_done(self, rank: int, c: int) -> None:
+        self.done[(rank, c)] += 1
+        self.machine.written.append(("done", rank, c))
+
+    def block_end(
+        self, rank: int, c: int, num_roles: int, kinds: tuple[int, int], own_node_signals: bool
+    ) -> Step:
+        """__syncthreads, then the owner resets its counters of kinds and its signals (own_node_signals:
+        its own node's too)."""
+        yield from wait_for(
+            lambda: self.done[(rank, c)], lambda v: v == num_roles, "the block's roles", ("done", rank, c)
+        )
+        self.machine.reset_block(rank, c, kinds, own_node_signals=own_node_signals)
+
+
+def run_launch(machine: Machine, actors: dict[str, Step], rng: random.Random, policy: str) -> None:
+    """schedule the launch's roles; after the launch every counter and signal is 0 again."""
+    schedule(machine, actors, rng, policy)
+    if not machine.all_zero():
+        raise ProtocolError(f"{machine.kernel} leaves nonzero counters/signals")
 
 
 def schedule(machine: Machine, actors: dict[str, Step], rng: random.Random, policy: str = "uniform") -> None:
@@ -516,11 +571,7 @@ def run_dispatch(
     fwd_mask: list[list[int]] = [[0] * offsets[-1] for offsets in prob.fwd_offsets]
     fwd_token: list[list[int]] = [[INT32_MAX] * offsets[-1] for offsets in prob.fwd_offsets]
     fwd_written: set[tuple[int, int]] = set()
-    roles_done: dict[tuple, int] = defaultdict(int)
-
-    def role_done(rank: int, c: int) -> None:
-        roles_done[(rank, c)] += 1
-        machine.written.append(("done", rank, c))
+    roles = BlockRoles(machine)
 
     def net_sender(rank: int, c: int, warp: int) -> Step:
         """Warps 0-3 (kernel lines 104-168): remote nodes i = warp, warp + 4, ... one after the other."""
@@ -534,12 +585,7 @@ def run_dispatch(
                 if node_pos < 0:
                     continue
                 if sent - cached_head >= p.net_slots:  # lines 116-123
-                    cached_head = yield from wait_for(
-                        lambda m=m: mc.signal(rank, DISPATCH_HEAD, c, m),
-                        lambda v, sent=sent: sent - v < p.net_slots,
-                        f"net head of node {m} > {sent - p.net_slots}",
-                        ("s", rank, DISPATCH_HEAD, c, m),
-                    )
+                    cached_head = yield from wait_slot(mc, rank, DISPATCH_HEAD, c, m, sent, net=True)
                 row = NetDispatchRow(  # lines 124-146
                     x=prob.xs[rank][t],
                     experts=tuple(prob.experts[rank][t]),
@@ -568,13 +614,8 @@ def run_dispatch(
             else:
                 mc.signal_add(rank, m, DISPATCH_TAIL, c, FINISHED)
             yield
-            yield from wait_for(
-                lambda m=m: mc.signal(rank, DISPATCH_HEAD, c, m),
-                lambda v, sent=sent: v >= sent,
-                f"net head of node {m} >= {sent} (end)",
-                ("s", rank, DISPATCH_HEAD, c, m),
-            )
-        role_done(rank, c)
+            yield from wait_drained(mc, rank, DISPATCH_HEAD, c, m, sent, net=True)
+        roles.role_done(rank, c)
 
     def forwarder(rank: int, c: int) -> Step:
         """Warps 4-7 (kernel lines 169-348): source nodes' rows -> NVLink queues of this node's GPUs."""
@@ -606,12 +647,7 @@ def run_dispatch(
             for j in bits_of(mask):  # line 199
                 if nvl_sent[j] - nvl_head[j] >= p.nvl_slots:  # lines 202-209
                     sent_j = nvl_sent[j]
-                    nvl_head[j] = yield from wait_for(
-                        lambda j=j: mc.counter(rank, DISPATCH_HEAD, c, j),
-                        lambda v, sent_j=sent_j: sent_j - v < p.nvl_slots,
-                        f"NVLink head of local {j} > {sent_j - p.nvl_slots}",
-                        ("c", rank, DISPATCH_HEAD, c, j),
-                    )
+                    nvl_head[j] = yield from wait_slot(mc, rank, DISPATCH_HEAD, c, j, sent_j, net=False)
                 row = load()  # lines 211-253: copy the row and write the metadata
                 first = (node * gpus + j) * per_rank
                 mc.nvl_write(
@@ -695,13 +731,8 @@ def run_dispatch(
             mc.store_counter(mc.rank_of(node, j), DISPATCH_TAIL, c, local, nvl_sent[j] | FINISHED)
             yield
         for j in range(gpus):
-            yield from wait_for(
-                lambda j=j: mc.counter(rank, DISPATCH_HEAD, c, j),
-                lambda v, j=j: v >= nvl_sent[j],
-                f"NVLink head of local {j} >= {nvl_sent[j]} (end)",
-                ("c", rank, DISPATCH_HEAD, c, j),
-            )
-        role_done(rank, c)
+            yield from wait_drained(mc, rank, DISPATCH_HEAD, c, j, nvl_sent[j], net=False)
+        roles.role_done(rank, c)
 
     def receiver(rank: int, c: int, peer: int) -> Step:
         """Warps 8-15, group `peer` (kernel lines 349-412): queue (c, peer) -> outputs."""
@@ -738,14 +769,7 @@ def run_dispatch(
                 yield
         if consumed % p.nvl_chunk:  # lines 407-411
             mc.store_counter(head_owner, DISPATCH_HEAD, c, local, consumed)
-        role_done(rank, c)
-
-    def block_end(rank: int, c: int, num_roles: int) -> Step:
-        """Lines 415-424: __syncthreads, then the owner resets its counters and signals."""
-        yield from wait_for(
-            lambda: roles_done[(rank, c)], lambda v: v == num_roles, "the block's roles", ("done", rank, c)
-        )
-        mc.reset_block(rank, c, (DISPATCH_TAIL, DISPATCH_HEAD), own_node_signals=False)
+        roles.role_done(rank, c)
 
     actors: dict[str, Step] = {}
     for rank in range(num_ranks):
@@ -757,10 +781,10 @@ def run_dispatch(
             actors[f"{name} forwarder"] = forwarder(rank, c)
             for peer in range(gpus):
                 actors[f"{name} receiver of local {peer}"] = receiver(rank, c, peer)
-            actors[f"{name} end"] = block_end(rank, c, len(senders) + 1 + gpus)
-    schedule(machine, actors, rng, policy)
-    if not machine.all_zero():
-        raise ProtocolError("dispatch leaves nonzero counters/signals")
+            # Lines 415-424: the owner resets its counters and signals (not its own node's)
+            end = roles.block_end(rank, c, len(senders) + 1 + gpus, (DISPATCH_TAIL, DISPATCH_HEAD), False)
+            actors[f"{name} end"] = end
+    run_launch(machine, actors, rng, policy)
     for rank in range(num_ranks):
         if -1 in out_src_token[rank]:
             raise ProtocolError(f"rank {rank}: output row {out_src_token[rank].index(-1)} never written")
@@ -803,11 +827,7 @@ def run_combine(
     machine.begin("combine")
     out = [torch.zeros(n, hidden, dtype=torch.bfloat16) for n in prob.num_tokens]
     out_written = [[False] * n for n in prob.num_tokens]
-    roles_done: dict[tuple, int] = defaultdict(int)
-
-    def role_done(rank: int, c: int) -> None:
-        roles_done[(rank, c)] += 1
-        machine.written.append(("done", rank, c))
+    roles = BlockRoles(machine)
 
     def nvl_sender(rank: int, c: int, peer: int) -> Step:
         """Warps 0-7, group `peer` (kernel lines 96-144): rows of sources (m, peer) -> forwarder (n, peer)."""
@@ -824,12 +844,7 @@ def run_combine(
             row_end = bisect.bisect_left(src_tokens, tokens.stop, row_begin, offsets[src + 1])
             for row in range(row_begin, row_end):
                 if sent - cached_head >= p.nvl_slots:  # lines 117-119
-                    cached_head = yield from wait_for(
-                        lambda: mc.counter(rank, COMBINE_HEAD, c, peer),
-                        lambda v, sent=sent: sent - v < p.nvl_slots,
-                        f"NVLink head of local {peer} > {sent - p.nvl_slots}",
-                        ("c", rank, COMBINE_HEAD, c, peer),
-                    )
+                    cached_head = yield from wait_slot(mc, rank, COMBINE_HEAD, c, peer, sent, net=False)
                 mc.nvl_write(
                     dst, c, local, sent, CombineRow(x_experts[rank][row], src_tokens[row], src), COMBINE_HEAD
                 )
@@ -841,13 +856,8 @@ def run_combine(
         if sent % p.nvl_chunk:  # lines 138-143
             mc.store_counter(dst, COMBINE_TAIL, c, local, sent)
             yield
-        yield from wait_for(
-            lambda: mc.counter(rank, COMBINE_HEAD, c, peer),
-            lambda v: v >= sent,
-            f"NVLink head of local {peer} >= {sent} (end)",
-            ("c", rank, COMBINE_HEAD, c, peer),
-        )
-        role_done(rank, c)
+        yield from wait_drained(mc, rank, COMBINE_HEAD, c, peer, sent, net=False)
+        roles.role_done(rank, c)
 
     def forwarder(rank: int, c: int) -> Step:
         """Warps 8-11 (kernel lines 145-247): node partials of the sources (m, local) -> their net queues."""
@@ -874,12 +884,7 @@ def run_combine(
                             ("c", rank, COMBINE_TAIL, c, jj),
                         )
                 if sent - cached_head >= p.net_slots:  # lines 180-183
-                    cached_head = yield from wait_for(
-                        lambda m=m: mc.signal(rank, COMBINE_HEAD, c, m),
-                        lambda v, sent=sent: sent - v < p.net_slots,
-                        f"net head of node {m} > {sent - p.net_slots}",
-                        ("s", rank, COMBINE_HEAD, c, m),
-                    )
+                    cached_head = yield from wait_slot(mc, rank, COMBINE_HEAD, c, m, sent, net=True)
                 acc = torch.zeros(hidden, dtype=torch.float32)  # lines 186-198: acc = +0.0f, += rows
                 for jj in bits_of(mask):
                     row = mc.nvl_read(rank, c, jj, nvl_consumed[jj], COMBINE_TAIL)
@@ -913,13 +918,8 @@ def run_combine(
                 mc.store_counter(mc.rank_of(node, jj), COMBINE_HEAD, c, local, nvl_consumed[jj])
         yield
         for m in range(num_nodes):  # lines 240-246
-            yield from wait_for(
-                lambda m=m: mc.signal(rank, COMBINE_HEAD, c, m),
-                lambda v, m=m: v >= net_total[m],
-                f"net head of node {m} >= {net_total[m]} (end)",
-                ("s", rank, COMBINE_HEAD, c, m),
-            )
-        role_done(rank, c)
+            yield from wait_drained(mc, rank, COMBINE_HEAD, c, m, net_total[m], net=True)
+        roles.role_done(rank, c)
 
     def final_reducer(rank: int, c: int) -> Step:
         """Warps 12-15 (kernel lines 248-311): node partials of this rank's channel tokens -> out."""
@@ -961,14 +961,7 @@ def run_combine(
         for m in range(num_nodes):  # lines 309-310
             if net_consumed[m] % p.net_chunk:
                 mc.signal_add(rank, m, COMBINE_HEAD, c, net_consumed[m] % p.net_chunk)
-        role_done(rank, c)
-
-    def block_end(rank: int, c: int, num_roles: int) -> Step:
-        """Lines 313-322: __syncthreads, then the owner resets its counters and signals (own node too)."""
-        yield from wait_for(
-            lambda: roles_done[(rank, c)], lambda v: v == num_roles, "the block's roles", ("done", rank, c)
-        )
-        mc.reset_block(rank, c, (COMBINE_TAIL, COMBINE_HEAD), own_node_signals=True)
+        roles.role_done(rank, c)
 
     actors: dict[str, Step] = {}
     for rank in range(num_ranks):
@@ -978,10 +971,9 @@ def run_combine(
                 actors[f"{name} NVLink sender to local {peer}"] = nvl_sender(rank, c, peer)
             actors[f"{name} forwarder"] = forwarder(rank, c)
             actors[f"{name} final reducer"] = final_reducer(rank, c)
-            actors[f"{name} end"] = block_end(rank, c, gpus + 2)
-    schedule(machine, actors, rng, policy)
-    if not machine.all_zero():
-        raise ProtocolError("combine leaves nonzero counters/signals")
+            # Lines 313-322: the owner resets its counters and signals, its own node's too
+            actors[f"{name} end"] = roles.block_end(rank, c, gpus + 2, (COMBINE_TAIL, COMBINE_HEAD), True)
+    run_launch(machine, actors, rng, policy)
     for rank in range(num_ranks):
         if not all(out_written[rank]):
             raise ProtocolError(f"combine rank {rank}: token {out_written[rank].index(False)} never written")

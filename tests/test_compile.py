@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from _nvcc import representative_specs, requires_nvcc
+from _nvcc import build_host_program, found_nvcc, printed_values, representative_specs, requires_nvcc
 
 from commkit.backends import kernels_layout as kl
-from commkit.jit.compiler import CompileResult, compile_source, generate_source, include_root, nvcc_path
+from commkit.jit.compiler import CompileResult, compile_source, generate_source, nvcc_path
 
 pytestmark = requires_nvcc
 
@@ -83,10 +83,9 @@ def test_registers_fit_one_block_per_sm(compiled: dict[str, CompileResult]) -> N
 
 
 def nvcc_version_line() -> str:
-    nvcc = nvcc_path()
-    assert nvcc is not None
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return out[-1] if out else "nvcc ?"
+    out = subprocess.run([found_nvcc(), "--version"], capture_output=True, text=True).stdout
+    lines = out.strip().splitlines()
+    return lines[-1] if lines else "nvcc ?"
 
 
 HOST_PROGRAM = r"""
@@ -115,20 +114,7 @@ int main() {
 
 
 def test_host_mirror_of_device_layout(tmp_path: Path) -> None:
-    nvcc = nvcc_path()
-    assert nvcc is not None
-    src = tmp_path / "layout.cu"
-    src.write_text(HOST_PROGRAM)
-    exe = tmp_path / "layout"
-    subprocess.run(
-        [nvcc, "-std=c++17", "-arch=sm_90", "-I", str(include_root()), "-o", str(exe), str(src)],
-        check=True,
-        capture_output=True,
-    )
-    values = dict(
-        line.split()
-        for line in subprocess.run([str(exe)], capture_output=True, text=True).stdout.splitlines()
-    )
+    values = printed_values(build_host_program(tmp_path, "layout", HOST_PROGRAM))
     expected = {
         "MAX_RANKS": kl.MAX_RANKS,
         "MAX_LOCAL_EXPERTS": kl.MAX_LOCAL_EXPERTS,
@@ -153,4 +139,4 @@ def test_host_mirror_of_device_layout(tmp_path: Path) -> None:
         "STATUS_PEER_CALL": kl.STATUS_PEER_CALL,
         "CALL_SEQ_OFFSET": kl.CALL_SEQ_OFFSET,
     }
-    assert {k: int(v) for k, v in values.items()} == expected
+    assert values == expected

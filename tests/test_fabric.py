@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from cases import Case, bits, expert_output, make_inputs
-from test_torch_backend import check_dispatch
+from dispatch_checks import check_dispatch
+from group_fake_kernels import FakeGinTransport, install_group_fakes
 
 import commkit
+from commkit.backends import fabric
+from commkit.backends import internode_backend as ib
+from commkit.backends.fabric import FabricBuffers, choose_transport, local_fabric_domain, transport_choice
+from commkit.backends.internode_backend import internode_unavailable_reason
 from commkit.launch import spawn_gloo
 from commkit.reference import combine_reference, dispatch_reference
+from commkit.tools import info
 
 
 class FakeDriver:
@@ -78,10 +86,6 @@ class FakeDriver:
 
 
 def _buffers(rank: int, world: int) -> dict:
-    import torch.distributed as dist
-
-    from commkit.backends.fabric import FabricBuffers
-
     drv = FakeDriver(rank)
     buf = FabricBuffers(None, torch.device("cpu"), max_num_sms=4, timeout_s=30, driver=drv)
     buf.ensure(2, 1024)
@@ -129,8 +133,6 @@ def test_fabric_buffers_map_every_rank_and_agree_on_failures() -> None:
 
 
 def _choose(rank: int, world: int, choices: list, domains: list) -> str:
-    from commkit.backends.fabric import choose_transport
-
     try:
         return choose_transport(None, choices[rank], tuple(domains[rank]))
     except commkit.errors.ConfigError as exc:
@@ -175,10 +177,6 @@ class _FabricInfoV2(ctypes.Structure):
 
 
 def test_local_fabric_domain_from_nvml_and_driver() -> None:
-    from types import SimpleNamespace
-
-    from commkit.backends.fabric import local_fabric_domain
-
     def nvml(state: int = 3, status: int = 0, uuid: bytes = bytes(range(1, 17)), fail: bool = False):  # noqa: ANN202
         def info_v(handle, ref):  # noqa: ANN001, ANN202 - as pynvml: fills the struct passed by reference
             assert handle == "handle-0"
@@ -215,8 +213,6 @@ def test_local_fabric_domain_from_nvml_and_driver() -> None:
 
 
 def test_transport_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    from commkit.backends.fabric import transport_choice
-
     monkeypatch.delenv("COMMKIT_INTERNODE_TRANSPORT", raising=False)
     assert transport_choice() == "auto"
     monkeypatch.setenv("COMMKIT_INTERNODE_TRANSPORT", "NVLink-Domain")
@@ -229,11 +225,6 @@ def test_transport_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _install_domain(rank: int, domain: tuple) -> FakeDriver:
-    from group_fake_kernels import install_group_fakes
-
-    from commkit.backends import fabric
-    from commkit.backends import internode_backend as ib
-
     install_group_fakes()
     drv = FakeDriver(rank)
     fabric.CudaDriver = lambda: drv  # type: ignore[assignment,misc]
@@ -242,8 +233,6 @@ def _install_domain(rank: int, domain: tuple) -> FakeDriver:
 
 
 def _nvlink_domain_run(rank: int, world: int, per_node: int) -> dict:
-    from group_fake_kernels import FakeGinTransport
-
     drv = _install_domain(rank, ("ab/1", ""))
     buf = commkit.Buffer(backend="kernels", timeout_s=60, num_ranks_per_node=per_node)
     backend = buf._backend
@@ -315,9 +304,6 @@ def test_forced_nvlink_domain_without_one_domain_fails_on_every_rank() -> None:
 
 
 def test_info_reports_the_nvlink_domain(monkeypatch: pytest.MonkeyPatch) -> None:
-    from commkit.backends import fabric
-    from commkit.tools import info
-
     assert info.nvlink_domain_status("no CUDA device") == "not usable: no CUDA device"
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(fabric, "local_fabric_domain", lambda index: ("ab/3", ""))
@@ -327,8 +313,6 @@ def test_info_reports_the_nvlink_domain(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_a_bad_transport_value_is_an_error_not_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from commkit.backends.internode_backend import internode_unavailable_reason
-
     monkeypatch.setenv("COMMKIT_INTERNODE_TRANSPORT", "infiniband")
     with pytest.raises(commkit.errors.ConfigError, match="COMMKIT_INTERNODE_TRANSPORT: expected one of"):
         internode_unavailable_reason(8, 4)

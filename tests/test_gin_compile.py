@@ -20,25 +20,26 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _nvcc import cached_wheel_headers, requires_nvcc
+from _nvcc import GIN_HEADER_SETS, found_nvcc, gin_headers, requires_nvcc
 
 from commkit.backends.gin import GIN_BACKENDS, backend_defines
 from commkit.jit import nccl
 from commkit.jit.compiler import (
     DEFAULT_OPTIONS,
     CompileResult,
+    KernelSpec,
+    PtxasStats,
     cache_key,
     compile_source,
+    compile_spec,
     include_dirs_digest,
     include_root,
-    nvcc_path,
 )
 
 # NOTE: slow (nvcc over NCCL's device headers, 5-20 s a kernel): outside the fast subset
 pytestmark = [requires_nvcc, pytest.mark.slow]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nccl_h"
-OLDEST = "nvidia-nccl-cu12==2.28.9"
 
 # Every member of GinNet::View, called the way the internode kernels call them: the writer group fills
 # staging slots, one thread delivers a chunk (and a signal-only end mark), frees slots, reads and resets.
@@ -71,20 +72,9 @@ static void instantiate() { (void)reinterpret_cast<const void*>(&commkit::gin_ne
 GDAKI_ONLY = ("-DNCCL_GIN_PROXY_ENABLE=0", "-DNCCL_GIN_GPI_ENABLE=0", "-DNCCL_GIN_EFA_GDA_ENABLE=0")
 
 
-
-def _installed_or_latest() -> nccl.NcclHeaders:
-    include = nccl.package_include_dir()
-    if include is not None:
-        try:
-            return nccl.check_headers(include, f"package nvidia.nccl at {include.parent}")
-        except nccl.NcclHeadersError as exc:
-            print(f"installed NCCL not usable for GIN ({exc}); using the latest nvidia-nccl-cu12 wheel")
-    return cached_wheel_headers("nvidia-nccl-cu12")
-
-
-@pytest.fixture(scope="module", params=["installed-or-latest", "2.28.9"])
+@pytest.fixture(scope="module", params=GIN_HEADER_SETS)
 def headers(request: pytest.FixtureRequest) -> nccl.NcclHeaders:
-    return _installed_or_latest() if request.param == "installed-or-latest" else cached_wheel_headers(OLDEST)
+    return gin_headers(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +88,23 @@ def _compile(headers: nccl.NcclHeaders, cache: Path, extra: tuple[str, ...] = ()
     )
 
 
-def test_gin_net_compiles_without_spills(headers: nccl.NcclHeaders, cache: Path) -> None:
-    result = _compile(headers, cache)
-    assert len(result.stats) == 1 and "gin_net_members" in result.entries[0], result.ptxas_log
+def _spill_free_stats(result: CompileResult, what: str) -> PtxasStats:
+    """The ptxas stats of the result's first kernel, printed after what it is (the stack is printed,
+    not asserted: see the module docstring); spills must be 0."""
     stats = result.stats[result.entries[0]]
     print(
-        f"NCCL {nccl.version_str(headers.version)} ({headers.origin}), all GIN backends: "
-        f"{stats.registers} registers, {stats.stack_frame_bytes} bytes stack, "
+        f"{what}: {stats.registers} registers, {stats.stack_frame_bytes} bytes stack, "
         f"{stats.spill_store_bytes}/{stats.spill_load_bytes} bytes spill stores/loads"
     )
     assert stats.spill_store_bytes == 0 and stats.spill_load_bytes == 0, result.ptxas_log
+    return stats
+
+
+def test_gin_net_compiles_without_spills(headers: nccl.NcclHeaders, cache: Path) -> None:
+    result = _compile(headers, cache)
+    assert len(result.stats) == 1 and "gin_net_members" in result.entries[0], result.ptxas_log
+    what = f"NCCL {nccl.version_str(headers.version)} ({headers.origin}), all GIN backends"
+    stats = _spill_free_stats(result, what)
     assert stats.registers * 512 <= 65536  # one 512-thread block per SM, like dispatch/combine
 
 
@@ -135,8 +132,7 @@ def test_older_nccl_is_refused_by_the_header(tmp_path: Path) -> None:
 
 
 def test_cache_key_covers_extra_include_dirs(tmp_path: Path) -> None:
-    nvcc = nvcc_path()
-    assert nvcc is not None
+    nvcc = found_nvcc()
     inc = tmp_path / "nccl"
     shutil.copytree(FIXTURES / "2.28.9", inc)
     root = include_root()
@@ -205,8 +201,6 @@ def _backends_of(headers: nccl.NcclHeaders) -> list[int]:
 def test_gin_internode_kernels_compile_per_backend(
     headers: nccl.NcclHeaders, cache: Path, name: str, targs: tuple
 ) -> None:
-    from commkit.jit.compiler import KernelSpec, compile_spec
-
     backends = _backends_of(headers)
     assert 3 in backends and 2 in backends, backends  # GDAKI and the proxy exist in every GIN NCCL
     for backend in backends:
@@ -218,13 +212,8 @@ def test_gin_internode_kernels_compile_per_backend(
             backend_defines((backend,)),
         )
         result = compile_spec(spec, cache=cache)
-        stats = result.stats[result.entries[0]]
-        print(
-            f"NCCL {nccl.version_str(headers.version)} {GIN_BACKENDS[backend]} {name} {targs}: "
-            f"{stats.registers} registers, {stats.stack_frame_bytes} B stack, "
-            f"{stats.spill_store_bytes}/{stats.spill_load_bytes} B spills"
-        )
-        assert stats.spill_store_bytes == 0 and stats.spill_load_bytes == 0, result.ptxas_log
+        what = f"NCCL {nccl.version_str(headers.version)} {GIN_BACKENDS[backend]} {name} {targs}"
+        stats = _spill_free_stats(result, what)
         if backend == 3:
             assert stats.stack_frame_bytes == 0, result.ptxas_log
 

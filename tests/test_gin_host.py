@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _nvcc import cached_wheel_headers, requires_nvcc
+import torch
+from _nvcc import GIN_HEADER_SETS, build_host_program, gin_headers, requires_nvcc
 
 from commkit.backends import gin
 from commkit.backends.gin import transport as gin_transport
 from commkit.jit import nccl
-from commkit.jit.compiler import include_root, nvcc_path
+from commkit.launch import spawn_gloo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nccl_h"
 REPO = Path(__file__).resolve().parent.parent
-OLDEST = "nvidia-nccl-cu12==2.28.9"
 
 INTER = {
     "num_nodes": 4,
@@ -125,22 +125,9 @@ def test_cupy_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-
-def _installed_or_latest(with_library: bool) -> nccl.NcclHeaders:
-    include = nccl.package_include_dir()
-    if include is not None:
-        try:
-            return nccl.check_headers(include, f"package nvidia.nccl at {include.parent}")
-        except nccl.NcclHeadersError as exc:
-            print(f"installed NCCL not usable for GIN ({exc}); using the latest nvidia-nccl-cu12 wheel")
-    return cached_wheel_headers("nvidia-nccl-cu12", with_library=with_library)
-
-
-@pytest.fixture(scope="module", params=["installed-or-latest", "2.28.9"])
+@pytest.fixture(scope="module", params=GIN_HEADER_SETS)
 def headers(request: pytest.FixtureRequest) -> nccl.NcclHeaders:
-    if request.param == "installed-or-latest":
-        return _installed_or_latest(with_library=True)
-    return cached_wheel_headers(OLDEST, with_library=True)
+    return gin_headers(request.param, with_library=True)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +197,6 @@ def test_layout_probe_and_requirements(headers: nccl.NcclHeaders, probe_cache: P
 
 def _check_backend_types(layout: gin.GinLayout) -> None:
     """GinTransport.backend_types reads the used entries of a devComm as NCCL would have filled it."""
-    import ctypes
-
     devcomm = ctypes.create_string_buffer(layout.size("ncclDevComm"))
     offset, size = layout.fields["ncclDevComm.ginBackends"]
     count_offset, count_size = layout.fields["ncclDevComm.ginBackendCount"]
@@ -258,21 +243,16 @@ def test_packed_gin_net_reads_back_in_c(headers: nccl.NcclHeaders, probe_cache: 
     assert int(arg["net_stage_offset"]) == INTER["net_stage_offset"]
     assert int(arg["window"]) == pointers["window"]
 
-    nvcc = nvcc_path()
-    assert nvcc is not None
-    (tmp_path / "decode.cu").write_text(DECODE)
-    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "--diag-suppress=177", "-I", str(include_root())]
-    cmd += ["-I", str(headers.include_dir), "-o", str(tmp_path / "decode"), str(tmp_path / "decode.cu")]
-    subprocess.run(cmd, check=True, capture_output=True)
-    out = subprocess.run([str(tmp_path / "decode"), packed.hex()], capture_output=True, text=True, check=True)
+    exe = build_host_program(
+        tmp_path, "decode", DECODE, "--diag-suppress=177", "-I", str(headers.include_dir)
+    )
+    out = subprocess.run([str(exe), packed.hex()], capture_output=True, text=True, check=True)
     expected = [*pointers.values(), *(INTER[name] for name in gin.INTER_LAYOUT_FIELDS)]
     assert [int(v) for v in out.stdout.split()] == expected
 
 
 @requires_nvcc
 def test_transport_without_gpu_fails_clearly(headers: nccl.NcclHeaders, probe_cache: Path) -> None:
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: this test checks the error path without one")
     nccl.find_library(headers)  # the library next to the headers (the fixture unpacked it)
@@ -382,11 +362,8 @@ def test_window_grows_without_a_new_communicator(
 
 
 def _grow_fails_on_rank_1(rank: int, world: int, headers: nccl.NcclHeaders, cache: str) -> list[str]:
-    from commkit.backends import gin as gin_mod
-    from commkit.backends.gin import transport
-
-    layout = gin_mod.probe_layout(headers, cache=Path(cache))
-    transport._cupy_runtime = _FakeRuntime  # type: ignore[assignment]
+    layout = gin.probe_layout(headers, cache=Path(cache))
+    gin_transport._cupy_runtime = _FakeRuntime  # type: ignore[assignment]
     lib = _RecordingLibrary(layout, rank=rank, num_ranks=world)
     if rank == 1:
         original = lib.call
@@ -394,7 +371,7 @@ def _grow_fails_on_rank_1(rank: int, world: int, headers: nccl.NcclHeaders, cach
         def call(name: str, *args, comm=None) -> None:  # noqa: ANN001, ANN002
             if name == "ncclMemAlloc" and t.buffer_bytes == 0:  # the grow's allocation
                 lib.calls.append(name)
-                raise gin_mod.NcclError("ncclMemAlloc: out of memory (fake)")
+                raise gin.NcclError("ncclMemAlloc: out of memory (fake)")
             original(name, *args, comm=comm)
 
         lib.call = call  # type: ignore[method-assign]
@@ -403,7 +380,7 @@ def _grow_fails_on_rank_1(rank: int, world: int, headers: nccl.NcclHeaders, cach
     lib.calls.clear()
     try:
         t.grow(1 << 22)
-    except gin_mod.NcclError as exc:
+    except gin.NcclError as exc:
         return [str(exc), *lib.calls, f"bytes={t.buffer_bytes}"]
     return ["no error"]
 
@@ -424,8 +401,6 @@ def test_failed_grow_is_agreed_before_any_collective_step(
 ) -> None:
     """The new buffer fails to allocate on rank 1 only: both ranks raise NcclError naming rank 1, and
     neither registers a window (a collective that rank 1 would not join); both are left without one."""
-    from commkit.launch import spawn_gloo
-
     gin.probe_layout(headers, cache=probe_cache)  # compiled once here, read from the cache there
     got = spawn_gloo(_grow_fails_on_rank_1, 2, headers, str(probe_cache), timeout_s=120)
     teardown = ["ncclDevCommDestroy", "ncclCommWindowDeregister", "ncclMemFree"]

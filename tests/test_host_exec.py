@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
 from kernel_cases import (
@@ -24,12 +25,14 @@ from kernel_cases import (
     make_inputs,
 )
 
+import commkit
 from commkit import reference
 from commkit.backends import kernels_layout as kl
-from commkit.backends.launcher import HostLauncher
+from commkit.backends.launcher import HostLauncher, pointer
 from commkit.emulate import EmulatedGroup
 from commkit.errors import CommTimeoutError
 from commkit.fp8 import cast_to_fp8
+from commkit.jit.compiler import KernelSpec
 from commkit.jit.host import host_unavailable_reason
 
 pytestmark = pytest.mark.skipif(host_unavailable_reason() is not None, reason=str(host_unavailable_reason()))
@@ -38,58 +41,25 @@ slow = pytest.mark.slow
 # The GPU cases (tests/gpu/test_kernels_gpu.py) with fewer tokens, hidden and SMs
 INTRA_CASES = [
     pytest.param(KCase((48, 48), hidden=256, num_topk=8, num_experts=16, num_sms=2), id="2r-bf16"),
-    pytest.param(
-        KCase((90, 17, 0, 33), hidden=256, num_topk=4, num_experts=32, skew=1.5, seed=1),
-        id="4r-skew-empty-source",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase(
-            (60, 1, 77, 12, 5, 40, 64, 3),
-            hidden=512,
-            num_topk=6,
-            num_experts=64,
-            unused=0.3,
-            num_sms=2,
-            seed=3,
-        ),
-        id="8r-unused",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((64, 64, 64, 64), hidden=256, num_topk=1, num_experts=8, empty_rank=2, seed=4),
-        id="4r-empty-rank",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((29, 57), hidden=256, num_topk=8, num_experts=16, skew=3.0, expert_alignment=32, seed=5),
-        id="2r-align32",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((20, 10, 5), hidden=128, num_topk=2, num_experts=6, unused=0.9, num_sms=1, seed=6),
-        id="3r-mostly-unused",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((33,) * 8, hidden=256, num_topk=8, num_experts=256, dtype="fp8", num_sms=1, seed=7),
-        id="8r-fp8",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((45, 100), hidden=256, num_topk=4, num_experts=64, dtype="fp8", skew=2.0, seed=8),
-        id="2r-fp8-skew",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((40, 3, 25, 9), hidden=256, num_topk=8, num_experts=128, dtype="cast", seed=9),
-        id="4r-cast",
-        marks=slow,
-    ),  # fmt: skip
-    pytest.param(
-        KCase((0, 0), hidden=256, num_topk=8, num_experts=16, seed=10), id="2r-zero-tokens", marks=slow
-    ),
-]
+    pytest.param(KCase((90, 17, 0, 33), hidden=256, num_topk=4, num_experts=32, skew=1.5, seed=1),
+                 id="4r-skew-empty-source", marks=slow),
+    pytest.param(KCase((60, 1, 77, 12, 5, 40, 64, 3), hidden=512, num_topk=6, num_experts=64, unused=0.3,
+                       num_sms=2, seed=3), id="8r-unused", marks=slow),
+    pytest.param(KCase((64, 64, 64, 64), hidden=256, num_topk=1, num_experts=8, empty_rank=2, seed=4),
+                 id="4r-empty-rank", marks=slow),
+    pytest.param(KCase((29, 57), hidden=256, num_topk=8, num_experts=16, skew=3.0, expert_alignment=32,
+                       seed=5), id="2r-align32", marks=slow),
+    pytest.param(KCase((20, 10, 5), hidden=128, num_topk=2, num_experts=6, unused=0.9, num_sms=1, seed=6),
+                 id="3r-mostly-unused", marks=slow),
+    pytest.param(KCase((33,) * 8, hidden=256, num_topk=8, num_experts=256, dtype="fp8", num_sms=1, seed=7),
+                 id="8r-fp8", marks=slow),
+    pytest.param(KCase((45, 100), hidden=256, num_topk=4, num_experts=64, dtype="fp8", skew=2.0, seed=8),
+                 id="2r-fp8-skew", marks=slow),
+    pytest.param(KCase((40, 3, 25, 9), hidden=256, num_topk=8, num_experts=128, dtype="cast", seed=9),
+                 id="4r-cast", marks=slow),
+    pytest.param(KCase((0, 0), hidden=256, num_topk=8, num_experts=16, seed=10),
+                 id="2r-zero-tokens", marks=slow),
+]  # fmt: skip
 
 
 def _group(num_ranks: int, num_sms: int, *, per_node: int | None = None, seed: int = 0) -> EmulatedGroup:
@@ -246,8 +216,6 @@ def test_virtual_nodes_fiber_orders(seed: int) -> None:
 
 
 def test_per_rank_code_through_buffer_from_backend() -> None:
-    import commkit
-
     case = KCase((21, 34), hidden=256, num_topk=8, num_experts=16, num_sms=2, seed=21)
     xs, _, idxs, weights = make_inputs(case)
     want = expected_dispatch(case, xs, None, idxs, weights)
@@ -267,11 +235,6 @@ def test_per_rank_code_through_buffer_from_backend() -> None:
 
 
 def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
-    import numpy as np
-
-    from commkit.backends.launcher import pointer
-    from commkit.jit.compiler import KernelSpec
-
     group = _group(2, 1)
     group.buffers.ensure(1, 64)
     status = torch.empty(1, kl.STATUS_INTS, dtype=torch.int32)
@@ -285,11 +248,6 @@ def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
 
 def _barrier_launcher(group: EmulatedGroup):  # noqa: ANN202
     """Launches of the cached notify (agreement and barrier) for ranks [rank_base, rank_base + n)."""
-    import numpy as np
-
-    from commkit.backends.launcher import pointer
-    from commkit.jit.compiler import KernelSpec
-
     group.buffers.ensure(1, 64)
     barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
     call = tuple(np.int32(v) for v in (kl.OP_COMBINE, 8, 64, 0, 0, 1))

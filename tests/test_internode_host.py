@@ -8,19 +8,22 @@ the GPU tests (tests/gpu/test_internode_gpu.py).
 
 from __future__ import annotations
 
-import subprocess
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from _nvcc import requires_nvcc
+from _nvcc import build_host_program, printed_values, requires_nvcc
 from fake_kernels import FakeKernels  # the `fake` fixture is registered in conftest.py
 
-from commkit import reference, routing
+from commkit import Buffer, reference, routing
 from commkit.backends import internode as imod
 from commkit.backends import internode_layout as il
+from commkit.backends import internode_net
+from commkit.emulate import EmulatedGroup
+from commkit.errors import ConfigError
 from commkit.fp8 import cast_to_fp8
-from commkit.jit.compiler import include_root, nvcc_path
+from commkit.profiles import Profile, cluster_signature, save_profile
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -48,8 +51,6 @@ def _node_limited_inputs(tokens, hidden, num_topk, num_experts, num_nodes, seed)
 @pytest.mark.parametrize("dtype", ["bf16", "fp8", "cast"])
 @pytest.mark.parametrize("worst", [False, True])
 def test_virtual_nodes_host_logic(fake: FakeKernels, gpus: int, nodes: int, dtype: str, worst: bool) -> None:
-    from commkit.emulate import EmulatedGroup
-
     num_ranks, hidden, num_topk, num_experts = gpus * nodes, 256, 4, 16
     tokens = [23, 0, 9, 31, 5, 17, 2, 11][:num_ranks]
     xs, idxs, ws = _node_limited_inputs(tokens, hidden, num_topk, num_experts, nodes, seed=gpus * 10 + nodes)
@@ -99,8 +100,6 @@ def test_virtual_nodes_host_logic(fake: FakeKernels, gpus: int, nodes: int, dtyp
 
 
 def test_virtual_nodes_layout_reports_nodes(fake: FakeKernels) -> None:
-    from commkit.emulate import EmulatedGroup
-
     gpus, nodes, num_experts = 2, 2, 8
     _, idxs, _ = _node_limited_inputs([7, 0, 12, 3], 64, 3, num_experts, nodes, seed=3)
     got = EmulatedGroup(4, num_sms=1, device="cpu", num_ranks_per_node=gpus).get_dispatch_layout(
@@ -125,8 +124,6 @@ def test_node_send_pos_and_forwarder_offsets() -> None:
 
 
 def test_bad_topology_is_refused(fake: FakeKernels) -> None:
-    from commkit.emulate import EmulatedGroup
-
     with pytest.raises(ValueError, match="num_ranks_per_node"):
         EmulatedGroup(4, num_sms=1, device="cpu", num_ranks_per_node=3)
 
@@ -172,18 +169,7 @@ int main() {
 
 @requires_nvcc
 def test_host_mirror_of_internode_structs(tmp_path: Path) -> None:
-    nvcc = nvcc_path()
-    assert nvcc is not None
-    src = tmp_path / "inter.cu"
-    src.write_text(HOST_PROGRAM)
-    exe = tmp_path / "inter"
-    subprocess.run(
-        [nvcc, "-std=c++17", "-arch=sm_90", "-I", str(include_root()), "-o", str(exe), str(src)],
-        check=True,
-        capture_output=True,
-    )
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    values = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+    values = printed_values(build_host_program(tmp_path, "inter", HOST_PROGRAM))
     assert values == {
         "NET_SLOTS": il.NET_SLOTS,
         "NET_CHUNK": il.NET_CHUNK,
@@ -209,13 +195,6 @@ def test_host_mirror_of_internode_structs(tmp_path: Path) -> None:
 
 def test_role_split_knobs(fake: FakeKernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The role split reaches the kernels' template arguments, from Buffer.set_knobs or a profile."""
-    import dataclasses
-
-    from commkit import Buffer
-    from commkit.emulate import EmulatedGroup
-    from commkit.errors import ConfigError
-    from commkit.profiles import Profile, cluster_signature, save_profile
-
     xs, idxs, ws = _node_limited_inputs([9, 4, 0, 6], 64, 3, 8, 2, seed=5)
 
     def run(group: EmulatedGroup, **knobs: int) -> list[tuple]:
@@ -266,9 +245,6 @@ def test_role_split_knobs(fake: FakeKernels, tmp_path: Path, monkeypatch: pytest
 def test_net_argument_is_packed_once_per_state(fake: FakeKernels, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hot path: dispatch and combine with the sizes of an earlier call reuse its Net argument; a row
     size that grows the buffers makes a new one."""
-    from commkit.backends import internode_net
-    from commkit.emulate import EmulatedGroup
-
     calls = []
     real = internode_net.NvlinkDomain.argument
 

@@ -16,18 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from stand_in_nvcc import compile_log, write_stand_in_nvcc
 
 from commkit.jit import compiler
 
-STAND_IN_NVCC = """#!{python}
-import os, sys, time
-args = sys.argv[1:]
-if "--version" in args:
-    print("nvcc: stand-in\\nCuda compilation tools, release 13.0, V13.0.0")
-    sys.exit(0)
-with open(os.environ["FAKE_NVCC_LOG"], "a") as log:
-    log.write(f"{{os.getpid()}}\\n")
-out = args[args.index("-o") + 1]
+# Logs its pid; writes the cubin slowly (FAKE_NVCC_SLEEP seconds in all).
+STAND_IN_BODY = """
 with open(out, "wb") as f:  # written slowly: a reader of a half-written cubin would see it short
     for _ in range(10):
         f.write(b"\\xab" * 4096)
@@ -58,12 +52,8 @@ print(json.dumps(dict(path=str(r.cubin_path), size=r.cubin_path.stat().st_size, 
 
 @pytest.fixture
 def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    nvcc = tmp_path / "nvcc"
-    nvcc.write_text(STAND_IN_NVCC.format(python=sys.executable))
-    nvcc.chmod(0o755)
-    log = tmp_path / "compiles.log"
-    log.touch()
-    monkeypatch.setenv("FAKE_NVCC_LOG", str(log))
+    nvcc = write_stand_in_nvcc(tmp_path / "nvcc", STAND_IN_BODY, logged="str(os.getpid())")
+    log = compile_log(tmp_path, monkeypatch)
     monkeypatch.setenv("COMMKIT_NVCC", str(nvcc))
     monkeypatch.setenv("COMMKIT_CACHE_DIR", str(tmp_path / "cache"))
     compiler.tool_version.cache_clear()

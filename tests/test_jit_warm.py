@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from _nvcc import requires_nvcc
+from stand_in_nvcc import compile_log, write_stand_in_nvcc
 
+from commkit.__main__ import main
+from commkit.emulate import EmulatedGroup
+from commkit.fp8 import cast_to_fp8
 from commkit.jit import compiler
 from commkit.jit import warm as w
 from commkit.jit.compiler import KernelSpec, compile_spec
@@ -30,16 +34,9 @@ SMALL = [
     KernelSpec("csrc/notify.cuh", "notify_kernel", (2,)),
 ]
 
-FAKE_NVCC = """#!{python}
-import os, sys, time
-args = sys.argv[1:]
-if "--version" in args:
-    print("nvcc: stand-in\\nCuda compilation tools, release {release}, V{release}.0")
-    sys.exit(0)
-with open(os.environ["FAKE_NVCC_LOG"], "a") as log:
-    log.write(args[-1] + "\\n")
+# Logs the source it compiles; sleeps FAKE_NVCC_SLEEP seconds, writes a cubin made of the source.
+FAKE_NVCC_BODY = """
 time.sleep(float(os.environ.get("FAKE_NVCC_SLEEP", "0.05")))
-out = args[args.index("-o") + 1]
 with open(out, "wb") as f:
     f.write(open(args[-1], "rb").read() * 50)
 sys.stderr.write(
@@ -57,17 +54,12 @@ def fake_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     temporary cache and include root."""
 
     def make(release: str) -> Path:
-        path = tmp_path / f"nvcc-{release}"
-        path.write_text(FAKE_NVCC.format(python=sys.executable, release=release))
-        path.chmod(0o755)
-        return path
+        return write_stand_in_nvcc(tmp_path / f"nvcc-{release}", FAKE_NVCC_BODY, "args[-1]", release)
 
-    log = tmp_path / "compiles.log"
-    log.touch()
+    log = compile_log(tmp_path, monkeypatch)
     root = tmp_path / "root"
     for d in compiler.HEADER_DIRS:
         shutil.copytree(compiler.include_root() / d, root / d)
-    monkeypatch.setenv("FAKE_NVCC_LOG", str(log))
     monkeypatch.setenv("COMMKIT_NVCC", str(make("13.0")))
     monkeypatch.setenv("COMMKIT_INCLUDE_ROOT", str(root))
     monkeypatch.setenv("COMMKIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -147,9 +139,6 @@ def test_unknown_steps_are_refused() -> None:
 
 def _run_on_fakes(fake, wl: w.Workload) -> set[KernelSpec]:  # noqa: ANN001
     """The specs the engines look up for ``wl`` (a fresh and a cached dispatch, a combine)."""
-    from commkit.emulate import EmulatedGroup
-    from commkit.fp8 import cast_to_fp8
-
     fake.compiled.clear()
     r, h, k = wl.num_ranks, wl.hidden, wl.num_topk
     experts = r * max(1, -(-k // r))
@@ -313,7 +302,6 @@ class _Run:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):  # noqa: ANN201
     """``python -m commkit jit ARGS`` in this process: (exit status, stdout, stderr)."""
-    from commkit.__main__ import main
 
     def run(*args: str) -> _Run:
         capsys.readouterr()

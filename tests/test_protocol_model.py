@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 
 import pytest
 
@@ -48,6 +49,26 @@ def run(actors: list, rng: random.Random, max_steps: int = 2_000_000) -> None:
             next(live[i])
         except StopIteration:
             live.pop(i)
+
+
+def block_end(
+    mem: Memory, done_groups: dict, r: int, c: int, num_ranks: int, kinds: tuple[str, str]
+) -> Iterator[None]:
+    """The end of block c of rank r: once its 2R warp groups are done, the rank zeroes its counters of
+    the two kinds (tail, head) for every peer."""
+    while done_groups[(r, c)] < 2 * num_ranks:
+        yield
+    for p in range(num_ranks):
+        for kind in kinds:
+            mem.counters[(r, kind, c, p)] = 0
+    mem.zeroed.update((r, kind, c) for kind in kinds)
+
+
+def run_checked(actors: list, mem: Memory, seed: int) -> None:
+    """run the actors, then the checks of every kernel: no error recorded, every counter zero again."""
+    run(actors, random.Random(seed))
+    assert not mem.errors, mem.errors[:5]
+    assert all(v == 0 for v in mem.counters.values())
 
 
 def dispatch_model(tokens, send_sets, num_channels, slots, chunk, seed):
@@ -115,23 +136,13 @@ def dispatch_model(tokens, send_sets, num_channels, slots, chunk, seed):
             mem.write(s, "dhead", c, r, consumed)
         done_groups[(r, c)] += 1
 
-    def block_end(r, c):
-        while done_groups[(r, c)] < 2 * num_ranks:
-            yield
-        for p in range(num_ranks):
-            mem.counters[(r, "dtail", c, p)] = 0
-            mem.counters[(r, "dhead", c, p)] = 0
-        mem.zeroed.update({(r, "dtail", c), (r, "dhead", c)})
-
     actors = []
     for r in range(num_ranks):
         for c in range(num_channels):
             actors += [sender(r, c, d) for d in range(num_ranks)]
             actors += [receiver(r, c, s) for s in range(num_ranks)]
-            actors.append(block_end(r, c))
-    run(actors, random.Random(seed))
-    assert not mem.errors, mem.errors[:5]
-    assert all(v == 0 for v in mem.counters.values())
+            actors.append(block_end(mem, done_groups, r, c, num_ranks, ("dtail", "dhead")))
+    run_checked(actors, mem, seed)
     return out
 
 
@@ -194,22 +205,12 @@ def combine_model(tokens, received, values, num_channels, slots, chunk, seed):
                 mem.write(d, "chead", c, r, consumed[d])
         done_groups[(r, c)] += num_ranks
 
-    def block_end(r, c):
-        while done_groups[(r, c)] < 2 * num_ranks:
-            yield
-        for p in range(num_ranks):
-            mem.counters[(r, "ctail", c, p)] = 0
-            mem.counters[(r, "chead", c, p)] = 0
-        mem.zeroed.update({(r, "ctail", c), (r, "chead", c)})
-
     actors = []
     for r in range(num_ranks):
         for c in range(num_channels):
             actors += [sender(r, c, s) for s in range(num_ranks)]
-            actors += [reducer(r, c), block_end(r, c)]
-    run(actors, random.Random(seed))
-    assert not mem.errors, mem.errors[:5]
-    assert all(v == 0 for v in mem.counters.values())
+            actors += [reducer(r, c), block_end(mem, done_groups, r, c, num_ranks, ("ctail", "chead"))]
+    run_checked(actors, mem, seed)
     return sums
 
 

@@ -6,9 +6,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from _nvcc import requires_nvcc
+from _nvcc import found_nvcc, requires_nvcc
 
-from commkit.jit.compiler import include_root, nvcc_path
+from commkit.jit.compiler import include_root
 
 HEADER = include_root() / "ptx" / "ptx.cuh"
 
@@ -89,14 +89,16 @@ def test_no_raw_asm_outside_ptx_header() -> None:
     assert not offenders, f"inline PTX belongs in ptx/ptx.cuh: {offenders}"
 
 
-@requires_nvcc
-def test_wrappers_assemble_and_emit_their_instruction(tmp_path: Path) -> None:
-    nvcc = nvcc_path()
-    assert nvcc is not None
+def _uses_source(tmp_path: Path) -> Path:
     src = tmp_path / "uses.cu"
     src.write_text(USES)
-    root = str(include_root())
-    cmd = [nvcc, "-arch=sm_90", "-std=c++17", "-I", root]
+    return src
+
+
+@requires_nvcc
+def test_wrappers_assemble_and_emit_their_instruction(tmp_path: Path) -> None:
+    src = _uses_source(tmp_path)
+    cmd = [found_nvcc(), "-arch=sm_90", "-std=c++17", "-I", str(include_root())]
     ptx = subprocess.run([*cmd, "-ptx", "-o", "-", str(src)], capture_output=True, text=True)
     assert ptx.returncode == 0, ptx.stderr
     cubin = subprocess.run(
@@ -114,10 +116,7 @@ def test_wrappers_assemble_and_emit_their_instruction(tmp_path: Path) -> None:
 
 @requires_nvcc
 def test_wrappers_assemble_for_sm90a(tmp_path: Path) -> None:
-    nvcc = nvcc_path()
-    assert nvcc is not None
-    src = tmp_path / "uses.cu"
-    src.write_text(USES)
-    cmd = [nvcc, "-arch=sm_90a", "-std=c++17", "-I", str(include_root()), "-cubin"]
+    src = _uses_source(tmp_path)
+    cmd = [found_nvcc(), "-arch=sm_90a", "-std=c++17", "-I", str(include_root()), "-cubin"]
     out = subprocess.run([*cmd, "-o", str(tmp_path / "u.cubin"), str(src)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

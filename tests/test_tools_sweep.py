@@ -4,37 +4,32 @@ split host/communication timeouts and the int16 payload encoding (fake kernels, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from virtual_bench import CPU, virtual_spec
 
+import commkit.cli._common as common
+import commkit.cli.bench as cli_bench
+import commkit.emulate as emulate
+from commkit.__main__ import main
+from commkit.cli._common import add_run_args
+from commkit.cli.tune import default_candidates
 from commkit.errors import ConfigError
 from commkit.tools import bench as tools_bench
 from commkit.tools.bench import BenchSpec, bench_virtual
 from commkit.tools.payload import payload_rows, payload_scales
+from commkit.tools.ranks import run_virtual
 from commkit.tools.rows import split_skipped, summary
-from commkit.tools.shapes import get_shape
-
-SHAPE = get_shape("ci-tiny").with_(num_experts=6, num_tokens=13)
-CPU = torch.device("cpu")
+from commkit.tools.tune import TuneSpec, tune_virtual
 
 
-@pytest.fixture
-def profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "profiles"
-    monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(directory))
-    return directory
-
-
-def _spec(**kw) -> BenchSpec:
-    base = dict(
-        shapes=[SHAPE], dtypes=["bf16"], num_sms=[2], reps=2, warmup=1, num_input_sets=1, progress=False,
-        virtual=3, baseline=False,
-    )  # fmt: skip
-    return BenchSpec(**{**base, **kw})
+def _spec(**kw: object) -> BenchSpec:
+    return virtual_spec(**{"dtypes": ["bf16"], "num_input_sets": 1, "baseline": False, **kw})
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
@@ -56,8 +51,6 @@ def test_payload_int16_encoding_is_the_int64_one(dtype: str) -> None:
 
 
 def test_default_budgets_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    import commkit.cli._common as common
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(
@@ -68,8 +61,6 @@ def test_default_budgets_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert common.default_budgets(40, 2) == list(range(4, 41, 4))  # overlap
     assert common.default_budgets(48, None) == list(range(4, 49, 4))
     assert common.default_budgets(48, 64) == [2]  # below one step: the cap itself
-    from commkit.cli.tune import default_candidates
-
     assert default_candidates(8) == [4, 8, 12, 16]
 
 
@@ -92,8 +83,6 @@ def test_budget_that_raises_config_error_is_skipped(
     assert summary(rows)["total_wrong"] == 0
 
     # tune: the skipped budget is reported, the choice is made from the others
-    from commkit.tools.tune import TuneSpec, tune_virtual
-
     result = tune_virtual(3, TuneSpec(bench=_spec(), candidates=[2, 3]), device=CPU)
     assert {r.num_sms_requested for r in result["rows"]} == {2}
     assert [r.num_sms for r in result["skipped"]] == [3]
@@ -102,11 +91,6 @@ def test_budget_that_raises_config_error_is_skipped(
 def test_bench_cli_reports_skipped_budget(
     fake, profiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import functools
-
-    import commkit.cli.bench as cli_bench
-    from commkit.__main__ import main
-
     real = tools_bench.measure_backend
 
     def measure(ctx, buf, sets, shape, dtype, num_sms, spec):
@@ -144,8 +128,6 @@ class _FakeEvent:
 
 
 def test_virtual_rows_report_kernel_time(fake, profiles: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import commkit.emulate as emulate
-
     class WithEvents(emulate.EmulatedGroup):
         @property
         def kernel_events(self):  # what the emulator records around its kernel launches
@@ -176,8 +158,6 @@ def test_virtual_rows_without_kernel_events_fall_back_to_wall(fake, profiles: Pa
 
 
 def test_timeouts_are_split() -> None:
-    from commkit.cli._common import add_run_args
-
     parser = argparse.ArgumentParser()
     add_run_args(parser)
     args = parser.parse_args([])
@@ -186,8 +166,6 @@ def test_timeouts_are_split() -> None:
 
 
 def test_virtual_ranks_get_group_and_comm_timeout(fake) -> None:
-    from commkit.tools.ranks import run_virtual
-
     def per_rank(ctx):
         return ctx.group.timeout_s, ctx.group.num_ranks, ctx.make_buffer().config.num_sms is not None
 

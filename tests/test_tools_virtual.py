@@ -8,6 +8,7 @@ is computed and checked, and ``tune`` keys its profile the way ``Buffer.from_bac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -15,32 +16,33 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from virtual_bench import CPU, SHAPE, virtual_spec
 
+import commkit.cli.bench as cli_bench
+import commkit.tools.bench as tools_bench
 from commkit import reference
+from commkit.__main__ import main
+from commkit.errors import ConfigError
 from commkit.fp8 import cast_to_fp8
+from commkit.model.emulated import load_emulated_runs
+from commkit.profiles import ClusterSignature, Profile, cluster_signature, save_profile
 from commkit.tools import torch_ops
 from commkit.tools.bench import BenchSpec, bench_virtual
 from commkit.tools.payload import token_in_rank
-from commkit.tools.shapes import get_shape
-
-# 6 experts split over 3 virtual ranks; few tokens: the CPU stand-ins loop over rows in Python.
-SHAPE = get_shape("ci-tiny").with_(num_experts=6, num_tokens=13)
-CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "profiles"
-    monkeypatch.setenv("COMMKIT_PROFILE_DIR", str(directory))
-    return directory
+from commkit.tools.ranks import run_virtual
+from commkit.tools.tune import (
+    ROLE_KNOBS,
+    TuneSpec,
+    choose,
+    choose_roles,
+    comm_time_by_budget,
+    make_profile,
+    tune_virtual,
+)
 
 
-def _spec(**kw) -> BenchSpec:
-    base = dict(
-        shapes=[SHAPE], dtypes=["bf16", "fp8"], num_sms=[2], reps=2, warmup=1, num_input_sets=2,
-        progress=False, virtual=3,
-    )  # fmt: skip
-    return BenchSpec(**{**base, **kw})
+def _spec(**kw: object) -> BenchSpec:
+    return virtual_spec(**{"dtypes": ["bf16", "fp8"], "num_input_sets": 2, **kw})
 
 
 def test_bench_on_virtual_ranks(fake, profiles: Path) -> None:
@@ -73,11 +75,6 @@ def test_bench_cli_virtual_writes_rows_the_model_reads(
 ) -> None:
     """``bench --virtual 2`` through the CLI (the GPU check bypassed, the group on CPU); the JSON's rows
     are the ones the performance model's loader of emulated runs (tests/test_model_validation.py) takes."""
-    import commkit.cli.bench as cli_bench
-    import commkit.tools.bench as tools_bench
-    from commkit.__main__ import main
-    from commkit.model.emulated import load_emulated_runs
-
     monkeypatch.setattr(cli_bench, "virtual_unavailable", lambda args: None)
     monkeypatch.setattr(
         tools_bench, "bench_virtual", functools.partial(tools_bench.bench_virtual, device=CPU)
@@ -99,10 +96,6 @@ def test_bench_cli_virtual_writes_rows_the_model_reads(
 
 
 def test_tune_on_virtual_ranks_keys_profile_for_from_backend(fake, profiles: Path) -> None:
-    from commkit.profiles import ClusterSignature, cluster_signature, save_profile
-    from commkit.tools.ranks import run_virtual
-    from commkit.tools.tune import TuneSpec, choose, comm_time_by_budget, make_profile, tune_virtual
-
     spec = TuneSpec(bench=_spec(dtypes=["bf16"]), candidates=[2, 3])
     result = tune_virtual(3, spec, device=CPU)
     assert result["backend"] == "kernels"
@@ -121,8 +114,6 @@ def test_tune_on_virtual_ranks_keys_profile_for_from_backend(fake, profiles: Pat
 
 
 def test_virtual_rank_context(fake) -> None:
-    from commkit.tools.ranks import run_virtual
-
     def per_rank(ctx):
         ctx.barrier()
         return (
@@ -139,9 +130,6 @@ def test_virtual_rank_context(fake) -> None:
 
 
 def test_virtual_rank_failure_does_not_hang(fake) -> None:
-    from commkit.errors import ConfigError
-    from commkit.tools.ranks import run_virtual
-
     def per_rank(ctx):
         if ctx.rank == 1:
             raise RuntimeError("rank 1 fails")
@@ -188,8 +176,6 @@ def test_torch_ops_match_reference(dtype: str) -> None:
 
 
 def test_virtual_option_refusals(capsys: pytest.CaptureFixture[str]) -> None:
-    from commkit.__main__ import main
-
     assert main(["bench", "--virtual", "3", "--backend", "torch"]) != 0
     assert "needs a process group" in capsys.readouterr().err
     assert main(["tune", "--virtual", "0"]) != 0
@@ -214,17 +200,6 @@ def test_bench_on_virtual_nodes(fake, profiles: Path) -> None:
 def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
     """tune over virtual nodes: after the budget, the forwarder warps are swept at the chosen budget
     and the best per op go into the profile's knobs, which a Buffer on those nodes applies."""
-    from commkit.profiles import save_profile
-    from commkit.tools.ranks import run_virtual
-    from commkit.tools.tune import (
-        ROLE_KNOBS,
-        TuneSpec,
-        choose,
-        comm_time_by_budget,
-        make_profile,
-        tune_virtual,
-    )
-
     shape = SHAPE.with_(num_experts=8)
     bench = _spec(shapes=[shape], dtypes=["bf16"], num_ranks_per_node=2)
     spec = TuneSpec(bench=bench, candidates=[2, 3], role_candidates=[2, 6])
@@ -252,8 +227,6 @@ def test_tune_sweeps_role_split_on_virtual_nodes(fake, profiles: Path) -> None:
 
 
 def test_choose_roles_skips_wrong_and_partial_splits() -> None:
-    from commkit.tools.tune import choose_roles
-
     def row(op, warps, shape, ms, wrong=0):  # noqa: ANN001, ANN202
         name = f"internode_{op}_forwarder_warps"
         return SimpleNamespace(
@@ -278,10 +251,6 @@ def test_choose_roles_skips_wrong_and_partial_splits() -> None:
 
 def test_bench_rows_record_the_knobs_in_use(fake, profiles: Path) -> None:
     """A profile's role split is applied by the Buffer the bench makes, and the rows say so."""
-    import dataclasses
-
-    from commkit.profiles import Profile, cluster_signature, save_profile
-
     sig = dataclasses.replace(cluster_signature(), num_ranks=4, num_ranks_per_node=2)
     knobs = {"internode_dispatch_forwarder_warps": 6, "internode_combine_forwarder_warps": 2}
     save_profile(Profile(sig, "kernels", 2, "fastest", "test", knobs, {}, "2026-01-01"), None)

@@ -5,10 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import Case, bits, combine_in_order, expert_output, make_inputs
+from dispatch_checks import (
+    cached_dispatch,
+    case_reference,
+    check_dispatch,
+    check_worst_tokens,
+    dispatch_case,
+    dispatch_fields,
+    rescaled,
+    worst_tokens_result,
+)
 
 import commkit
 from commkit.launch import spawn_gloo
-from commkit.reference import combine_reference, dispatch_reference, layout_reference
+from commkit.reference import cast_to_fp8, combine_reference, dispatch_reference, layout_reference
 
 
 def cases_for(world: int) -> list[Case]:
@@ -29,64 +39,20 @@ def cases_for(world: int) -> list[Case]:
     ]
 
 
-def rescaled(x):
-    """Other payload, same routing: what a cached dispatch sends."""
-    if isinstance(x, tuple):
-        return x[0], x[1] * 2
-    return (x.to(torch.float32) * -2).to(torch.bfloat16)
-
-
 def run_cases(rank: int, world: int, cases: list[Case]) -> list[dict]:
     buf = commkit.Buffer(backend="torch", timeout_s=60)
     results = []
     for c, case in enumerate(cases):
         x, topk_idx, weights = make_inputs(case, rank)
-        layout = buf.get_dispatch_layout(topk_idx, case.num_experts)
-        # Alternate between a given layout and none, and between synchronous and async_finish.
-        out = buf.dispatch(
-            x,
-            topk_idx,
-            weights,
-            case.num_experts,
-            layout=layout if c % 2 == 0 else None,
-            expert_alignment=case.expert_alignment,
-            async_finish=c % 2 == 1,
-        )
+        layout, out = dispatch_case(buf, case, c, x, topk_idx, weights)
         # Events on CPU mark work that has already finished; waiting on them is a no-op.
         out.event.current_stream_wait()
         recv_x = out.x.to(torch.bfloat16) if case.fp8 else out.x
         y = buf.combine(expert_output(recv_x, rank), out.handle, previous_event=out.event, async_finish=True)
         y.event.current_stream_wait()
-        # A cached dispatch: same routing, another payload, no layout or count exchange.
-        again = buf.dispatch(
-            rescaled(x),
-            topk_idx,
-            weights,
-            case.num_experts,
-            handle=out.handle,
-            expert_alignment=case.expert_alignment,
-        )
-        fields = ("x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_expert")
-        results.append(
-            dict(
-                layout=layout,
-                **{f: getattr(out, f) for f in fields},
-                y=y.x,
-                cached={f: getattr(again, f) for f in fields},
-            )
-        )
+        again = cached_dispatch(buf, case, x, topk_idx, weights, out.handle)
+        results.append(dict(layout=layout, **dispatch_fields(out), y=y.x, cached=dispatch_fields(again)))
     return results
-
-
-def check_dispatch(got: dict, want, fp8: bool, where: str) -> None:
-    assert torch.equal(bits(got["x"]), bits(want.x)), where
-    if fp8:
-        assert torch.equal(bits(got["x_scales"]), bits(want.x_scales)), where
-    else:
-        assert got["x_scales"] is None, where
-    assert torch.equal(got["topk_idx"], want.topk_idx), where
-    assert torch.equal(bits(got["topk_weights"]), bits(want.topk_weights)), where
-    assert got["num_tokens_per_expert"] == want.num_tokens_per_expert, where
 
 
 def check_against_reference(world: int, cases: list[Case], got: list[list[dict]]) -> None:
@@ -97,14 +63,7 @@ def check_against_reference(world: int, cases: list[Case], got: list[list[dict]]
         idxs, weights = [inp[1] for inp in inputs], [inp[2] for inp in inputs]
         for cached in (False, True):
             xs = [rescaled(inp[0]) if cached else inp[0] for inp in inputs]
-            ref = dispatch_reference(
-                [x[0] for x in xs] if fp8 else xs,
-                idxs,
-                weights,
-                case.num_experts,
-                x_scales=[x[1] for x in xs] if fp8 else None,
-                expert_alignment=case.expert_alignment,
-            )
+            ref = case_reference(case, inputs, xs, fp8)
             for r in range(world):
                 g = got[r][c]["cached"] if cached else got[r][c]
                 check_dispatch(g, ref[r], fp8, f"case {case.name}, rank {r}, cached={cached}")
@@ -144,29 +103,17 @@ def cast_and_worst(rank: int, world: int, case: Case, worst: int) -> dict:
     x, topk_idx, weights = make_inputs(case, rank)
     out = buf.dispatch(x, topk_idx, weights, case.num_experts, cast_to_fp8=True, num_worst_tokens=worst)
     y = buf.combine(expert_output(out.x.to(torch.bfloat16), rank), out.handle)
-    return dict(x=out.x, x_scales=out.x_scales, topk_idx=out.topk_idx, topk_weights=out.topk_weights,
-                counts=out.num_tokens_per_expert, y=y.x)  # fmt: skip
+    return worst_tokens_result(out, y)
 
 
 def test_cast_to_fp8_and_num_worst_tokens() -> None:
-    from commkit.reference import cast_to_fp8
-
     world, worst = 3, 200
     case = Case("cast", (50, 61, 7), hidden=256, num_experts=12, unused=0.2, seed=12)
     got = spawn_gloo(cast_and_worst, world, case, worst, timeout_s=120)
     inputs = [make_inputs(case, r) for r in range(world)]
     casts = [cast_to_fp8(inp[0]) for inp in inputs]
-    ref = dispatch_reference(
-        [c[0] for c in casts], [inp[1] for inp in inputs], [inp[2] for inp in inputs], case.num_experts,
-        x_scales=[c[1] for c in casts],
-    )  # fmt: skip
+    ref = case_reference(case, inputs, casts, True)
     x_experts = [expert_output(d.x.to(torch.bfloat16), r) for r, d in enumerate(ref)]
     ys = combine_reference(x_experts, ref, list(case.tokens))
     for r in range(world):
-        g, n = got[r], ref[r].x.shape[0]
-        assert g["x"].shape[0] == worst and g["counts"] == []
-        valid = {k: v[:n] for k, v in g.items() if k not in ("counts", "y")}
-        valid["num_tokens_per_expert"] = ref[r].num_tokens_per_expert  # empty by contract, checked above
-        check_dispatch(valid, ref[r], True, f"rank {r}")
-        assert torch.all(g["topk_idx"][n:] == -1) and torch.all(g["topk_weights"][n:] == 0)
-        assert torch.equal(bits(g["y"]), bits(ys[r])), f"rank {r}"
+        check_worst_tokens(got[r], ref[r], ys[r], worst, f"rank {r}")

@@ -9,11 +9,20 @@ import time
 import pytest
 import torch
 from cases import Case, bits, expert_output, make_inputs
-from test_torch_backend import check_dispatch, rescaled
+from dispatch_checks import (
+    cached_dispatch,
+    case_reference,
+    check_dispatch,
+    check_worst_tokens,
+    dispatch_case,
+    dispatch_fields,
+    rescaled,
+    worst_tokens_result,
+)
 
 import commkit
 from commkit.launch import RankFailed, spawn_gloo
-from commkit.reference import cast_to_fp8, combine_reference, dispatch_reference, layout_reference
+from commkit.reference import cast_to_fp8, combine_reference, layout_reference
 
 
 def cases_for(world: int, per_node: int) -> list[Case]:
@@ -55,31 +64,18 @@ def run_cases(rank: int, world: int, per_node: int, cases: list[Case]) -> dict:
     results = []
     for c, case in enumerate(cases):
         x, topk_idx, weights = make_inputs(case, rank)
-        layout = buf.get_dispatch_layout(topk_idx, case.num_experts)
-        out = buf.dispatch(
-            x,
-            topk_idx,
-            weights,
-            case.num_experts,
-            layout=layout if c % 2 == 0 else None,
-            expert_alignment=case.expert_alignment,
-            async_finish=c % 2 == 1,
-        )
+        layout, out = dispatch_case(buf, case, c, x, topk_idx, weights)
         recv_x = out.x.to(torch.bfloat16) if case.fp8 else out.x
         y = buf.combine(expert_output(recv_x, rank), out.handle, previous_event=out.event)
-        again = buf.dispatch(
-            rescaled(x), topk_idx, weights, case.num_experts, handle=out.handle,
-            expert_alignment=case.expert_alignment,
-        )  # fmt: skip
+        again = cached_dispatch(buf, case, x, topk_idx, weights, out.handle)
         y_again = buf.combine(expert_output(again.x.to(torch.bfloat16), rank), again.handle)
-        fields = ("x", "x_scales", "topk_idx", "topk_weights", "num_tokens_per_expert")
         state = out.handle.state
         results.append(
             dict(
                 layout=layout,
-                **{f: getattr(out, f) for f in fields},
+                **dispatch_fields(out),
                 y=y.x,
-                cached={f: getattr(again, f) for f in fields},
+                cached=dispatch_fields(again),
                 y_again=y_again.x,
                 sent=state.cross_node_send_rows,
                 received=state.cross_node_recv_rows,
@@ -91,20 +87,7 @@ def run_cases(rank: int, world: int, per_node: int, cases: list[Case]) -> dict:
     worst = sum(case.tokens)
     out = buf.dispatch(x, topk_idx, weights, case.num_experts, cast_to_fp8=True, num_worst_tokens=worst)
     y = buf.combine(expert_output(out.x.to(torch.bfloat16), rank), out.handle)
-    worst_result = dict(x=out.x, x_scales=out.x_scales, topk_idx=out.topk_idx,
-                        topk_weights=out.topk_weights, counts=out.num_tokens_per_expert, y=y.x)  # fmt: skip
-    return dict(cases=results, worst=worst_result, backend=type(buf._backend).__name__)
-
-
-def reference(case: Case, inputs, xs, fp8: bool):
-    return dispatch_reference(
-        [x[0] for x in xs] if fp8 else xs,
-        [inp[1] for inp in inputs],
-        [inp[2] for inp in inputs],
-        case.num_experts,
-        x_scales=[x[1] for x in xs] if fp8 else None,
-        expert_alignment=case.expert_alignment,
-    )
+    return dict(cases=results, worst=worst_tokens_result(out, y), backend=type(buf._backend).__name__)
 
 
 def check(world: int, per_node: int, cases: list[Case], got: list[dict]) -> None:
@@ -116,7 +99,7 @@ def check(world: int, per_node: int, cases: list[Case], got: list[dict]) -> None
         idxs = [inp[1] for inp in inputs]
         for cached in (False, True):
             xs = [rescaled(inp[0]) if cached else inp[0] for inp in inputs]
-            ref = reference(case, inputs, xs, case.fp8)
+            ref = case_reference(case, inputs, xs, case.fp8)
             for r in range(world):
                 g = got[r]["cases"][c]
                 where = f"case {case.name}, rank {r}, cached={cached}"
@@ -153,17 +136,11 @@ def check(world: int, per_node: int, cases: list[Case], got: list[dict]) -> None
 def check_worst(world: int, per_node: int, case: Case, got: list[dict]) -> None:
     inputs = [make_inputs(case, r) for r in range(world)]
     casts = [cast_to_fp8(inp[0]) for inp in inputs]
-    ref = reference(case, inputs, casts, True)
+    ref = case_reference(case, inputs, casts, True)
     x_experts = [expert_output(d.x.to(torch.bfloat16), r) for r, d in enumerate(ref)]
     ys = combine_reference(x_experts, ref, list(case.tokens), per_node)
     for r in range(world):
-        g, n = got[r]["worst"], ref[r].x.shape[0]
-        assert g["x"].shape[0] == sum(case.tokens) and g["counts"] == []
-        valid = {k: v[:n] for k, v in g.items() if k not in ("counts", "y")}
-        valid["num_tokens_per_expert"] = ref[r].num_tokens_per_expert
-        check_dispatch(valid, ref[r], True, f"worst, rank {r}")
-        assert torch.all(g["topk_idx"][n:] == -1) and torch.all(g["topk_weights"][n:] == 0)
-        assert torch.equal(bits(g["y"]), bits(ys[r])), f"worst, rank {r}"
+        check_worst_tokens(got[r]["worst"], ref[r], ys[r], sum(case.tokens), f"worst, rank {r}")
 
 
 @pytest.mark.parametrize("world,per_node", [(4, 2), pytest.param(8, 4, marks=pytest.mark.slow)])
