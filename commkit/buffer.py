@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 
 from commkit import autograd, validate
-from commkit.backends import BACKENDS, kernels_unavailable_reason
+from commkit.backends import BACKENDS
 from commkit.backends.base import Backend
+from commkit.backends.internode import KNOBS
+from commkit.backends.select import select
 from commkit.errors import CommError, ConfigError
-from commkit.jit.host import host_unavailable_reason
 from commkit.profiles import BufferConfig, cluster_signature, resolve_config
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
@@ -104,7 +105,10 @@ class Buffer:
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
         self.num_ranks_per_node = _ranks_per_node(num_ranks_per_node, dist.get_world_size(group))
-        self._setup(self._make_backend(backend), check_values)
+        self._setup(
+            select(backend, group, timeout_s=self.timeout_s, num_ranks_per_node=self.num_ranks_per_node),
+            check_values,
+        )
         # NOTE: the backend is chosen first: a profile tuned for one backend must not configure another.
         # NOTE: profiles are keyed by the nodes this buffer runs on (num_ranks_per_node as resolved)
         signature = dataclasses.replace(cluster_signature(group), num_ranks_per_node=self.num_ranks_per_node)
@@ -125,8 +129,7 @@ class Buffer:
         Profiles are matched with the backend's ranks, all on this node."""
         self = cls.__new__(cls)
         self.group = None
-        # NOTE: a backend that runs (virtual) nodes says how many ranks each holds; else one node
-        self.num_ranks_per_node = getattr(backend, "num_ranks_per_node", backend.num_ranks)
+        self.num_ranks_per_node = backend.num_ranks_per_node  # the (virtual) nodes it runs on
         self.timeout_s = _check_timeout(timeout_s)
         if num_sms is not None:
             validate.check_int("num_sms", num_sms, 1)
@@ -145,55 +148,6 @@ class Buffer:
         self._closed = False
         self.rank = backend.rank
         self.num_ranks = backend.num_ranks
-
-    def _make_backend(self, backend: str) -> Backend:
-        reason = kernels_unavailable_reason(self.group)
-        num_ranks = dist.get_world_size(self.group)
-        multi_node = self.num_ranks_per_node < num_ranks
-        if reason is None and multi_node:
-            from commkit.backends.internode_backend import internode_unavailable_reason
-
-            reason = internode_unavailable_reason(num_ranks, self.num_ranks_per_node)
-        if (
-            backend == "kernels"
-            and reason is not None
-            and not multi_node
-            and dist.get_backend(self.group) == "gloo"
-        ):
-            # CPU processes: the host execution of the one-node kernels over host shared memory
-            host_reason = host_unavailable_reason()
-            if host_reason is not None:
-                raise ConfigError(f"backend: 'kernels' cannot run here: {reason}; on the CPU: {host_reason}")
-            from commkit.backends.kernels import KernelsBackend
-
-            return KernelsBackend(self.group, timeout_s=self.timeout_s, device=torch.device("cpu"))
-        if backend == "kernels" and reason is not None:
-            raise ConfigError(f"backend: 'kernels' cannot run here: {reason}")
-        if (backend == "kernels" or (backend == "auto" and reason is None)) and multi_node:
-            from commkit.backends.internode_backend import InternodeKernelsBackend
-
-            try:
-                return InternodeKernelsBackend(
-                    self.group, timeout_s=self.timeout_s, num_ranks_per_node=self.num_ranks_per_node
-                )
-            except ConfigError as exc:
-                if backend == "kernels":
-                    raise
-                # NOTE: every rank raised (the backend agrees on GIN's setup): all take the torch path
-                warnings.warn(f"{exc}; backend 'auto' takes the torch path", stacklevel=3)
-        elif backend == "kernels" or (backend == "auto" and reason is None):
-            from commkit.backends.kernels import KernelsBackend
-
-            return KernelsBackend(self.group, timeout_s=self.timeout_s)
-        if multi_node:
-            from commkit.backends.torch_hier import HierTorchBackend
-
-            return HierTorchBackend(
-                self.group, timeout_s=self.timeout_s, num_ranks_per_node=self.num_ranks_per_node
-            )
-        from commkit.backends.torch_dist import TorchBackend
-
-        return TorchBackend(self.group, timeout_s=self.timeout_s)
 
     @property
     def device_type(self) -> str:
@@ -407,8 +361,6 @@ class Buffer:
         knobs are applied when the buffer takes its budget from that profile (no ``num_sms``). Other
         backends have none: the call warns and changes nothing (``buf.knobs`` is then {})."""
         self._check_open("set_knobs")
-        from commkit.backends.internode import KNOBS
-
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise ValueError(f"knobs: expected names among {sorted(KNOBS)}, got {unknown}")
@@ -419,26 +371,24 @@ class Buffer:
                 stacklevel=2,
             )
             return
-        self._backend.set_knobs(dict(knobs))  # type: ignore[attr-defined]
+        self._backend.set_knobs(dict(knobs))
 
     @property
     def internode_transport(self) -> str | None:
         """The inter-node hop of the internode kernels ("gin" or "nvlink-domain"); None for the other
         backends."""
-        return getattr(self._backend, "transport", None)
+        return self._backend.transport
 
     @property
     def knobs(self) -> dict[str, int]:
         """Kernel parameters in use (see ``set_knobs``); {} for a backend without any."""
-        return dict(getattr(self._backend, "knobs", None) or {})
+        return dict(self._backend.knobs)
 
     def _apply_profile_knobs(self) -> None:
-        from commkit.backends.internode import KNOBS
-
         known = {name: value for name, value in self.config.knobs if name in KNOBS}
         if known and self.knobs:
             try:
-                self._backend.set_knobs(known)  # type: ignore[attr-defined]
+                self._backend.set_knobs(known)
             except ConfigError as exc:
                 # NOTE: profiles are read per node: raising here could strand other nodes' ranks in a
                 # collective; the profile's knobs are ignored instead
@@ -450,9 +400,7 @@ class Buffer:
         if self._closed:
             return
         self._closed = True
-        close = getattr(self._backend, "close", None)
-        if close is not None:
-            close()
+        self._backend.close()
 
     def __enter__(self) -> Buffer:
         return self

@@ -165,13 +165,13 @@ def install_group_fakes() -> GroupFakeKernels:
     """In a spawned gloo process: ``Buffer(backend="kernels", num_ranks_per_node=G)`` then builds an
     ``InternodeKernelsBackend`` on CPU tensors whose launches run in ``GroupFakeKernels``, with the real
     ``Gin`` provider over ``FakeGinTransport``. The node's IPC buffers are not made (null bases)."""
-    import commkit.buffer
+    import commkit.backends
     from commkit.backends import gin
     from commkit.jit import nccl
 
     fk = install_fakes(setattr, GroupFakeKernels())
     launcher.set_default(fk)  # this process's engines launch the stand-ins
-    commkit.buffer.kernels_unavailable_reason = lambda group=None: None  # type: ignore[assignment]
+    commkit.backends.kernels_unavailable_reason = lambda group=None: None  # type: ignore[assignment]
     ib.internode_unavailable_reason = lambda num_ranks, per_node: None  # type: ignore[assignment]
 
     def ensure(self: Any, num_channels: int, slot_bytes: int) -> None:

@@ -7,6 +7,9 @@ backend, so backends may assume well-formed inputs:
   FP8, else None;
 - ``topk_idx``: [T, K] int64 in [-1, E); ``topk_weights``: [T, K] float32;
 - ``handle``: made by this backend of this buffer for this routing, or None.
+
+``WithoutKnobs`` gives the members that a backend without kernel knobs or an inter-node transport
+has (the torch backends, the one-node kernels).
 """
 
 from __future__ import annotations
@@ -15,14 +18,30 @@ from typing import Protocol
 
 import torch
 
+from commkit.errors import ConfigError
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 
 class Backend(Protocol):
-    name: str
+    name: str  # "torch" or "kernels"
     rank: int
     num_ranks: int
+    num_ranks_per_node: int  # G: the nodes it runs on (R for one node)
     device_type: str  # "cpu" or "cuda": where the tensors it moves must live
+    transport: str | None  # the inter-node hop of the internode kernels ("gin", "nvlink-domain"), else None
+
+    @property
+    def knobs(self) -> dict[str, int]:
+        """Kernel parameters in use besides the SM budget ({} for a backend without any)."""
+        ...
+
+    def set_knobs(self, knobs: dict[str, int]) -> None:
+        """Sets some of ``knobs`` (names already checked); ConfigError for a backend without any."""
+        ...
+
+    def close(self) -> None:
+        """Releases its resources (collective where they are shared with peers)."""
+        ...
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout: ...
 
@@ -54,3 +73,17 @@ class Backend(Protocol):
         previous_event: EventHandle | None,
         async_finish: bool,
     ) -> CombineOutput: ...
+
+
+class WithoutKnobs:
+    """The knobs and transport of a backend that has neither."""
+
+    name: str
+    transport: str | None = None
+
+    @property
+    def knobs(self) -> dict[str, int]:
+        return {}
+
+    def set_knobs(self, knobs: dict[str, int]) -> None:
+        raise ConfigError(f"knobs: the {self.name!r} backend has none, got {sorted(knobs)}")

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from commkit.backends import kernels_layout as kl
+from commkit.backends.base import WithoutKnobs
 from commkit.backends.count_exchange import OPS, status_error
 from commkit.backends.kernel_args import (
     CachedNotifyArgs,
@@ -788,7 +789,7 @@ def aligned_counts(counts: list[int], alignment: int) -> list[int]:
     return [-(-c // alignment) * alignment for c in counts]
 
 
-class KernelsBackend:
+class KernelsBackend(WithoutKnobs):
     """Backend protocol (``commkit.backends.base``) with the kernels, one rank per process.
 
     On GPUs (NCCL): the IPC buffers of the node's GPUs. On CPU processes (gloo; ``device`` cpu): the
@@ -812,6 +813,7 @@ class KernelsBackend:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
+        self.num_ranks_per_node = self.num_ranks  # one node (InternodeKernelsBackend: several)
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         self.device_type = self.device.type
         self.buffers: SymmetricBuffers

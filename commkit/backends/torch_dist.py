@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from commkit.backends.base import WithoutKnobs
 from commkit.backends.count_exchange import TORCH_FORMAT_NAMES, CallFormat, exchange_agreement
 from commkit.errors import CommError, CommTimeoutError
 from commkit.fp8 import cast_to_fp8 as cast_bf16_to_fp8
@@ -178,7 +179,7 @@ def _pad_rows(t: torch.Tensor, num_rows: int, value: float) -> torch.Tensor:
     return out
 
 
-class TorchBackend:
+class TorchBackend(WithoutKnobs):
     """Dispatch/combine over a ``torch.distributed`` process group (gloo or NCCL), flat: for one node."""
 
     name = "torch"
@@ -193,6 +194,9 @@ class TorchBackend:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         self._seq = 0  # this buffer's call sequence number (agreed by every call: ``_agree``)
+
+    def close(self) -> None:
+        """Nothing to release: the process group is the caller's."""
 
     # -- communication -------------------------------------------------------------------------
 
