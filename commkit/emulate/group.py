@@ -1,120 +1,30 @@
-"""Virtual ranks: R ranks of one EP group on one GPU, running the very same kernels.
+"""``EmulatedGroup``: R virtual ranks on one GPU behind a list API (lists indexed by rank in and out).
 
-Each rank's symmetric buffer is a region of one device allocation and one launch runs the blocks of
-all ranks (grid = R x num_sms; a block's rank is ``blockIdx.x // num_sms``). The ranks wait for each
-other inside the kernels, so all R x num_sms blocks must be resident at once: ``EmulatedGroup``
-checks the occupancy and raises ``ConfigError`` naming the largest budget that fits.
-
-Virtual nodes: ``EmulatedGroup(R, num_ranks_per_node=G)`` with G < R makes N = R / G nodes (2x4, 4x2,
-2x2, ...) and runs the internode kernels (``commkit.backends.internode``): tokens cross the inter-node
-hop once per destination node on the ``nvlink-domain`` net (direct stores, here into regions of the
-same allocation) and are forwarded inside the node; combine sums inside the node before the hop back.
-
-What it models: the kernels' protocol, ordering, bit-exact results, SM budget and the memory traffic
-of R ranks. What it does not: NVLink. Peer writes go to HBM of the same GPU (about 3 TB/s shared by
-all virtual ranks, instead of about 450 GB/s per GPU and direction over NVLink), system-scope
-acquire/release stay on one GPU, and the R ranks share one GPU's SMs and L2.
-
-    group = EmulatedGroup(8, num_sms=16)
-    outs = group.dispatch(xs, topk_idxs, topk_weights, num_experts=256)   # lists over the ranks
-    ys = group.combine([o.x for o in outs], [o.handle for o in outs])
-
-Per-rank code (as under torchrun) runs with ``group.spawn(fn)``: ``fn(backend)`` runs in one thread per
-virtual rank, ``backend`` implements the ``Backend`` protocol (``commkit.backends.base``) for that rank,
-and its collective calls meet in one launch.
-
-Kernel timings: ``group.kernel_events[op]`` (op "layout", "dispatch", "combine") is a pair of CUDA
-events (``enable_timing=True``) recorded on ``group.comm_stream`` immediately before the first kernel
-launch of the most recent call of that op (the notify / barrier kernel included) and immediately
-after its last kernel launch: ``start.elapsed_time(end)`` covers the kernels only, not the packing of
-the ranks' inputs (``torch.cat``, skipped when they are adjacent views of one buffer), the output
-allocations or the ordering with the callers' streams. One exception: a dispatch without handles and
-without ``num_worst_tokens`` reads the receive counts back between the notify and the dispatch
-kernel, and that host round trip (GPU idle) lies between the two events; ``group.kernel_segments[op]``
-lists one (start, end) pair per run of launches without a read-back in between, whose summed elapsed
-times exclude it. Not recorded on CPU (the host tests' stand-ins) or while a CUDA graph is captured.
-
-CuPy and a GPU are needed when a group is created, not when this module is imported.
+One call packs the ranks' inputs (``rows``), orders the comm stream with the callers (``streams``) and
+runs one launch of all ranks on the group's engine; ``spawn`` runs per-rank code instead
+(``virtual_rank``, ``rendezvous``). The package docstring (``commkit.emulate``) says what is modelled
+and how the kernel timings are recorded.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from commkit.backends import kernels_layout as kl
 from commkit.backends.launcher import Launcher, stream_context
-from commkit.backends.symmetric import SymmetricBuffers
-from commkit.errors import CommError, CommTimeoutError, ConfigError
+from commkit.emulate.memory import EmulatedBuffers
+from commkit.emulate.rendezvous import _collective, _execute, _spawn
+from commkit.emulate.rows import _cat_rows
+from commkit.emulate.streams import _keep_for_stream, _StreamSync
+from commkit.emulate.virtual_rank import VirtualRank
+from commkit.errors import ConfigError
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 DEFAULT_NUM_SMS = 16
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _keep_for_stream(tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
-    """Keeps the caller's tensors allocated until the work queued so far on ``stream`` ends."""
-    for t in tensors:
-        if t.is_cuda:
-            t.record_stream(stream)
-
-
-def _adjacent_view(xs: list[torch.Tensor]) -> torch.Tensor | None:
-    """The rows of ``xs`` as one tensor without a copy when they are contiguous, adjacent views of
-    one storage in rank order (e.g. combine inputs that are slices of the dispatch outputs)."""
-    parts = [x for x in xs if x.numel()]
-    if not parts:
-        return None
-    first = parts[0]
-    storage = first.untyped_storage().data_ptr()
-    end = first.data_ptr()
-    for x in parts:
-        if (
-            not x.is_contiguous()
-            or x.dtype != first.dtype
-            or x.shape[1:] != first.shape[1:]
-            or x.untyped_storage().data_ptr() != storage
-            or x.data_ptr() != end
-        ):
-            return None
-        end += x.numel() * x.element_size()
-    rows = sum(x.shape[0] for x in xs)
-    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
-
-
-def _cat_rows(xs: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along rows (a view when the rows are already adjacent), also for float8."""
-    view = _adjacent_view(xs)
-    if view is not None:
-        return view
-    if xs[0].dtype == torch.float8_e4m3fn:
-        return torch.cat([x.view(torch.uint8) for x in xs]).view(torch.float8_e4m3fn)
-    return torch.cat(xs)
-
-
-@dataclass
-class _StreamSync:
-    """How the comm stream is ordered with the callers: per rank (spawn), or one entry for all."""
-
-    streams: list[Any]  # torch.cuda.Stream of each rank's caller (None on CPU)
-    events: list[EventHandle | None]  # previous_event of each rank
-    async_finish: list[bool]
-
-
-def _check_same(per_rank: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
-    for name, default in defaults.items():
-        values = [a.get(name, default) for a in per_rank]
-        if any(v != values[0] for v in values):
-            raise ValueError(f"{name}: expected the same value on every virtual rank, got {values} (by rank)")
 
 
 @dataclass
@@ -145,37 +55,6 @@ def _check_handles(handles: list[Handle], num_ranks: int) -> Any:
             f"handles: expected the handles of ranks {list(range(num_ranks))} in order, got {ranks}"
         )
     return handles[0].state.shared
-
-
-class EmulatedBuffers(SymmetricBuffers):
-    """R symmetric buffers carved out of one zeroed allocation (4 KiB aligned regions)."""
-
-    def __init__(self, num_ranks: int, device: torch.device) -> None:
-        self.num_ranks = num_ranks
-        self.device = device
-        self.max_channels = 0
-        self.max_slot_bytes = 0
-        self.peer_bases: torch.Tensor | None = None
-        self._storage: torch.Tensor | None = None
-
-    def ensure(self, num_channels: int, slot_bytes: int) -> None:
-        if (
-            self._storage is not None
-            and num_channels <= self.max_channels
-            and slot_bytes <= self.max_slot_bytes
-        ):
-            return
-        _synchronize(self.device)  # nothing may still use the old buffers
-        self.max_channels = max(num_channels, self.max_channels)
-        self.max_slot_bytes = max(slot_bytes, self.max_slot_bytes)
-        stride = kl.align_up(kl.total_bytes(self.max_channels, self.max_slot_bytes), 4096)
-        self._storage = None
-        self._storage = torch.zeros(self.num_ranks * stride, dtype=torch.uint8, device=self.device)
-        base = self._storage.data_ptr()
-        self.peer_bases = torch.tensor(
-            [base + r * stride for r in range(self.num_ranks)], dtype=torch.int64, device=self.device
-        )
-        _synchronize(self.device)
 
 
 class EmulatedGroup:
@@ -448,214 +327,3 @@ class EmulatedGroup:
             _keep_for_stream(list(xs), self.comm_stream)
         event = self._finish(sync, [out])
         return [CombineOutput(y, event) for y in torch.split(out, state.token_counts)]
-
-
-class VirtualRank:
-    """The ``Backend`` protocol for one virtual rank of an ``EmulatedGroup`` (see ``spawn``).
-
-    Every call is collective: it waits until all ranks made the same call, then one launch serves
-    them all. ``num_sms``, ``expert_alignment``, ``cast_to_fp8`` and ``num_worst_tokens`` must be the
-    same on every rank (else every rank raises ``ValueError``). Each rank's ``previous_event`` (or,
-    without one, its current stream) is waited for, and unless it passed ``async_finish`` its current
-    stream waits for the communication.
-    """
-
-    name = "kernels"
-
-    def __init__(self, group: EmulatedGroup, rank: int) -> None:
-        self.group = group
-        self.rank = rank
-        self.num_ranks = group.num_ranks
-        self.num_ranks_per_node = group.num_ranks_per_node  # virtual nodes (Buffer.from_backend reads it)
-        self.device_type = group.device.type
-
-    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
-        return self.group._collective(self.rank, "layout", {"topk_idx": topk_idx, "num_experts": num_experts})
-
-    def set_knobs(self, knobs: dict[str, int]) -> None:
-        """The internode kernels' role split (virtual nodes; shared by the group's ranks)."""
-        apply = getattr(self.group.engine, "set_knobs", None)
-        if apply is None:
-            raise ConfigError("knobs: one virtual node runs the intranode kernels, which have none")
-        apply(knobs)
-
-    @property
-    def knobs(self) -> dict[str, int]:
-        """The role split in use (virtual nodes), else {}."""
-        return dict(getattr(self.group.engine, "knobs", {}))
-
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: torch.Tensor | None,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        num_experts: int,
-        *,
-        layout: Layout | None = None,
-        handle: Handle | None = None,
-        expert_alignment: int = 1,
-        num_sms: int | None = None,
-        previous_event: EventHandle | None = None,
-        async_finish: bool = False,
-        buffer_id: int | None = None,
-        **extra: Any,
-    ) -> DispatchOutput:
-        args = dict(
-            x=x,
-            x_scales=x_scales,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
-            num_experts=num_experts,
-            handle=handle,
-            expert_alignment=expert_alignment,
-            num_sms=num_sms,
-            buffer_id=buffer_id,
-            previous_event=previous_event,
-            async_finish=async_finish,
-            **extra,
-        )
-        return self.group._collective(self.rank, "dispatch", args)
-
-    def combine(
-        self,
-        x: torch.Tensor,
-        handle: Handle,
-        *,
-        num_sms: int | None = None,
-        previous_event: EventHandle | None = None,
-        async_finish: bool = False,
-    ) -> CombineOutput:
-        args = dict(
-            x=x, handle=handle, num_sms=num_sms, previous_event=previous_event, async_finish=async_finish
-        )
-        return self.group._collective(self.rank, "combine", args)
-
-
-def _spawn(group: EmulatedGroup, fn: Callable[[VirtualRank], Any]) -> list[Any]:
-    results: list[Any] = [None] * group.num_ranks
-    failures: list[BaseException] = []  # in the order they happened: the first is the cause
-    lock = threading.Lock()
-    group._failure = None
-
-    def body(rank: int) -> None:
-        try:
-            if group.device.type == "cuda":
-                torch.cuda.set_device(group.device)
-            results[rank] = fn(VirtualRank(group, rank))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            with lock:
-                failures.append(exc)
-                if group._failure is None:
-                    group._failure = (rank, exc)
-            group._barrier.abort()  # the other ranks must not wait for this one forever
-
-    threads = [
-        threading.Thread(target=body, args=(r,), name=f"commkit-virtual-rank-{r}")
-        for r in range(group.num_ranks)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    group._barrier.reset()
-    group._failure = None
-    if failures:
-        raise failures[0]
-    return results
-
-
-def _collective(group: EmulatedGroup, rank: int, op: str, args: dict[str, Any]) -> Any:
-    # The caller's stream of this rank: the launch runs in whichever thread arrives last
-    args["stream"] = torch.cuda.current_stream(group.device) if group.device.type == "cuda" else None
-    group._calls[rank] = (op, args)
-    start = time.monotonic()
-    try:
-        group._barrier.wait(timeout=group.timeout_s)  # the barrier's action runs the launch
-    except threading.BrokenBarrierError:
-        waited = time.monotonic() - start
-        failure = group._failure
-        if failure is not None and failure[0] != rank:
-            other, exc = failure
-            raise CommError(
-                f"{op}: virtual rank {rank} stopped waiting after {waited:.3g}s: virtual rank {other} "
-                f"failed instead of making the same call ({type(exc).__name__}: {exc})"
-            ) from None
-        if waited >= group.timeout_s:
-            raise CommTimeoutError(
-                f"{op}: virtual rank {rank} waited timeout_s={group.timeout_s:g}s for the other virtual "
-                "ranks to make the same call"
-            ) from None
-        raise CommTimeoutError(
-            f"{op}: virtual rank {rank} stopped waiting after {waited:.3g}s: another virtual rank timed out "
-            f"(timeout_s={group.timeout_s:g}) or the group was aborted before all ranks made the same call"
-        ) from None
-    result = group._results[rank]
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-def _execute(group: EmulatedGroup) -> None:
-    """Runs one collective call for all virtual ranks (the barrier action, in one thread)."""
-    calls = list(group._calls)
-    ops = {op for op, _ in calls}
-    try:
-        if len(ops) != 1:
-            raise RuntimeError(f"virtual ranks made different calls: {[op for op, _ in calls]} (by rank)")
-        op = ops.pop()
-        per_rank = [args for _, args in calls]
-        first = per_rank[0]
-        sync = _StreamSync(
-            [a["stream"] for a in per_rank],
-            [a.get("previous_event") for a in per_rank],
-            [bool(a.get("async_finish", False)) for a in per_rank],
-        )
-        _check_same(per_rank, {"num_experts": None})
-        if op == "layout":
-            results: list[Any] = group.get_dispatch_layout(
-                [a["topk_idx"] for a in per_rank], first["num_experts"], _sync=sync
-            )
-        elif op == "dispatch":
-            _check_same(
-                per_rank,
-                {"num_sms": None, "expert_alignment": 1, "cast_to_fp8": False, "num_worst_tokens": None},
-            )
-            if len({a["x_scales"] is None for a in per_rank}) != 1:
-                raise ValueError(
-                    f"x_scales: expected FP8 scales on every virtual rank or on none, got "
-                    f"{['scales' if a['x_scales'] is not None else None for a in per_rank]} (by rank)"
-                )
-            handles = [a["handle"] for a in per_rank]
-            if len({h is None for h in handles}) != 1:
-                raise ValueError(
-                    f"handle: expected a handle on every virtual rank or on none, got "
-                    f"{['handle' if h is not None else None for h in handles]} (by rank)"
-                )
-            results = group.dispatch(
-                [a["x"] for a in per_rank],
-                [a["topk_idx"] for a in per_rank],
-                [a["topk_weights"] for a in per_rank],
-                first["num_experts"],
-                x_scales=[a["x_scales"] for a in per_rank] if first["x_scales"] is not None else None,
-                cast_to_fp8=bool(first.get("cast_to_fp8", False)),
-                handles=handles if handles[0] is not None else None,
-                expert_alignment=first["expert_alignment"],
-                num_sms=first["num_sms"],
-                num_worst_tokens=first.get("num_worst_tokens"),
-                _sync=sync,
-            )
-            for out, a in zip(results, per_rank, strict=True):
-                if a["buffer_id"] is not None:
-                    out.handle.buffer_id = a["buffer_id"]
-        else:
-            _check_same(per_rank, {"num_sms": None})
-            results = group.combine(
-                [a["x"] for a in per_rank],
-                [a["handle"] for a in per_rank],
-                num_sms=first["num_sms"],
-                _sync=sync,
-            )
-        group._results = results
-    except BaseException as exc:  # noqa: BLE001 - every rank raises it
-        group._results = [exc] * group.num_ranks
