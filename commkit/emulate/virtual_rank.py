@@ -31,6 +31,11 @@ class VirtualRank:
         self.num_ranks = group.num_ranks
         self.num_ranks_per_node = group.num_ranks_per_node  # virtual nodes (Buffer.from_backend reads it)
         self.device_type = group.device.type
+        # virtual nodes: the inter-node hop runs on the nvlink-domain net (one allocation); one node: none
+        self.transport = "nvlink-domain" if group.num_ranks_per_node < group.num_ranks else None
+
+    def close(self) -> None:
+        """Nothing of its own to release: the group's buffers are the group's (its ranks share them)."""
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
         return self.group._collective(self.rank, "layout", {"topk_idx": topk_idx, "num_experts": num_experts})

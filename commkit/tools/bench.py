@@ -285,8 +285,7 @@ def real_link(ctx: RankContext, buf: Any, device: torch.device) -> str:
     if buf.backend == TORCH_BASELINE:
         return "nccl"
     if buf.num_ranks_per_node < buf.num_ranks:
-        transport = getattr(buf, "internode_transport", None)
-        return "nvlink-domain" if transport == "nvlink-domain" else "rdma"
+        return "nvlink-domain" if buf.internode_transport == "nvlink-domain" else "rdma"
     return "nvlink"
 
 
