@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
 import pytest
 import torch
 from kernel_cases import (
@@ -28,7 +27,8 @@ from kernel_cases import (
 import commkit
 from commkit import reference
 from commkit.backends import kernels_layout as kl
-from commkit.backends.launcher import HostLauncher, pointer
+from commkit.backends.kernel_args import CachedNotifyArgs
+from commkit.backends.launcher import HostLauncher, raw_args
 from commkit.emulate import EmulatedGroup
 from commkit.errors import CommTimeoutError
 from commkit.fp8 import cast_to_fp8
@@ -235,28 +235,25 @@ def test_per_rank_code_through_buffer_from_backend() -> None:
 
 
 def test_a_peer_that_never_arrives_is_a_timeout_with_the_report() -> None:
-    group = _group(2, 1)
-    group.buffers.ensure(1, 64)
-    status = torch.empty(1, kl.STATUS_INTS, dtype=torch.int32)
-    call = tuple(np.int32(v) for v in (kl.OP_COMBINE, 8, 64, 0, 0, 1))  # op, E, H, top-k, dtype, num_sms
-    barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
+    launch = _barrier_launcher(_group(2, 1))
     with pytest.raises(CommTimeoutError) as info:  # rank 0's block alone: rank 1 never arrives
-        barrier.launch(1, 128, (pointer(group.buffers.peer_bases), np.int32(0), *call, pointer(None),
-                                pointer(status), np.int64(3e8)), seed=0, watchdog_s=60)  # fmt: skip
+        launch(0, 1, 0.3)
     assert "commkit barrier: rank 0 channel -1 role barrier peer 1: expected 1, observed 0" in str(info.value)
 
 
 def _barrier_launcher(group: EmulatedGroup):  # noqa: ANN202
     """Launches of the cached notify (agreement and barrier) for ranks [rank_base, rank_base + n)."""
     group.buffers.ensure(1, 64)
-    barrier = group.launcher.kernel(KernelSpec("csrc/cached.cuh", "cached_notify_kernel", (2,)))
-    call = tuple(np.int32(v) for v in (kl.OP_COMBINE, 8, 64, 0, 0, 1))
+    barrier = group.launcher.kernel(KernelSpec(CachedNotifyArgs.HEADER, CachedNotifyArgs.KERNEL, (2,)))
 
     def launch(rank_base: int, num: int, timeout_s: float) -> torch.Tensor:
         status = torch.empty(num, kl.STATUS_INTS, dtype=torch.int32)
-        args = (pointer(group.buffers.peer_bases), np.int32(rank_base), *call, pointer(None), pointer(status),
-                np.int64(timeout_s * 1e9))  # fmt: skip
-        barrier.launch(num, 128, args, seed=0, watchdog_s=60)
+        args = CachedNotifyArgs(
+            peer_bases=group.buffers.peer_bases, rank_base=rank_base, op=kl.OP_COMBINE, num_experts=8,
+            hidden=64, num_topk=0, dtype=0, num_sms=1, handle_status=None, status=status,
+            timeout_ns=int(timeout_s * 1e9),
+        )  # fmt: skip
+        barrier.launch(num, 128, raw_args(args), seed=0, watchdog_s=60)
         return status
 
     return launch
