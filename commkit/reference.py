@@ -79,11 +79,6 @@ class RankLayout:
     is_token_in_node: torch.Tensor
 
 
-def ranks_per_node(num_ranks: int, num_ranks_per_node: int | None) -> int:
-    """G for R ranks (``Nodes.of``)."""
-    return Nodes.of(num_ranks, num_ranks_per_node).num_ranks_per_node
-
-
 def layout_reference(
     topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int | None = None
 ) -> RankLayout:

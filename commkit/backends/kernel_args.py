@@ -15,6 +15,7 @@ stay with the engines, which key their JIT lookups on them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
@@ -47,9 +48,15 @@ class KernelArgs:
         """(field name, C type class: ``Ptr``, ``Int32`` or ``Int64``) in C++ order."""
         return tuple((f.name, str(f.type)) for f in dataclasses.fields(cls))
 
+    @classmethod
+    @functools.cache
+    def _converters(cls) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+        """(field name, its launch value) in C++ order, read once per class (launches are per call)."""
+        return tuple((name, _LAUNCH_VALUE[c_type]) for name, c_type in cls.c_types())
+
     def values(self) -> tuple[Any, ...]:
         """The launch tuple in C++ order: tensors/None for pointers, np.int32/np.int64 scalars."""
-        return tuple(_LAUNCH_VALUE[str(f.type)](getattr(self, f.name)) for f in dataclasses.fields(self))
+        return tuple(convert(getattr(self, name)) for name, convert in self._converters())
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,11 @@ class CallArgs:
     num_sms: int
     handle_status: torch.Tensor | None = None
 
+    def descriptor(self) -> dict[str, int]:
+        """The fields the notify kernels take as they are (``NotifyArgs``, ``CachedNotifyArgs``)."""
+        return {"num_experts": self.num_experts, "hidden": self.hidden, "num_topk": self.num_topk,
+                "dtype": self.dtype, "num_sms": self.num_sms}  # fmt: skip
+
     def own(self, status_row: list[int], local_idx: int) -> tuple[int, ...]:
         """This rank's whole descriptor (``count_exchange.KERNEL_FORMAT_NAMES``); reads the handle's
         sequence number back (the error path only)."""
@@ -691,11 +696,7 @@ class KernelEngine:
         args = NotifyArgs(
             peer_bases=self.buffers.peer_bases,
             rank_base=self.rank_base,
-            num_experts=call.num_experts,
-            hidden=call.hidden,
-            num_topk=call.num_topk,
-            dtype=call.dtype,
-            num_sms=call.num_sms,
+            **call.descriptor(),
             status=status,
             token_offsets=token_offsets,
             num_tokens_per_rank=per_rank,
@@ -735,11 +736,7 @@ class KernelEngine:
             peer_bases=self.buffers.peer_bases,
             rank_base=self.rank_base,
             op=call.op,
-            num_experts=call.num_experts,
-            hidden=call.hidden,
-            num_topk=call.num_topk,
-            dtype=call.dtype,
-            num_sms=call.num_sms,
+            **call.descriptor(),
             handle_status=call.handle_status,
             status=status,
             timeout_ns=self._first_wait_ns(),

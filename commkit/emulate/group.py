@@ -22,6 +22,7 @@ from commkit.emulate.rows import _cat_rows
 from commkit.emulate.streams import _keep_for_stream, _StreamSync
 from commkit.emulate.virtual_rank import VirtualRank
 from commkit.errors import ConfigError
+from commkit.nodes import Nodes
 from commkit.types import CombineOutput, DispatchOutput, EventHandle, Handle, Layout
 
 DEFAULT_NUM_SMS = 16
@@ -77,7 +78,6 @@ class EmulatedGroup:
         from commkit.backends.internode import InternodeEngine
         from commkit.backends.kernels import KernelEngine
         from commkit.jit.host import host_unavailable_reason
-        from commkit.reference import ranks_per_node
 
         self.device = (
             torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
@@ -92,8 +92,8 @@ class EmulatedGroup:
         self.num_sms = num_sms
         self.buffers = EmulatedBuffers(num_ranks, self.device)
         # Virtual nodes: N = R / G nodes of G ranks, the inter-node hop on the nvlink-domain net
-        self.num_ranks_per_node = ranks_per_node(num_ranks, num_ranks_per_node)
-        self.num_nodes = num_ranks // self.num_ranks_per_node
+        nodes = Nodes.of(num_ranks, num_ranks_per_node)
+        self.num_ranks_per_node, self.num_nodes = nodes.num_ranks_per_node, nodes.num_nodes
         self.engine: KernelEngine
         if self.num_nodes > 1:
             self.engine = InternodeEngine(
